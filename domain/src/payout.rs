@@ -1,0 +1,409 @@
+//! One payout of interest or principal to one holder for one period.
+//!
+//! The provider may time out or answer ambiguously, so an attempt is recorded
+//! (`payout_attempted`) before the provider is called, every attempt uses the
+//! same idempotency key, and an unknown outcome must be reconciled by asking
+//! the provider before any new attempt.
+
+use crate::decider::{Decider, EventType};
+use crate::ids::{AccountId, PayoutId, ProductId, validate_reference};
+use crate::money::Amount;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Most attempts a payout may make before an operator must step in.
+pub const PAYOUT_ATTEMPTS_MAX: u32 = 8;
+
+/// What a payout pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutKind {
+    /// Interest for a period.
+    Interest,
+    /// The principal, at maturity.
+    Principal,
+}
+
+/// Where a payout stands (the API's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutStatus {
+    /// Created; no attempt in progress.
+    Scheduled,
+    /// An attempt is claimed and the provider may be being called.
+    InFlight,
+    /// The provider's answer was ambiguous; must be reconciled.
+    Unknown,
+    /// Paid. Final.
+    Succeeded,
+    /// Definitively refused by the provider. Final.
+    Failed,
+}
+
+/// What asking the provider about a payout's key found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ProviderFinding {
+    /// The provider paid it.
+    Paid {
+        /// The provider's payment id.
+        provider_ref: String,
+    },
+    /// The provider refused it.
+    Refused {
+        /// The provider's reason.
+        reason: String,
+    },
+    /// The provider has no payment under the key: it is safe to attempt again.
+    NotFound,
+}
+
+/// A scheduled payout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledPayout {
+    /// The payout.
+    pub payout_id: PayoutId,
+    /// The product paying.
+    pub product_id: ProductId,
+    /// The holder paid.
+    pub account_id: AccountId,
+    /// The period label, e.g. `2026-11`.
+    pub period: String,
+    /// Interest or principal.
+    pub kind: PayoutKind,
+    /// How much.
+    pub amount: Amount,
+    /// Where it stands.
+    pub status: PayoutStatus,
+    /// Attempts claimed so far.
+    pub attempts: u32,
+    /// Until when the current attempt's claim holds.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The provider's payment id, once paid.
+    pub provider_ref: Option<String>,
+}
+
+impl ScheduledPayout {
+    /// The idempotency key sent to the provider on every attempt.
+    pub fn idempotency_key(&self) -> String {
+        self.payout_id.to_string()
+    }
+}
+
+/// A payout stream's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PayoutState {
+    /// The payout, once scheduled.
+    pub payout: Option<ScheduledPayout>,
+}
+
+/// What may be asked of a payout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayoutCommand {
+    /// Create the payout.
+    Schedule {
+        /// The payout.
+        payout_id: PayoutId,
+        /// The product paying.
+        product_id: ProductId,
+        /// The holder paid.
+        account_id: AccountId,
+        /// Period label.
+        period: String,
+        /// Interest or principal.
+        kind: PayoutKind,
+        /// How much.
+        amount: Amount,
+    },
+    /// Claim an attempt until `lease_until`, before calling the provider.
+    Attempt {
+        /// Until when the claim holds.
+        lease_until: DateTime<Utc>,
+    },
+    /// The provider paid.
+    RecordSucceeded {
+        /// The provider's payment id.
+        provider_ref: String,
+    },
+    /// The provider definitively refused.
+    RecordFailed {
+        /// The provider's reason.
+        reason: String,
+    },
+    /// The provider's answer was ambiguous (timeout, 5xx, reset).
+    RecordUnknown {
+        /// What was seen.
+        detail: String,
+    },
+    /// The claim's lease ran out without an outcome (the worker died).
+    ExpireLease,
+    /// The provider was asked about the key.
+    Reconcile {
+        /// What it said.
+        finding: ProviderFinding,
+    },
+}
+
+/// Why a payout command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayoutRejection {
+    /// Not scheduled yet.
+    #[error("payout is not scheduled")]
+    NotScheduled,
+    /// Already scheduled.
+    #[error("payout is already scheduled")]
+    AlreadyScheduled,
+    /// Amount zero.
+    #[error("payout amount must be positive")]
+    NonPositiveAmount,
+    /// Bad period label.
+    #[error("invalid period label")]
+    InvalidPeriod,
+    /// The command does not fit the current status.
+    #[error("payout is {0:?}")]
+    WrongStatus(PayoutStatus),
+    /// The attempt budget is spent.
+    #[error("payout made {PAYOUT_ATTEMPTS_MAX} attempts already")]
+    TooManyAttempts,
+    /// The lease has not run out.
+    #[error("attempt is leased until {0}")]
+    LeaseHeld(DateTime<Utc>),
+}
+
+/// What happened to a payout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum PayoutEvent {
+    /// The payout exists.
+    PayoutScheduled {
+        /// The payout.
+        payout_id: PayoutId,
+        /// The product paying.
+        product_id: ProductId,
+        /// The holder paid.
+        account_id: AccountId,
+        /// Period label.
+        period: String,
+        /// Interest or principal.
+        kind: PayoutKind,
+        /// How much.
+        amount: Amount,
+    },
+    /// An attempt was claimed; the provider is about to be called.
+    PayoutAttempted {
+        /// 1-based attempt number.
+        attempt: u32,
+        /// The key sent to the provider (the same on every attempt).
+        idempotency_key: String,
+        /// Until when the claim holds.
+        lease_until: DateTime<Utc>,
+    },
+    /// Paid.
+    PayoutSucceeded {
+        /// The provider's payment id.
+        provider_ref: String,
+    },
+    /// Definitively refused.
+    PayoutFailed {
+        /// The provider's reason.
+        reason: String,
+    },
+    /// Ambiguous outcome.
+    PayoutOutcomeUnknown {
+        /// What was seen.
+        detail: String,
+    },
+    /// An unknown outcome was resolved by asking the provider.
+    PayoutReconciled {
+        /// What the provider said.
+        finding: ProviderFinding,
+    },
+}
+
+impl EventType for PayoutEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            PayoutEvent::PayoutScheduled { .. } => "payout_scheduled",
+            PayoutEvent::PayoutAttempted { .. } => "payout_attempted",
+            PayoutEvent::PayoutSucceeded { .. } => "payout_succeeded",
+            PayoutEvent::PayoutFailed { .. } => "payout_failed",
+            PayoutEvent::PayoutOutcomeUnknown { .. } => "payout_outcome_unknown",
+            PayoutEvent::PayoutReconciled { .. } => "payout_reconciled",
+        }
+    }
+}
+
+/// The payout decider.
+pub struct Payout;
+
+impl Decider for Payout {
+    type State = PayoutState;
+    type Command = PayoutCommand;
+    type Event = PayoutEvent;
+    type Rejection = PayoutRejection;
+
+    fn decide(
+        state: &PayoutState,
+        command: &PayoutCommand,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<PayoutEvent>, PayoutRejection> {
+        let payout = match (&state.payout, command) {
+            (None, PayoutCommand::Schedule { .. }) => return decide_schedule(command),
+            (None, _) => return Err(PayoutRejection::NotScheduled),
+            (Some(_), PayoutCommand::Schedule { .. }) => {
+                return Err(PayoutRejection::AlreadyScheduled);
+            }
+            (Some(payout), _) => payout,
+        };
+        use PayoutStatus::{InFlight, Scheduled, Unknown};
+        let event = match (payout.status, command) {
+            (Scheduled, PayoutCommand::Attempt { lease_until }) => {
+                if payout.attempts >= PAYOUT_ATTEMPTS_MAX {
+                    return Err(PayoutRejection::TooManyAttempts);
+                }
+                PayoutEvent::PayoutAttempted {
+                    attempt: payout.attempts + 1,
+                    idempotency_key: payout.idempotency_key(),
+                    lease_until: *lease_until,
+                }
+            }
+            (InFlight, PayoutCommand::RecordSucceeded { provider_ref }) => {
+                PayoutEvent::PayoutSucceeded {
+                    provider_ref: provider_ref.clone(),
+                }
+            }
+            (InFlight, PayoutCommand::RecordFailed { reason }) => PayoutEvent::PayoutFailed {
+                reason: reason.clone(),
+            },
+            (InFlight, PayoutCommand::RecordUnknown { detail }) => {
+                PayoutEvent::PayoutOutcomeUnknown {
+                    detail: detail.clone(),
+                }
+            }
+            (InFlight, PayoutCommand::ExpireLease) => {
+                let lease_until = payout.lease_until.expect("BUG: in flight without a lease");
+                if now < lease_until {
+                    return Err(PayoutRejection::LeaseHeld(lease_until));
+                }
+                PayoutEvent::PayoutOutcomeUnknown {
+                    detail: "lease expired without an outcome".to_owned(),
+                }
+            }
+            (Unknown, PayoutCommand::Reconcile { finding }) => PayoutEvent::PayoutReconciled {
+                finding: finding.clone(),
+            },
+            (status, _) => return Err(PayoutRejection::WrongStatus(status)),
+        };
+        Ok(vec![event])
+    }
+
+    fn evolve(mut state: PayoutState, event: &PayoutEvent) -> PayoutState {
+        if let PayoutEvent::PayoutScheduled {
+            payout_id,
+            product_id,
+            account_id,
+            period,
+            kind,
+            amount,
+        } = event
+        {
+            assert!(state.payout.is_none(), "BUG: payout scheduled twice");
+            state.payout = Some(ScheduledPayout {
+                payout_id: *payout_id,
+                product_id: product_id.clone(),
+                account_id: *account_id,
+                period: period.clone(),
+                kind: *kind,
+                amount: *amount,
+                status: PayoutStatus::Scheduled,
+                attempts: 0,
+                lease_until: None,
+                provider_ref: None,
+            });
+            return state;
+        }
+        let payout = state
+            .payout
+            .as_mut()
+            .expect("BUG: payout event before scheduling");
+        evolve_scheduled(payout, event);
+        state
+    }
+}
+
+fn decide_schedule(command: &PayoutCommand) -> Result<Vec<PayoutEvent>, PayoutRejection> {
+    let PayoutCommand::Schedule {
+        payout_id,
+        product_id,
+        account_id,
+        period,
+        kind,
+        amount,
+    } = command
+    else {
+        unreachable!("BUG: decide_schedule called with another command")
+    };
+    if amount.is_zero() {
+        return Err(PayoutRejection::NonPositiveAmount);
+    }
+    validate_reference(period).map_err(|_| PayoutRejection::InvalidPeriod)?;
+    Ok(vec![PayoutEvent::PayoutScheduled {
+        payout_id: *payout_id,
+        product_id: product_id.clone(),
+        account_id: *account_id,
+        period: period.clone(),
+        kind: *kind,
+        amount: *amount,
+    }])
+}
+
+fn evolve_scheduled(payout: &mut ScheduledPayout, event: &PayoutEvent) {
+    let expect_status = |payout: &ScheduledPayout, expected: PayoutStatus| {
+        assert_eq!(payout.status, expected, "BUG: payout event out of order");
+    };
+    match event {
+        PayoutEvent::PayoutScheduled { .. } => unreachable!("BUG: handled by evolve"),
+        PayoutEvent::PayoutAttempted {
+            attempt,
+            lease_until,
+            ..
+        } => {
+            expect_status(payout, PayoutStatus::Scheduled);
+            assert_eq!(
+                *attempt,
+                payout.attempts + 1,
+                "BUG: attempts not contiguous"
+            );
+            payout.attempts = *attempt;
+            payout.lease_until = Some(*lease_until);
+            payout.status = PayoutStatus::InFlight;
+        }
+        PayoutEvent::PayoutSucceeded { provider_ref } => {
+            expect_status(payout, PayoutStatus::InFlight);
+            payout.provider_ref = Some(provider_ref.clone());
+            payout.status = PayoutStatus::Succeeded;
+        }
+        PayoutEvent::PayoutFailed { .. } => {
+            expect_status(payout, PayoutStatus::InFlight);
+            payout.status = PayoutStatus::Failed;
+        }
+        PayoutEvent::PayoutOutcomeUnknown { .. } => {
+            expect_status(payout, PayoutStatus::InFlight);
+            payout.status = PayoutStatus::Unknown;
+        }
+        PayoutEvent::PayoutReconciled { finding } => {
+            expect_status(payout, PayoutStatus::Unknown);
+            payout.status = match finding {
+                ProviderFinding::Paid { provider_ref } => {
+                    payout.provider_ref = Some(provider_ref.clone());
+                    PayoutStatus::Succeeded
+                }
+                ProviderFinding::Refused { .. } => PayoutStatus::Failed,
+                ProviderFinding::NotFound => PayoutStatus::Scheduled,
+            };
+        }
+    }
+    if payout.status != PayoutStatus::InFlight {
+        payout.lease_until = None;
+    }
+}
