@@ -1,0 +1,67 @@
+//! Operational errors of the store.
+
+use crate::model::VersionConflict;
+use uuid::Uuid;
+
+/// What can go wrong talking to the store. Conflicts are expected operating
+/// conditions; `Unavailable` is transient; `Database` is anything else.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A single-stream append met a different stream version.
+    #[error(transparent)]
+    Conflict(#[from] VersionConflict),
+    /// The append is malformed (empty, too large, a stream twice, bad names).
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    /// Some of these event ids were stored before, but not as this very append.
+    #[error("event id {0} was already used by another append")]
+    EventIdReused(Uuid),
+    /// The database could not be reached or timed out.
+    #[error("event store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Any other database failure.
+    #[error("event store failure: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A stored row could not be read back (bad JSON, bad UUID).
+    #[error("corrupt stored event at position {position}: {reason}")]
+    Corrupt {
+        /// Where.
+        position: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A fault injected by a test hook.
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+impl StoreError {
+    /// True for errors worth retrying after a pause (the database is down or busy).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(error),
+            sqlx::Error::Database(db) if is_busy(db.code().as_deref()) => {
+                StoreError::Unavailable(error)
+            }
+            _ => StoreError::Database(error),
+        }
+    }
+}
+
+/// SQLite busy/locked, PostgreSQL shutdown, connection and serialization codes.
+fn is_busy(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("5" | "6" | "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006" | "53300")
+    )
+}

@@ -1,0 +1,334 @@
+//! The PostgreSQL backend.
+//!
+//! Positions come from an identity column, whose values are taken at insert
+//! time but become visible at commit. To keep readers from ever seeing
+//! position N+1 before N, every append first takes one transaction-level
+//! advisory lock: appends commit one at a time, in position order, and the
+//! lock is released only after the commit is visible. The engine's group
+//! commit keeps that single writer busy with large batches rather than many
+//! small ones. Other processes learn of commits through `LISTEN/NOTIFY`.
+
+use crate::error::StoreError;
+use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
+use crate::plan::{self, Planned, StoredId, outcomes};
+use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
+use crate::rows::{RawEvent, metadata_text};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The PostgreSQL schema migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The advisory lock every append holds until it commits ("ledger" in ASCII).
+pub const APPEND_LOCK_KEY: i64 = 0x6c65_6467_6572;
+/// The `NOTIFY` channel carrying the last committed position.
+pub const COMMIT_CHANNEL: &str = "ledger_events";
+/// Connections in the pool.
+pub const POSTGRES_CONNECTIONS_MAX: u32 = 16;
+/// How long a caller waits for a pooled connection.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the listener waits before reconnecting after an error.
+const LISTENER_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// The event store on PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresEventStore {
+    pool: PgPool,
+    commits: Arc<watch::Sender<Position>>,
+    hook: Option<Arc<dyn AppendHook>>,
+    _listener: Arc<ListenerGuard>,
+}
+
+/// Stops the listener task when the last clone of the store is dropped.
+struct ListenerGuard(tokio::task::AbortHandle);
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connection options with bounded lock and statement waits.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(options.options([("lock_timeout", "10s"), ("statement_timeout", "60s")]))
+}
+
+impl PostgresEventStore {
+    /// Connects, applies pending migrations and starts listening for commits.
+    pub async fn open(url: &str) -> Result<PostgresEventStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(POSTGRES_CONNECTIONS_MAX)
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+            .connect_with(connect_options(url)?)
+            .await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(e.into()))?;
+        let (sender, _) = watch::channel(0);
+        let commits = Arc::new(sender);
+        let task = tokio::spawn(listen(pool.clone(), Arc::downgrade(&commits)));
+        Ok(PostgresEventStore {
+            pool,
+            commits,
+            hook: None,
+            _listener: Arc::new(ListenerGuard(task.abort_handle())),
+        })
+    }
+
+    /// Installs a fault-injection hook (tests only).
+    pub fn with_hook(mut self, hook: Arc<dyn AppendHook>) -> PostgresEventStore {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The pool, for callers that query the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn current_versions(
+        tx: &mut sqlx::PgConnection,
+        appends: &[StreamAppend],
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        let streams: Vec<&str> = appends.iter().map(|a| a.stream_id.as_str()).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, MAX(version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
+        )
+        .bind(&streams)
+        .fetch_all(tx)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn stored_ids(
+        tx: &mut sqlx::PgConnection,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, StoredId>, StoreError> {
+        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(
+            "SELECT event_id, stream_id, version, position FROM events WHERE event_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, stream_id, version, position)| {
+                (
+                    id,
+                    StoredId {
+                        stream_id,
+                        version,
+                        position,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Inserts every planned stream's events in one statement (arrays bound
+    /// as parameters); returns each event id's position.
+    async fn insert(
+        tx: &mut sqlx::PgConnection,
+        appends: &[StreamAppend],
+        planned: &[Planned],
+        recorded_at: DateTime<Utc>,
+    ) -> Result<HashMap<Uuid, Position>, StoreError> {
+        let mut columns = Columns::default();
+        for (append, plan) in appends.iter().zip(planned) {
+            let Planned::Insert { first_version } = plan else {
+                continue;
+            };
+            for (offset, event) in append.events.iter().enumerate() {
+                columns.stream_ids.push(append.stream_id.as_str());
+                columns.versions.push(first_version + offset as i64);
+                columns.event_ids.push(event.event_id);
+                columns.event_types.push(event.event_type.as_str());
+                columns.schema_versions.push(event.schema_version);
+                columns.data.push(event.data.to_string());
+                columns.metadata.push(metadata_text(&event.metadata));
+            }
+        }
+        if columns.event_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let inserted: Vec<(i64, Uuid)> = sqlx::query_as(
+            "INSERT INTO events \
+             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at) \
+             SELECT s, v, i, t, n, d, m, $8 \
+             FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[]) \
+                  WITH ORDINALITY AS u(s, v, i, t, n, d, m, o) \
+             ORDER BY o \
+             RETURNING position, event_id",
+        )
+        .bind(&columns.stream_ids)
+        .bind(&columns.versions)
+        .bind(&columns.event_ids)
+        .bind(&columns.event_types)
+        .bind(&columns.schema_versions)
+        .bind(&columns.data)
+        .bind(&columns.metadata)
+        .bind(recorded_at)
+        .fetch_all(tx)
+        .await?;
+        Ok(inserted
+            .into_iter()
+            .map(|(position, id)| (id, position))
+            .collect())
+    }
+}
+
+/// The insert's parameters, one array per column.
+#[derive(Default)]
+struct Columns<'a> {
+    stream_ids: Vec<&'a str>,
+    versions: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'a str>,
+    schema_versions: Vec<i32>,
+    data: Vec<String>,
+    metadata: Vec<String>,
+}
+
+/// Forwards `NOTIFY` messages from any process to the commit signal, and
+/// reconnects after errors. Ends when the store is dropped.
+async fn listen(pool: PgPool, commits: Weak<watch::Sender<Position>>) {
+    loop {
+        match listen_once(&pool, &commits).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "commit listener lost its connection; reconnecting")
+            }
+        }
+        tokio::time::sleep(LISTENER_RETRY_PAUSE).await;
+    }
+}
+
+async fn listen_once(
+    pool: &PgPool,
+    commits: &Weak<watch::Sender<Position>>,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(COMMIT_CHANNEL).await?;
+    // Commits may have happened while we were not listening: wake everyone.
+    match commits.upgrade() {
+        Some(sender) => sender.send_modify(|_| {}),
+        None => return Ok(()),
+    }
+    loop {
+        let notification = listener.recv().await?;
+        let Some(sender) = commits.upgrade() else {
+            return Ok(());
+        };
+        let position = notification.payload().parse::<Position>().unwrap_or(0);
+        sender.send_modify(|head| *head = (*head).max(position));
+    }
+}
+
+fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
+    RawEvent {
+        position: row.try_get("position")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: row.try_get("data")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    }
+    .parse()
+}
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn append_batch(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StreamOutcome>, StoreError> {
+        let ids = plan::validate(&appends)?;
+        let recorded_at = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let versions = Self::current_versions(&mut tx, &appends).await?;
+        let stored = Self::stored_ids(&mut tx, &ids).await?;
+        let planned = plan::plan(&appends, &versions, &stored)?;
+        let positions = Self::insert(&mut tx, &appends, &planned, recorded_at).await?;
+        if let Some(last) = positions.values().max() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMIT_CHANNEL)
+                .bind(last.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        run_hook(self.hook.as_ref(), &appends).await?;
+        tx.commit().await?;
+        if let Some(last) = positions.values().max() {
+            self.commits.send_modify(|head| *head = (*head).max(*last));
+        }
+        Ok(outcomes(&appends, planned, &positions))
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
+                    metadata, recorded_at \
+             FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3",
+        )
+        .bind(stream_id)
+        .bind(after_version)
+        .bind(clamp_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(parse_row).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
+                    metadata, recorded_at \
+             FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .bind(after)
+        .bind(clamp_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(parse_row).collect()
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(head)
+    }
+
+    fn commits(&self) -> watch::Receiver<Position> {
+        self.commits.subscribe()
+    }
+}

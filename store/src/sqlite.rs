@@ -1,0 +1,277 @@
+//! The embedded SQLite backend: one file in WAL mode, `synchronous=FULL`.
+//!
+//! All appends go through one write connection inside `BEGIN IMMEDIATE`, so
+//! commits are serialized and become visible in position order: a reader can
+//! never see position N+1 before N. Reads use a separate small pool.
+
+use crate::error::StoreError;
+use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
+use crate::plan::{self, Planned, StoredId, outcomes};
+use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
+use crate::rows::{RawEvent, metadata_text};
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The SQLite schema migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// Connections in the read pool.
+pub const SQLITE_READ_CONNECTIONS_MAX: u32 = 4;
+/// How long a statement waits for another process's write lock.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The event store on one SQLite file.
+#[derive(Clone)]
+pub struct SqliteEventStore {
+    write: SqlitePool,
+    read: SqlitePool,
+    commits: Arc<watch::Sender<Position>>,
+    hook: Option<Arc<dyn AppendHook>>,
+}
+
+/// Connection options for the ledger's SQLite file: WAL, full sync, foreign keys.
+pub fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        .foreign_keys(true)
+}
+
+impl SqliteEventStore {
+    /// Opens (creating if needed) the file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<SqliteEventStore, StoreError> {
+        let options = connect_options(path);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Database(e.into()))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(SQLITE_READ_CONNECTIONS_MAX)
+            .connect_with(options)
+            .await?;
+        let (sender, _) = watch::channel(0);
+        Ok(SqliteEventStore {
+            write,
+            read,
+            commits: Arc::new(sender),
+            hook: None,
+        })
+    }
+
+    /// Installs a fault-injection hook (tests only).
+    pub fn with_hook(mut self, hook: Arc<dyn AppendHook>) -> SqliteEventStore {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The read pool, for callers that query the same file.
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    async fn current_versions(
+        tx: &mut sqlx::SqliteConnection,
+        appends: &[StreamAppend],
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        let streams: Vec<&str> = appends.iter().map(|a| a.stream_id.as_str()).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, MAX(version) FROM events \
+             WHERE stream_id IN (SELECT value FROM json_each(?1)) GROUP BY stream_id",
+        )
+        .bind(serde_json::to_string(&streams).expect("BUG: strings serialize"))
+        .fetch_all(tx)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn stored_ids(
+        tx: &mut sqlx::SqliteConnection,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, StoredId>, StoreError> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT event_id, stream_id, version, position FROM events \
+             WHERE event_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(ids).expect("BUG: uuids serialize"))
+        .fetch_all(tx)
+        .await?;
+        let mut stored = HashMap::with_capacity(rows.len());
+        for (event_id, stream_id, version, position) in rows {
+            let event_id = parse_uuid(&event_id, position)?;
+            stored.insert(
+                event_id,
+                StoredId {
+                    stream_id,
+                    version,
+                    position,
+                },
+            );
+        }
+        Ok(stored)
+    }
+
+    /// Inserts every planned stream's events in one statement; returns each
+    /// event id's position.
+    async fn insert(
+        tx: &mut sqlx::SqliteConnection,
+        appends: &[StreamAppend],
+        planned: &[Planned],
+        recorded_at: DateTime<Utc>,
+    ) -> Result<HashMap<Uuid, Position>, StoreError> {
+        let recorded_at = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut rows = Vec::new();
+        for (append, plan) in appends.iter().zip(planned) {
+            let Planned::Insert { first_version } = plan else {
+                continue;
+            };
+            for (offset, event) in append.events.iter().enumerate() {
+                rows.push(serde_json::json!({
+                    "s": append.stream_id,
+                    "v": first_version + offset as i64,
+                    "i": event.event_id.to_string(),
+                    "t": event.event_type,
+                    "n": event.schema_version,
+                    "d": event.data.to_string(),
+                    "m": metadata_text(&event.metadata),
+                    "r": recorded_at,
+                }));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let inserted: Vec<(i64, String)> = sqlx::query_as(
+            "INSERT INTO events \
+             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at) \
+             SELECT value ->> 's', value ->> 'v', value ->> 'i', value ->> 't', value ->> 'n', \
+                    value ->> 'd', value ->> 'm', value ->> 'r' \
+             FROM json_each(?1) ORDER BY key \
+             RETURNING position, event_id",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(tx)
+        .await?;
+        inserted
+            .into_iter()
+            .map(|(position, id)| Ok((parse_uuid(&id, position)?, position)))
+            .collect()
+    }
+}
+
+fn parse_uuid(text: &str, position: i64) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text).map_err(|e| StoreError::Corrupt {
+        position,
+        reason: format!("event id: {e}"),
+    })
+}
+
+fn parse_row(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, StoreError> {
+    let position: i64 = row.try_get("position")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
+        .map_err(|e| StoreError::Corrupt {
+            position,
+            reason: format!("recorded_at: {e}"),
+        })?
+        .with_timezone(&Utc);
+    RawEvent {
+        position,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_id: parse_uuid(row.try_get("event_id")?, position)?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: row.try_get("data")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at,
+    }
+    .parse()
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn append_batch(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<StreamOutcome>, StoreError> {
+        let ids = plan::validate(&appends)?;
+        let recorded_at = Utc::now();
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let versions = Self::current_versions(&mut tx, &appends).await?;
+        let stored = Self::stored_ids(&mut tx, &ids).await?;
+        let planned = plan::plan(&appends, &versions, &stored)?;
+        let positions = Self::insert(&mut tx, &appends, &planned, recorded_at).await?;
+        run_hook(self.hook.as_ref(), &appends).await?;
+        tx.commit().await?;
+        if let Some(last) = positions.values().max() {
+            self.commits.send_modify(|head| *head = (*head).max(*last));
+        }
+        Ok(outcomes(&appends, planned, &positions))
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
+                    metadata, recorded_at \
+             FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
+        )
+        .bind(stream_id)
+        .bind(after_version)
+        .bind(clamp_limit(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(parse_row).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
+                    metadata, recorded_at \
+             FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
+        )
+        .bind(after)
+        .bind(clamp_limit(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(parse_row).collect()
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(head)
+    }
+
+    fn commits(&self) -> watch::Receiver<Position> {
+        self.commits.subscribe()
+    }
+}
