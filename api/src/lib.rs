@@ -1,1 +1,5 @@
-//! placeholder
+//! The `ledger` binary's library: command line, benchmarks and telemetry.
+
+pub mod bench;
+pub mod cli;
+pub mod telemetry;

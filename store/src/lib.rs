@@ -9,6 +9,7 @@ pub mod plan;
 pub mod port;
 pub mod postgres;
 mod rows;
+pub mod scratch;
 pub mod sqlite;
 pub mod subscription;
 #[cfg(feature = "testing")]
@@ -26,6 +27,29 @@ pub use subscription::Subscription;
 
 use std::path::Path;
 use std::sync::Arc;
+
+/// Applies pending migrations; returns every applied migration as
+/// `(version, description)`, oldest first.
+pub async fn migrate(backend: &Backend) -> Result<Vec<(i64, String)>, StoreError> {
+    const APPLIED: &str = "SELECT version, description FROM _sqlx_migrations ORDER BY version";
+    match backend {
+        Backend::Sqlite(path) => {
+            let store = open_sqlite(path).await?;
+            Ok(sqlx::query_as(APPLIED).fetch_all(store.read_pool()).await?)
+        }
+        Backend::Postgres(url) => {
+            let store = PostgresEventStore::open(url).await?;
+            Ok(sqlx::query_as(APPLIED).fetch_all(store.pool()).await?)
+        }
+    }
+}
+
+async fn open_sqlite(path: &Path) -> Result<SqliteEventStore, StoreError> {
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(|e| StoreError::Unavailable(e.into()))?;
+    }
+    SqliteEventStore::open(path).await
+}
 
 /// Where the log lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,73 @@
+//! The command line: one binary, `ledger`, with subcommands.
+
+use crate::bench;
+use crate::telemetry::LogFormat;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use store::Backend;
+
+/// An event-sourced ledger for fixed-quota financial products.
+#[derive(Debug, Parser)]
+#[command(name = "ledger", version, about)]
+pub struct Cli {
+    /// How log lines are written (to standard error).
+    #[arg(long, value_enum, default_value = "text", env = "LEDGER_LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the database schema, then list the applied migrations.
+    Migrate(StoreArgs),
+    /// Measure throughput and latency; every benchmark verifies its invariants.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Where the event log lives.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Folder of the embedded SQLite file (used when no PostgreSQL URL is given).
+    #[arg(long, env = "LEDGER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `postgres://...` to use PostgreSQL instead of the embedded SQLite file.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreArgs {
+    /// The chosen backend.
+    pub fn backend(&self) -> Backend {
+        Backend::choose(self.database_url.as_deref(), &self.data_dir)
+    }
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Raw append throughput: one stream in batches, and many writers on distinct streams.
+    Append(bench::append::AppendOptions),
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Migrate(args) => migrate(&args).await,
+        Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
+    }
+}
+
+async fn migrate(args: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let backend = args.backend();
+    let applied = store::migrate(&backend).await?;
+    println!("schema of {backend} is up to date; applied migrations:");
+    for (version, description) in applied {
+        println!("  {version:04} {description}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

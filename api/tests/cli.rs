@@ -1,0 +1,78 @@
+//! The `ledger` binary run as a user would: `migrate` on empty databases and
+//! the append benchmark's JSON report.
+
+use std::process::Command;
+use store::testing::TestPostgres;
+
+fn ledger() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ledger"));
+    command.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
+    command
+}
+
+fn run(command: &mut Command) -> String {
+    let output = command.output().expect("ledger runs");
+    assert!(
+        output.status.success(),
+        "ledger failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_on_an_empty_sqlite_file() {
+    let folder = tempfile::tempdir().unwrap();
+    let data_dir = folder.path().join("fresh");
+    for _ in 0..2 {
+        let printed = run(ledger().arg("migrate").arg("--data-dir").arg(&data_dir));
+        assert!(printed.contains("0001 events"), "{printed}");
+    }
+    let url = format!("sqlite://{}", data_dir.join("ledger.db").display());
+    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert!(tables.contains(&"events".to_string()), "{tables:?}");
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_on_an_empty_postgres_database() {
+    let Some(database) = TestPostgres::create("migrate_creates_the_schema_on_an_empty_postgres_database").await else {
+        return;
+    };
+    for _ in 0..2 {
+        let printed = run(ledger().arg("migrate").arg("--database-url").arg(&database.url));
+        assert!(printed.contains("0001 events"), "{printed}");
+    }
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&database.url).await.unwrap();
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.events') IS NOT NULL")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert!(exists);
+}
+
+#[test]
+fn append_benchmark_reports_its_figures_and_checks_as_json() {
+    let printed = run(ledger().args([
+        "bench", "append", "--backend", "sqlite", "--events", "120", "--seconds", "20", "--writers", "4", "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON object");
+    assert_eq!(report["checks"]["ok"], true, "{report}");
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 5, "four batch sizes and the many-writers scenario");
+    let appended: u64 = scenarios.iter().map(|s| s["events"].as_u64().unwrap()).sum();
+    assert_eq!(appended, 5 * 120);
+    assert_eq!(report["checks"]["events_in_log"], appended);
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_message() {
+    let output = ledger().args(["bench", "append", "--batch-sizes", "0"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("batch sizes must be"));
+    let output = ledger().args(["bench", "append", "--writers", "0"]).output().unwrap();
+    assert!(!output.status.success());
+}
