@@ -12,7 +12,13 @@ use store::Backend;
 #[command(name = "ledger", version, about)]
 pub struct Cli {
     /// How log lines are written (to standard error).
-    #[arg(long, value_enum, default_value = "text", env = "LEDGER_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "LEDGER_LOG_FORMAT",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]

@@ -29,24 +29,34 @@ async fn migrate_creates_the_schema_on_an_empty_sqlite_file() {
         assert!(printed.contains("0001 events"), "{printed}");
     }
     let url = format!("sqlite://{}", data_dir.join("ledger.db").display());
-    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
-    let tables: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
-        .fetch_all(&mut connection)
+    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
         .await
         .unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap();
     assert!(tables.contains(&"events".to_string()), "{tables:?}");
 }
 
 #[tokio::test]
 async fn migrate_creates_the_schema_on_an_empty_postgres_database() {
-    let Some(database) = TestPostgres::create("migrate_creates_the_schema_on_an_empty_postgres_database").await else {
+    let Some(database) =
+        TestPostgres::create("migrate_creates_the_schema_on_an_empty_postgres_database").await
+    else {
         return;
     };
     for _ in 0..2 {
-        let printed = run(ledger().arg("migrate").arg("--database-url").arg(&database.url));
+        let printed = run(ledger()
+            .arg("migrate")
+            .arg("--database-url")
+            .arg(&database.url));
         assert!(printed.contains("0001 events"), "{printed}");
     }
-    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&database.url).await.unwrap();
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&database.url)
+        .await
+        .unwrap();
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.events') IS NOT NULL")
         .fetch_one(&mut connection)
         .await
@@ -57,22 +67,45 @@ async fn migrate_creates_the_schema_on_an_empty_postgres_database() {
 #[test]
 fn append_benchmark_reports_its_figures_and_checks_as_json() {
     let printed = run(ledger().args([
-        "bench", "append", "--backend", "sqlite", "--events", "120", "--seconds", "20", "--writers", "4", "--json",
+        "bench",
+        "append",
+        "--backend",
+        "sqlite",
+        "--events",
+        "120",
+        "--seconds",
+        "20",
+        "--writers",
+        "4",
+        "--json",
     ]));
     let report: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON object");
     assert_eq!(report["checks"]["ok"], true, "{report}");
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 5, "four batch sizes and the many-writers scenario");
-    let appended: u64 = scenarios.iter().map(|s| s["events"].as_u64().unwrap()).sum();
+    assert_eq!(
+        scenarios.len(),
+        5,
+        "four batch sizes and the many-writers scenario"
+    );
+    let appended: u64 = scenarios
+        .iter()
+        .map(|s| s["events"].as_u64().unwrap())
+        .sum();
     assert_eq!(appended, 5 * 120);
     assert_eq!(report["checks"]["events_in_log"], appended);
 }
 
 #[test]
 fn bad_arguments_are_refused_with_a_clear_message() {
-    let output = ledger().args(["bench", "append", "--batch-sizes", "0"]).output().unwrap();
+    let output = ledger()
+        .args(["bench", "append", "--batch-sizes", "0"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("batch sizes must be"));
-    let output = ledger().args(["bench", "append", "--writers", "0"]).output().unwrap();
+    let output = ledger()
+        .args(["bench", "append", "--writers", "0"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
 }

@@ -15,7 +15,10 @@ pub struct ScratchPostgres {
 
 impl ScratchPostgres {
     /// Creates an empty database named `{prefix}_{uuid}` next to `admin_url`'s.
-    pub async fn create(admin_url: &str, prefix: &'static str) -> Result<ScratchPostgres, StoreError> {
+    pub async fn create(
+        admin_url: &str,
+        prefix: &'static str,
+    ) -> Result<ScratchPostgres, StoreError> {
         assert!(
             prefix.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
             "BUG: scratch prefix must be a plain identifier"
@@ -41,7 +44,9 @@ impl Drop for ScratchPostgres {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop may run inside an async runtime; use a thread with its own.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 let mut admin = sqlx::PgConnection::connect(&admin_url)
                     .await
@@ -85,7 +90,10 @@ mod tests {
 
     #[test]
     fn database_names_are_swapped_in_urls() {
-        assert_eq!(with_database("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            with_database("postgres://u@h:5432/test", "x"),
+            "postgres://u@h:5432/x"
+        );
         assert_eq!(
             with_database("postgres://u@h/test?sslmode=disable", "x"),
             "postgres://u@h/x?sslmode=disable"

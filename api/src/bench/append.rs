@@ -101,8 +101,15 @@ pub struct AppendReport {
 
 /// Runs the benchmark and prints its report; fails if a check fails.
 pub async fn run(options: AppendOptions) -> anyhow::Result<ExitCode> {
-    if options.batch_sizes.iter().any(|&size| size == 0 || size > store::plan::APPEND_EVENTS_MAX) {
-        anyhow::bail!("batch sizes must be 1 to {}", store::plan::APPEND_EVENTS_MAX);
+    if options
+        .batch_sizes
+        .iter()
+        .any(|&size| size == 0 || size > store::plan::APPEND_EVENTS_MAX)
+    {
+        anyhow::bail!(
+            "batch sizes must be 1 to {}",
+            store::plan::APPEND_EVENTS_MAX
+        );
     }
     let database = BenchDatabase::create(options.backend, options.database_url.as_deref()).await?;
     let store = database.backend().open().await?;
@@ -110,9 +117,20 @@ pub async fn run(options: AppendOptions) -> anyhow::Result<ExitCode> {
     let mut scenarios = Vec::new();
     for (index, &batch_size) in options.batch_sizes.iter().enumerate() {
         let stream = format!("bench-one-stream-{index}");
-        scenarios.push(one_stream(&store, &stream, batch_size, options.events, limit, options.json).await?);
+        scenarios.push(
+            one_stream(
+                &store,
+                &stream,
+                batch_size,
+                options.events,
+                limit,
+                options.json,
+            )
+            .await?,
+        );
     }
-    scenarios.push(many_writers(&store, options.writers, options.events, limit, options.json).await?);
+    scenarios
+        .push(many_writers(&store, options.writers, options.events, limit, options.json).await?);
     let checks = verify(&store, scenarios.iter().map(|s| s.events).sum()).await?;
     let report = AppendReport {
         benchmark: "append",
@@ -128,7 +146,11 @@ pub async fn run(options: AppendOptions) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&report);
     }
-    Ok(if report.checks.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.checks.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// A realistic event: a quota reservation with full metadata (~500 bytes stored).
@@ -158,14 +180,22 @@ async fn one_stream(
     limit: Duration,
     quiet: bool,
 ) -> anyhow::Result<ScenarioReport> {
-    let bar = progress(events_limit, format!("one stream, batch {batch_size}"), quiet);
+    let bar = progress(
+        events_limit,
+        format!("one stream, batch {batch_size}"),
+        quiet,
+    );
     let mut latencies = histogram();
     let (mut version, mut events, mut appends) = (0i64, 0u64, 0u64);
     let started = Instant::now();
     while events < events_limit && started.elapsed() < limit {
         let size = batch_size.min(usize::try_from(events_limit - events).unwrap_or(usize::MAX));
         let batch: Vec<NewEvent> = (0..size).map(|_| sample_event()).collect();
-        let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
+        let expected = if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        };
         let call = Instant::now();
         let appended = store.append(stream, expected, batch).await?;
         record(&mut latencies, call.elapsed());
@@ -205,10 +235,19 @@ async fn many_writers(
                 let stream = format!("bench-writer-{writer}");
                 let mut latencies = histogram();
                 let mut version = 0i64;
-                while started.elapsed() < limit && claimed.fetch_add(1, Ordering::Relaxed) < events_limit {
-                    let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
+                while started.elapsed() < limit
+                    && claimed.fetch_add(1, Ordering::Relaxed) < events_limit
+                {
+                    let expected = if version == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(version)
+                    };
                     let call = Instant::now();
-                    version = store.append(&stream, expected, vec![sample_event()]).await?.last_version;
+                    version = store
+                        .append(&stream, expected, vec![sample_event()])
+                        .await?
+                        .last_version;
                     record(&mut latencies, call.elapsed());
                     bar.inc(1);
                 }
@@ -221,7 +260,9 @@ async fn many_writers(
     for task in tasks {
         let (written, histogram) = task.await??;
         events += written;
-        latencies.add(&histogram).expect("BUG: histograms share bounds");
+        latencies
+            .add(&histogram)
+            .expect("BUG: histograms share bounds");
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -278,8 +319,13 @@ fn print_table(report: &AppendReport) {
     for s in &report.scenarios {
         println!(
             "{:<42} {:>9} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>9.2}",
-            s.scenario, s.events, s.appends, s.events_per_second, s.append_latency.p50_ms,
-            s.append_latency.p99_ms, s.append_latency.max_ms
+            s.scenario,
+            s.events,
+            s.appends,
+            s.events_per_second,
+            s.append_latency.p50_ms,
+            s.append_latency.p99_ms,
+            s.append_latency.max_ms
         );
     }
     let c = &report.checks;

@@ -30,12 +30,16 @@ pub enum BenchDatabase {
 
 impl BenchDatabase {
     /// Creates the database; PostgreSQL needs a URL to create it next to.
-    pub async fn create(backend: BenchBackend, database_url: Option<&str>) -> anyhow::Result<BenchDatabase> {
+    pub async fn create(
+        backend: BenchBackend,
+        database_url: Option<&str>,
+    ) -> anyhow::Result<BenchDatabase> {
         Ok(match backend {
             BenchBackend::Sqlite => BenchDatabase::Sqlite(tempfile::tempdir()?),
             BenchBackend::Postgres => {
-                let url = database_url
-                    .ok_or_else(|| anyhow::anyhow!("--backend postgres needs --database-url or DATABASE_URL"))?;
+                let url = database_url.ok_or_else(|| {
+                    anyhow::anyhow!("--backend postgres needs --database-url or DATABASE_URL")
+                })?;
                 BenchDatabase::Postgres(ScratchPostgres::create(url, "ledger_bench").await?)
             }
         })
@@ -53,7 +57,9 @@ impl BenchDatabase {
     pub fn describe(&self) -> &'static str {
         match self {
             BenchDatabase::Sqlite(_) => "sqlite (fresh file, WAL, synchronous=FULL)",
-            BenchDatabase::Postgres(_) => "postgres (fresh scratch database, synchronous_commit as configured)",
+            BenchDatabase::Postgres(_) => {
+                "postgres (fresh scratch database, synchronous_commit as configured)"
+            }
         }
     }
 }
@@ -76,7 +82,9 @@ pub fn histogram() -> Histogram<u64> {
 
 /// Records one duration.
 pub fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
-    let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+    let micros = u64::try_from(elapsed.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
     histogram.saturating_record(micros);
 }
 
