@@ -105,6 +105,33 @@ pub struct Reservation {
     pub expires_at: DateTime<Utc>,
     /// Pending, confirmed or released.
     pub state: ReservationState,
+    /// Why it was released, once it was.
+    pub released_because: Option<ReleaseReason>,
+}
+
+/// Why a purchase was refused before any quota was held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// The sale was not open.
+    SaleNotOpen,
+    /// Below the minimum or above the maximum purchase.
+    AmountOutOfRange,
+    /// Everything was confirmed.
+    SoldOut,
+    /// Less was available than asked for.
+    InsufficientQuota,
+}
+
+/// A purchase refused before any quota was held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The buyer.
+    pub account_id: AccountId,
+    /// Units asked for.
+    pub amount: Amount,
+    /// Why.
+    pub reason: RefusalReason,
 }
 
 /// A listed product's sale.
@@ -124,6 +151,8 @@ pub struct Sale {
     pub confirmed_orders: u64,
     /// Every reservation ever made, by order id.
     pub reservations: HashMap<OrderId, Reservation>,
+    /// Every refused purchase, by order id.
+    pub refusals: HashMap<OrderId, Refusal>,
 }
 
 impl Sale {
@@ -187,6 +216,19 @@ pub enum ProductCommand {
     Close,
     /// Hold quota for an order until `expires_at`.
     Reserve {
+        /// The order, also the reservation's id.
+        order_id: OrderId,
+        /// The buyer.
+        account_id: AccountId,
+        /// Units wanted.
+        amount: Amount,
+        /// When the hold lapses if not confirmed.
+        expires_at: DateTime<Utc>,
+    },
+    /// A buyer's purchase: reserve quota, or record why not. Unlike
+    /// `Reserve`, a business refusal is an event (`purchase_refused`), so a
+    /// retried order gets the same answer later.
+    Purchase {
         /// The order, also the reservation's id.
         order_id: OrderId,
         /// The buyer.
@@ -307,6 +349,17 @@ pub enum ProductEvent {
         /// Why.
         reason: ReleaseReason,
     },
+    /// A purchase was refused; no quota was held.
+    PurchaseRefused {
+        /// The order.
+        order_id: OrderId,
+        /// The buyer.
+        account_id: AccountId,
+        /// Units asked for.
+        amount: Amount,
+        /// Why.
+        reason: RefusalReason,
+    },
 }
 
 impl EventType for ProductEvent {
@@ -318,6 +371,7 @@ impl EventType for ProductEvent {
             ProductEvent::QuotaReserved { .. } => "quota_reserved",
             ProductEvent::ReservationConfirmed { .. } => "reservation_confirmed",
             ProductEvent::ReservationReleased { .. } => "reservation_released",
+            ProductEvent::PurchaseRefused { .. } => "purchase_refused",
         }
     }
 }
@@ -328,7 +382,8 @@ impl ProductEvent {
         match self {
             ProductEvent::QuotaReserved { order_id, .. }
             | ProductEvent::ReservationConfirmed { order_id, .. }
-            | ProductEvent::ReservationReleased { order_id, .. } => Some(*order_id),
+            | ProductEvent::ReservationReleased { order_id, .. }
+            | ProductEvent::PurchaseRefused { order_id, .. } => Some(*order_id),
             _ => None,
         }
     }
@@ -372,6 +427,12 @@ impl Decider for ProductSale {
                 amount,
                 expires_at,
             } => decide_reserve(sale, *order_id, *account_id, *amount, *expires_at),
+            ProductCommand::Purchase {
+                order_id,
+                account_id,
+                amount,
+                expires_at,
+            } => decide_purchase(sale, *order_id, *account_id, *amount, *expires_at),
             ProductCommand::Confirm { order_id } => {
                 let reservation = pending_reservation(sale, order_id)?;
                 Ok(vec![ProductEvent::ReservationConfirmed {
@@ -409,6 +470,7 @@ impl Decider for ProductSale {
                 pending: Amount::ZERO,
                 confirmed_orders: 0,
                 reservations: HashMap::new(),
+                refusals: HashMap::new(),
             });
             return state;
         }
@@ -428,7 +490,7 @@ fn decide_reserve(
     amount: Amount,
     expires_at: DateTime<Utc>,
 ) -> Result<Vec<ProductEvent>, ProductRejection> {
-    if sale.reservations.contains_key(&order_id) {
+    if sale.reservations.contains_key(&order_id) || sale.refusals.contains_key(&order_id) {
         return Err(ProductRejection::DuplicateOrder);
     }
     if !sale.open {
@@ -453,6 +515,29 @@ fn decide_reserve(
         account_id,
         amount,
         expires_at,
+    }])
+}
+
+fn decide_purchase(
+    sale: &Sale,
+    order_id: OrderId,
+    account_id: AccountId,
+    amount: Amount,
+    expires_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, ProductRejection> {
+    let reason = match decide_reserve(sale, order_id, account_id, amount, expires_at) {
+        Ok(events) => return Ok(events),
+        Err(ProductRejection::SaleNotOpen) => RefusalReason::SaleNotOpen,
+        Err(ProductRejection::AmountOutOfRange { .. }) => RefusalReason::AmountOutOfRange,
+        Err(ProductRejection::SoldOut) => RefusalReason::SoldOut,
+        Err(ProductRejection::InsufficientQuota { .. }) => RefusalReason::InsufficientQuota,
+        Err(other) => return Err(other),
+    };
+    Ok(vec![ProductEvent::PurchaseRefused {
+        order_id,
+        account_id,
+        amount,
+        reason,
     }])
 }
 
@@ -495,6 +580,7 @@ fn evolve_sale(sale: &mut Sale, event: &ProductEvent) {
                 amount: *amount,
                 expires_at: *expires_at,
                 state: ReservationState::Pending,
+                released_because: None,
             };
             let previous = sale.reservations.insert(*order_id, reservation);
             assert!(previous.is_none(), "BUG: order reserved twice");
@@ -512,8 +598,33 @@ fn evolve_sale(sale: &mut Sale, event: &ProductEvent) {
                 .expect("BUG: confirmed overflow");
             sale.confirmed_orders += 1;
         }
-        ProductEvent::ReservationReleased { order_id, .. } => {
+        ProductEvent::ReservationReleased {
+            order_id, reason, ..
+        } => {
             settle(sale, order_id, ReservationState::Released);
+            let reservation = sale
+                .reservations
+                .get_mut(order_id)
+                .expect("BUG: settled above");
+            reservation.released_because = Some(*reason);
+        }
+        ProductEvent::PurchaseRefused {
+            order_id,
+            account_id,
+            amount,
+            reason,
+        } => {
+            assert!(
+                !sale.reservations.contains_key(order_id),
+                "BUG: refusal of a reserved order"
+            );
+            let refusal = Refusal {
+                account_id: *account_id,
+                amount: *amount,
+                reason: *reason,
+            };
+            let previous = sale.refusals.insert(*order_id, refusal);
+            assert!(previous.is_none(), "BUG: order refused twice");
         }
     }
 }

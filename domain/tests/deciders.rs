@@ -509,3 +509,45 @@ fn a_finished_payout_takes_no_further_outcome() {
         );
     }
 }
+
+#[test]
+fn a_purchase_reserves_or_records_its_refusal() {
+    use domain::product::RefusalReason;
+    let history = open_sale(1000);
+    let purchase = |n, minor| ProductCommand::Purchase {
+        order_id: order(n),
+        account_id: buyer(),
+        amount: amount(minor),
+        expires_at: at(60),
+    };
+    check::<ProductSale>(
+        &history,
+        purchase(1, 100),
+        at(0),
+        Ok(vec![reserved(1, 100, 60)]),
+    );
+    let refused = ProductEvent::PurchaseRefused {
+        order_id: order(1),
+        account_id: buyer(),
+        amount: amount(5),
+        reason: RefusalReason::AmountOutOfRange,
+    };
+    check::<ProductSale>(&history, purchase(1, 5), at(0), Ok(vec![refused.clone()]));
+    let mut after = history.clone();
+    after.push(refused);
+    // The refused order id is spent: neither a purchase nor a reservation may reuse it.
+    check::<ProductSale>(
+        &after,
+        purchase(1, 100),
+        at(0),
+        Err(ProductRejection::DuplicateOrder),
+    );
+    check::<ProductSale>(
+        &[],
+        purchase(1, 100),
+        at(0),
+        Err(ProductRejection::NotListed),
+    );
+    let sale = ProductSale::replay(&after).sale.unwrap();
+    assert_eq!((sale.pending, sale.refusals.len()), (Amount::ZERO, 1));
+}

@@ -93,6 +93,14 @@ fn product_steps() -> impl Strategy<Value = (i64, Vec<Step<ProductCommand>>)> {
                 expires_at: start() + Duration::seconds(ttl),
             })
         }),
+        4 => (order.clone(), 0u128..4, 0i64..400, 1i64..120).prop_map(|(o, a, minor, ttl)| {
+            Step::Command(ProductCommand::Purchase {
+                order_id: OrderId(Uuid::from_u128(o)),
+                account_id: AccountId(Uuid::from_u128(a)),
+                amount: amount(minor),
+                expires_at: start() + Duration::seconds(ttl),
+            })
+        }),
         4 => order.clone().prop_map(|o| Step::Command(ProductCommand::Confirm {
             order_id: OrderId(Uuid::from_u128(o)),
         })),
@@ -126,6 +134,12 @@ fn check_sale(state: &ProductState) {
     assert_eq!(sale.confirmed.minor(), confirmed);
     assert_eq!(sale.confirmed_orders, orders);
     assert!(pending + confirmed <= quota, "over-booked");
+    for order in sale.refusals.keys() {
+        assert!(
+            !sale.reservations.contains_key(order),
+            "an order both refused and reserved"
+        );
+    }
     assert_eq!(confirmed + pending + sale.available().minor(), quota);
 }
 

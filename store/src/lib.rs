@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod port;
@@ -16,6 +17,7 @@ pub mod subscription;
 pub mod testing;
 
 pub use error::StoreError;
+pub use memory::MemoryEventStore;
 pub use model::{
     Appended, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StreamAppend,
     StreamOutcome, VersionConflict,

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use store::testing::{TestPostgres, TestSqlite};
 use store::{
-    AppendHook, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore, RecordedEvent,
-    SqliteEventStore, StoreError, StreamAppend, StreamOutcome, Subscription,
+    AppendHook, EventStore, ExpectedVersion, MemoryEventStore, Metadata, NewEvent,
+    PostgresEventStore, RecordedEvent, SqliteEventStore, StoreError, StreamAppend, StreamOutcome,
+    Subscription,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -17,6 +18,7 @@ use uuid::Uuid;
 const PATIENCE: Duration = Duration::from_secs(20);
 
 enum Database {
+    Memory(MemoryEventStore),
     Sqlite(TestSqlite),
     Postgres(TestPostgres),
 }
@@ -28,6 +30,12 @@ struct Harness {
 }
 
 impl Harness {
+    async fn memory(_test: &str) -> Option<Harness> {
+        Some(Harness {
+            database: Database::Memory(MemoryEventStore::new()),
+        })
+    }
+
     async fn sqlite(_test: &str) -> Option<Harness> {
         let database = TestSqlite::create().await.expect("a fresh SQLite file");
         Some(Harness {
@@ -44,6 +52,8 @@ impl Harness {
 
     async fn store(&self, hook: Option<Arc<dyn AppendHook>>) -> Arc<dyn EventStore> {
         match (&self.database, hook) {
+            (Database::Memory(log), None) => Arc::new(log.clone()),
+            (Database::Memory(log), Some(hook)) => Arc::new(log.with_hook(hook)),
             (Database::Sqlite(db), None) => {
                 Arc::new(SqliteEventStore::open(&db.path).await.unwrap())
             }
@@ -68,7 +78,7 @@ impl Harness {
     /// Whether a commit by one instance wakes another instance's subscribers
     /// (PostgreSQL NOTIFY); SQLite instances only see each other by polling.
     fn signals_across_instances(&self) -> bool {
-        matches!(self.database, Database::Postgres(_))
+        matches!(self.database, Database::Postgres(_) | Database::Memory(_))
     }
 }
 
@@ -581,6 +591,7 @@ macro_rules! contract_suite {
 
 macro_rules! contract_suites {
     ($($test:ident),* $(,)?) => {
+        contract_suite!(memory: $($test),*);
         contract_suite!(sqlite: $($test),*);
         contract_suite!(postgres: $($test),*);
     };
