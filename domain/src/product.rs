@@ -493,6 +493,12 @@ fn decide_reserve(
     if sale.reservations.contains_key(&order_id) || sale.refusals.contains_key(&order_id) {
         return Err(ProductRejection::DuplicateOrder);
     }
+    // Sold out comes first: it is final, so every later purchase gets the
+    // same answer whatever else is wrong with it (and a writer can give that
+    // answer from memory).
+    if sale.status() == SaleStatus::SoldOut {
+        return Err(ProductRejection::SoldOut);
+    }
     if !sale.open {
         return Err(ProductRejection::SaleNotOpen);
     }
@@ -504,9 +510,6 @@ fn decide_reserve(
         });
     }
     let available = sale.available();
-    if available.is_zero() && sale.pending.is_zero() {
-        return Err(ProductRejection::SoldOut);
-    }
     if amount > available {
         return Err(ProductRejection::InsufficientQuota { available });
     }

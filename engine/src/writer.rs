@@ -1,0 +1,729 @@
+//! The product writer: one task per active product owns the product's state
+//! in memory and is the only one in this process that writes its stream.
+//!
+//! Each loop turn drains up to `batch_max` queued messages and makes one
+//! product append holding (a) the confirmations and releases decided for the
+//! previous turn's reservations and (b) the reservations or refusals of the
+//! new purchases. It then debits the new reservations' buyers in one batched
+//! multi-stream append. So a purchase costs a share of two commits, and no
+//! reply leaves before the events behind it are committed. The expected
+//! stream version fences any other process writing the same product: on a
+//! conflict the writer reloads the stream and decides again.
+
+use crate::EngineSettings;
+use crate::accounts::{AccountBook, AccountJob, JobOutcome};
+use crate::aggregate::{Loaded, encode_all, expected_after};
+use crate::clock::Clock;
+use crate::context::RequestContext;
+use crate::error::{CommandError, PurchaseError};
+use crate::stats::EngineStats;
+use domain::account::{AccountCommand, AccountRejection};
+use domain::product::{
+    ProductCommand, ProductEvent, ProductRejection, ProductSale, ProductState, RefusalReason,
+    ReleaseReason, ReservationState, Sale, SaleStatus,
+};
+use domain::{AccountId, Amount, Decider, OrderId, ProductId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Appended, EventStore, NewEvent, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+/// Pause after a store failure before the writer tries again.
+const STORE_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Most decide-and-append rounds for one batch before its purchases are
+/// answered `Unavailable` (they may be retried with the same key).
+pub const PRODUCT_ROUNDS_MAX: usize = 16;
+
+/// A confirmed purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurchaseReceipt {
+    /// The order.
+    pub order_id: OrderId,
+    /// The product bought.
+    pub product_id: ProductId,
+    /// The buyer.
+    pub account_id: AccountId,
+    /// Units bought.
+    pub amount: Amount,
+}
+
+/// A product's sale as the writer holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleSnapshot {
+    /// Total quota.
+    pub quota: Amount,
+    /// Confirmed units.
+    pub confirmed: Amount,
+    /// Pending units.
+    pub pending: Amount,
+    /// Units neither pending nor confirmed.
+    pub available: Amount,
+    /// Confirmed orders.
+    pub confirmed_orders: u64,
+    /// Display status.
+    pub status: SaleStatus,
+    /// The product stream's version.
+    pub version: i64,
+}
+
+pub(crate) type PurchaseReply = oneshot::Sender<Result<PurchaseReceipt, PurchaseError>>;
+
+/// A purchase as queued for the writer.
+#[derive(Debug)]
+pub(crate) struct PurchaseOrder {
+    pub order_id: OrderId,
+    pub account_id: AccountId,
+    pub amount: Amount,
+    pub context: RequestContext,
+}
+
+/// What a writer is asked.
+pub(crate) enum WriterMessage {
+    Purchase(PurchaseOrder, PurchaseReply),
+    Command(
+        ProductCommand,
+        RequestContext,
+        oneshot::Sender<Result<Option<Appended>, CommandError>>,
+    ),
+    Snapshot(oneshot::Sender<Option<SaleSnapshot>>),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settlement {
+    Confirm,
+    Release(ReleaseReason),
+}
+
+enum Known {
+    Answer(Result<PurchaseReceipt, PurchaseError>),
+    Pending,
+}
+
+pub(crate) struct ProductWriter {
+    product_id: ProductId,
+    stream: String,
+    store: Arc<dyn EventStore>,
+    accounts: Arc<AccountBook>,
+    clock: Arc<dyn Clock>,
+    settings: EngineSettings,
+    stats: Arc<EngineStats>,
+    product: Loaded<ProductState>,
+    /// The in-memory state may not match the store (a failed append): reload first.
+    stale: bool,
+    waiters: HashMap<OrderId, Vec<PurchaseReply>>,
+    contexts: HashMap<OrderId, RequestContext>,
+    to_debit: Vec<OrderId>,
+    to_settle: Vec<(OrderId, Settlement)>,
+    to_refund: Vec<OrderId>,
+}
+
+impl ProductWriter {
+    pub(crate) fn new(
+        product_id: ProductId,
+        store: Arc<dyn EventStore>,
+        accounts: Arc<AccountBook>,
+        clock: Arc<dyn Clock>,
+        settings: EngineSettings,
+        stats: Arc<EngineStats>,
+    ) -> ProductWriter {
+        ProductWriter {
+            stream: product_id.stream(),
+            product_id,
+            store,
+            accounts,
+            clock,
+            settings,
+            stats,
+            product: Loaded::default(),
+            stale: true,
+            waiters: HashMap::new(),
+            contexts: HashMap::new(),
+            to_debit: Vec::new(),
+            to_settle: Vec::new(),
+            to_refund: Vec::new(),
+        }
+    }
+
+    /// The writer's loop; ends when every sender is gone.
+    pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<WriterMessage>) {
+        let mut sweep = tokio::time::interval(self.settings.sweep_period);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut messages = Vec::new();
+            if self.idle() {
+                tokio::select! {
+                    biased;
+                    message = inbox.recv() => match message {
+                        Some(message) => messages.push(message),
+                        None => return,
+                    },
+                    _ = sweep.tick() => self.sweep_expired(),
+                }
+            }
+            while messages.len() < self.settings.batch_max {
+                match inbox.try_recv() {
+                    Ok(message) => messages.push(message),
+                    Err(_) => break,
+                }
+            }
+            self.turn(messages).await;
+        }
+    }
+
+    fn idle(&self) -> bool {
+        !self.stale
+            && self.to_debit.is_empty()
+            && self.to_settle.is_empty()
+            && self.to_refund.is_empty()
+    }
+
+    fn sale(&self) -> Option<&Sale> {
+        self.product.state.sale.as_ref()
+    }
+
+    /// One turn: answer what memory can, append the product batch, debit, refund.
+    async fn turn(&mut self, messages: Vec<WriterMessage>) {
+        if self.stale && !self.reload().await {
+            fail_all(messages, "the event store is unavailable");
+            tokio::time::sleep(STORE_RETRY_PAUSE).await;
+            return;
+        }
+        let mut purchases = Vec::new();
+        for message in messages {
+            match message {
+                WriterMessage::Purchase(order, reply) => match self.known(&order) {
+                    Some(Known::Answer(answer)) => {
+                        let _ = reply.send(answer);
+                    }
+                    Some(Known::Pending) => {
+                        self.waiters.entry(order.order_id).or_default().push(reply)
+                    }
+                    None => purchases.push((order, reply)),
+                },
+                WriterMessage::Command(command, context, reply) => {
+                    let _ = reply.send(self.execute(command, context).await);
+                }
+                WriterMessage::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot());
+                }
+            }
+        }
+        if !purchases.is_empty() || !self.to_settle.is_empty() {
+            self.append_batch(purchases).await;
+        }
+        if !self.to_debit.is_empty() {
+            self.debit().await;
+        }
+        if !self.to_refund.is_empty() {
+            self.refund().await;
+        }
+    }
+
+    fn snapshot(&self) -> Option<SaleSnapshot> {
+        let sale = self.sale()?;
+        Some(SaleSnapshot {
+            quota: sale.terms.quota,
+            confirmed: sale.confirmed,
+            pending: sale.pending,
+            available: sale.available(),
+            confirmed_orders: sale.confirmed_orders,
+            status: sale.status(),
+            version: self.product.version,
+        })
+    }
+
+    /// The answer for an order this product already decided, if any.
+    fn known(&self, order: &PurchaseOrder) -> Option<Known> {
+        let Some(sale) = self.sale() else {
+            return Some(Known::Answer(Err(PurchaseError::UnknownProduct)));
+        };
+        if let Some(reservation) = sale.reservations.get(&order.order_id) {
+            if (reservation.account_id, reservation.amount) != (order.account_id, order.amount) {
+                return Some(Known::Answer(Err(PurchaseError::KeyReused)));
+            }
+            return Some(match reservation.state {
+                ReservationState::Pending => Known::Pending,
+                ReservationState::Confirmed => Known::Answer(Ok(self.receipt(
+                    order.order_id,
+                    reservation.account_id,
+                    reservation.amount,
+                ))),
+                ReservationState::Released => {
+                    let reason = reservation
+                        .released_because
+                        .expect("BUG: released without a reason");
+                    Known::Answer(Err(released_error(reason)))
+                }
+            });
+        }
+        if let Some(refusal) = sale.refusals.get(&order.order_id) {
+            if (refusal.account_id, refusal.amount) != (order.account_id, order.amount) {
+                return Some(Known::Answer(Err(PurchaseError::KeyReused)));
+            }
+            return Some(Known::Answer(Err(refused_error(refusal.reason, sale))));
+        }
+        // Sold out is final: no confirmed quota ever comes back. Answer from
+        // memory without touching the store. (With several processes on one
+        // product, an order another process refused for another reason, and
+        // this one has not read yet, is answered `SoldOut`: still a refusal.)
+        if sale.status() == SaleStatus::SoldOut {
+            EngineStats::bump(&self.stats.sold_out_from_memory);
+            return Some(Known::Answer(Err(PurchaseError::SoldOut)));
+        }
+        None
+    }
+
+    fn receipt(&self, order_id: OrderId, account_id: AccountId, amount: Amount) -> PurchaseReceipt {
+        PurchaseReceipt {
+            order_id,
+            product_id: self.product_id.clone(),
+            account_id,
+            amount,
+        }
+    }
+
+    /// Decides settlements and purchases against the state (evolving it in
+    /// place), appends them in one transaction, and answers. On a conflict or
+    /// an unknown outcome the state is reloaded and everything decided again:
+    /// decisions are idempotent per order, so nothing happens twice.
+    async fn append_batch(&mut self, mut purchases: Vec<(PurchaseOrder, PurchaseReply)>) {
+        for _round in 0..PRODUCT_ROUNDS_MAX {
+            if self.stale && !self.reload().await {
+                tokio::time::sleep(STORE_RETRY_PAUSE).await;
+                continue;
+            }
+            let now = self.clock.now();
+            let version_before = self.product.version;
+            let mut events: Vec<NewEvent> = Vec::new();
+            let settlements = std::mem::take(&mut self.to_settle);
+            for (order_id, settlement) in &settlements {
+                events.extend(self.decide_settlement(*order_id, *settlement, now));
+            }
+            let expires_at = now + self.settings.reservation_ttl;
+            let mut decided = Vec::with_capacity(purchases.len());
+            let mut refused = 0;
+            for (order, _) in &purchases {
+                let command = ProductCommand::Purchase {
+                    order_id: order.order_id,
+                    account_id: order.account_id,
+                    amount: order.amount,
+                    expires_at,
+                };
+                match ProductSale::decide(&self.product.state, &command, now) {
+                    Ok(new) => {
+                        refused += new
+                            .iter()
+                            .filter(|e| matches!(e, ProductEvent::PurchaseRefused { .. }))
+                            .count() as u64;
+                        let metadata = order.context.metadata(Some(order.order_id.0), None);
+                        events.extend(encode_all(&new, &metadata));
+                        self.evolve_all(&new);
+                        decided.push(true);
+                    }
+                    // Already decided (a duplicate in this batch, or committed
+                    // by an append whose answer was lost): answered below.
+                    Err(ProductRejection::DuplicateOrder) => decided.push(false),
+                    Err(rejection) => panic!("BUG: a purchase cannot be rejected with {rejection}"),
+                }
+            }
+            if !events.is_empty() {
+                match self
+                    .store
+                    .append(&self.stream, expected_after(version_before), events)
+                    .await
+                {
+                    Ok(appended) => {
+                        EngineStats::bump(&self.stats.product_appends);
+                        self.stats
+                            .purchases_refused
+                            .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
+                        self.product.version = appended.last_version;
+                    }
+                    Err(error) => {
+                        self.on_append_failure(&error, settlements).await;
+                        continue;
+                    }
+                }
+            }
+            for ((order, reply), new) in purchases.drain(..).zip(decided) {
+                if new {
+                    self.contexts.insert(order.order_id, order.context.clone());
+                }
+                self.answer_or_wait(order, reply);
+            }
+            self.answer_waiters();
+            return;
+        }
+        for (_, reply) in purchases {
+            let _ = reply.send(Err(PurchaseError::Unavailable(
+                "the product stream kept conflicting".into(),
+            )));
+        }
+    }
+
+    async fn on_append_failure(
+        &mut self,
+        error: &StoreError,
+        settlements: Vec<(OrderId, Settlement)>,
+    ) {
+        // Put the settlements back: after the reload they are decided again
+        // (and skipped if they did commit).
+        self.to_settle = settlements;
+        self.stale = true;
+        if matches!(error, StoreError::Conflict(_)) {
+            EngineStats::bump(&self.stats.product_conflicts);
+        } else {
+            EngineStats::bump(&self.stats.append_failures);
+            tracing::warn!(product = %self.product_id, %error, "product append failed; reloading");
+            tokio::time::sleep(STORE_RETRY_PAUSE).await;
+        }
+    }
+
+    fn answer_or_wait(&mut self, order: PurchaseOrder, reply: PurchaseReply) {
+        match self.known(&order) {
+            Some(Known::Answer(answer)) => {
+                let _ = reply.send(answer);
+            }
+            Some(Known::Pending) => {
+                if !self.to_debit.contains(&order.order_id) && !self.is_settling(order.order_id) {
+                    self.to_debit.push(order.order_id);
+                }
+                self.waiters.entry(order.order_id).or_default().push(reply);
+            }
+            None => unreachable!("BUG: a decided purchase is known"),
+        }
+    }
+
+    fn is_settling(&self, order_id: OrderId) -> bool {
+        self.to_settle.iter().any(|(id, _)| *id == order_id)
+    }
+
+    fn decide_settlement(
+        &mut self,
+        order_id: OrderId,
+        settlement: Settlement,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<NewEvent> {
+        let command = match settlement {
+            Settlement::Confirm => ProductCommand::Confirm { order_id },
+            Settlement::Release(reason) => ProductCommand::Release { order_id, reason },
+        };
+        match ProductSale::decide(&self.product.state, &command, now) {
+            Ok(new) => {
+                let context = self
+                    .contexts
+                    .get(&order_id)
+                    .cloned()
+                    .unwrap_or_else(RequestContext::system);
+                let encoded = encode_all(&new, &context.metadata(Some(order_id.0), None));
+                self.evolve_all(&new);
+                encoded
+            }
+            // Another writer released it while we took the money: give it back.
+            Err(ProductRejection::NotPending(ReservationState::Released))
+                if matches!(settlement, Settlement::Confirm) =>
+            {
+                self.to_refund.push(order_id);
+                Vec::new()
+            }
+            // Already settled (by us in a lost answer, or by another writer).
+            Err(ProductRejection::NotPending(_)) => Vec::new(),
+            Err(rejection) => panic!("BUG: settling {order_id} was rejected: {rejection}"),
+        }
+    }
+
+    fn evolve_all(&mut self, events: &[ProductEvent]) {
+        for event in events {
+            self.product.state =
+                ProductSale::evolve(std::mem::take(&mut self.product.state), event);
+        }
+    }
+
+    /// Answers every waiter whose order is no longer pending.
+    fn answer_waiters(&mut self) {
+        let Some(sale) = self.product.state.sale.as_ref() else {
+            return;
+        };
+        let settled: Vec<OrderId> = self
+            .waiters
+            .keys()
+            .filter(|order_id| {
+                sale.reservations
+                    .get(order_id)
+                    .is_some_and(|r| r.state != ReservationState::Pending)
+            })
+            .copied()
+            .collect();
+        for order_id in settled {
+            let reservation = &sale.reservations[&order_id];
+            let answer = match reservation.state {
+                ReservationState::Confirmed => {
+                    Ok(self.receipt(order_id, reservation.account_id, reservation.amount))
+                }
+                _ => Err(released_error(
+                    reservation
+                        .released_because
+                        .expect("BUG: released without a reason"),
+                )),
+            };
+            let counter = if answer.is_ok() {
+                &self.stats.purchases_confirmed
+            } else {
+                &self.stats.purchases_refused
+            };
+            EngineStats::bump(counter);
+            for reply in self.waiters.remove(&order_id).unwrap_or_default() {
+                let _ = reply.send(answer.clone());
+            }
+            self.contexts.remove(&order_id);
+        }
+    }
+
+    /// Debits the buyers of the reservations waiting for payment, in one
+    /// batched append; their confirmations or releases go into the next
+    /// product append.
+    async fn debit(&mut self) {
+        let orders = std::mem::take(&mut self.to_debit);
+        let Some(sale) = self.sale() else { return };
+        let jobs: Vec<(OrderId, AccountJob)> = orders
+            .into_iter()
+            .filter_map(|order_id| {
+                let reservation = sale.reservations.get(&order_id)?;
+                (reservation.state == ReservationState::Pending).then(|| {
+                    let job = AccountJob {
+                        account_id: reservation.account_id,
+                        command: AccountCommand::DebitForPurchase {
+                            order_id,
+                            product_id: self.product_id.clone(),
+                            amount: reservation.amount,
+                            reservation_expires_at: reservation.expires_at,
+                        },
+                        correlation_id: Some(order_id.0),
+                        context: self
+                            .contexts
+                            .get(&order_id)
+                            .cloned()
+                            .unwrap_or_else(RequestContext::system),
+                    };
+                    (order_id, job)
+                })
+            })
+            .collect();
+        let (order_ids, jobs): (Vec<OrderId>, Vec<AccountJob>) = jobs.into_iter().unzip();
+        let outcomes = self.accounts.execute_batch(jobs, self.clock.now()).await;
+        let mut unavailable = false;
+        for (order_id, (outcome, _)) in order_ids.into_iter().zip(outcomes) {
+            let settlement = match outcome {
+                JobOutcome::Done => Settlement::Confirm,
+                JobOutcome::Rejected(AccountRejection::InsufficientFunds { .. }) => {
+                    Settlement::Release(ReleaseReason::InsufficientFunds)
+                }
+                JobOutcome::Rejected(AccountRejection::ReservationExpired(_)) => {
+                    Settlement::Release(ReleaseReason::Expired)
+                }
+                JobOutcome::Rejected(rejection) => {
+                    tracing::info!(%order_id, %rejection, "payment refused");
+                    Settlement::Release(ReleaseReason::PaymentFailed)
+                }
+                JobOutcome::Unavailable(_) => {
+                    unavailable = true;
+                    self.to_debit.push(order_id);
+                    continue;
+                }
+            };
+            self.to_settle.push((order_id, settlement));
+        }
+        if unavailable {
+            tokio::time::sleep(STORE_RETRY_PAUSE).await;
+        }
+    }
+
+    /// Gives back money taken for reservations that ended released.
+    async fn refund(&mut self) {
+        let orders = std::mem::take(&mut self.to_refund);
+        let Some(sale) = self.sale() else { return };
+        let (order_ids, jobs): (Vec<OrderId>, Vec<AccountJob>) = orders
+            .into_iter()
+            .filter_map(|order_id| {
+                let reservation = sale.reservations.get(&order_id)?;
+                let job = AccountJob {
+                    account_id: reservation.account_id,
+                    command: AccountCommand::Refund { order_id },
+                    correlation_id: Some(order_id.0),
+                    context: RequestContext::system(),
+                };
+                Some((order_id, job))
+            })
+            .unzip();
+        let outcomes = self.accounts.execute_batch(jobs, self.clock.now()).await;
+        for (order_id, (outcome, _)) in order_ids.into_iter().zip(outcomes) {
+            match outcome {
+                JobOutcome::Done => {
+                    EngineStats::bump(&self.stats.refunds);
+                    tracing::info!(%order_id, "refunded a payment whose reservation was released");
+                }
+                JobOutcome::Rejected(
+                    AccountRejection::AlreadyRefunded | AccountRejection::UnknownOrder,
+                ) => {}
+                JobOutcome::Rejected(rejection) => {
+                    tracing::error!(%order_id, %rejection, "refund refused")
+                }
+                JobOutcome::Unavailable(_) => self.to_refund.push(order_id),
+            }
+        }
+    }
+
+    /// Reloads the product from the store and queues recovery work: pending
+    /// reservations resume at the debit step (which is idempotent and refuses
+    /// expired ones), and payments taken for reservations that expired are
+    /// refunded. Returns false if the store could not be read.
+    async fn reload(&mut self) -> bool {
+        let mut fresh = Loaded::default();
+        if let Err(error) = fresh
+            .catch_up::<ProductSale>(self.store.as_ref(), &self.stream)
+            .await
+        {
+            tracing::warn!(product = %self.product_id, %error, "could not load the product stream");
+            return false;
+        }
+        self.product = fresh;
+        self.stale = false;
+        let Some(sale) = self.sale() else { return true };
+        let mut pending: Vec<OrderId> = Vec::new();
+        let mut expired: Vec<(OrderId, AccountId)> = Vec::new();
+        for (order_id, reservation) in &sale.reservations {
+            match (reservation.state, reservation.released_because) {
+                (ReservationState::Pending, _) => pending.push(*order_id),
+                (ReservationState::Released, Some(ReleaseReason::Expired)) => {
+                    expired.push((*order_id, reservation.account_id))
+                }
+                _ => {}
+            }
+        }
+        pending.sort();
+        expired.sort();
+        self.to_settle
+            .retain(|(order_id, _)| pending.contains(order_id));
+        for order_id in pending {
+            if !self.to_debit.contains(&order_id) && !self.is_settling(order_id) {
+                self.to_debit.push(order_id);
+            }
+        }
+        self.queue_stray_refunds(expired).await;
+        self.answer_waiters();
+        true
+    }
+
+    async fn queue_stray_refunds(&mut self, expired: Vec<(OrderId, AccountId)>) {
+        for (order_id, account_id) in expired {
+            match self.accounts.state(account_id).await {
+                Ok((state, _)) => {
+                    let paid = state
+                        .account
+                        .as_ref()
+                        .and_then(|account| account.purchases.get(&order_id))
+                        .is_some_and(|purchase| !purchase.refunded);
+                    if paid && !self.to_refund.contains(&order_id) {
+                        self.to_refund.push(order_id);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%order_id, %error, "could not check an expired order's payment")
+                }
+            }
+        }
+    }
+
+    /// Queues pending reservations past their expiry for resolution: the debit
+    /// step confirms those already paid and refuses payment for the others,
+    /// which are then released as expired.
+    fn sweep_expired(&mut self) {
+        let now = self.clock.now();
+        let Some(sale) = self.sale() else { return };
+        let mut expired: Vec<OrderId> = sale
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.state == ReservationState::Pending && r.expires_at <= now)
+            .map(|(order_id, _)| *order_id)
+            .collect();
+        expired.sort();
+        for order_id in expired {
+            if !self.to_debit.contains(&order_id) && !self.is_settling(order_id) {
+                self.to_debit.push(order_id);
+            }
+        }
+    }
+
+    /// Runs an administrative product command (list, open, close, release).
+    async fn execute(
+        &mut self,
+        command: ProductCommand,
+        context: RequestContext,
+    ) -> Result<Option<Appended>, CommandError> {
+        for _round in 0..PRODUCT_ROUNDS_MAX {
+            if self.stale && !self.reload().await {
+                return Err(CommandError::Unavailable);
+            }
+            let events = ProductSale::decide(&self.product.state, &command, self.clock.now())?;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            let encoded = encode_all(&events, &context.metadata(None, None));
+            match self
+                .store
+                .append(&self.stream, expected_after(self.product.version), encoded)
+                .await
+            {
+                Ok(appended) => {
+                    self.evolve_all(&events);
+                    self.product.version = appended.last_version;
+                    self.answer_waiters();
+                    return Ok(Some(appended));
+                }
+                Err(StoreError::Conflict(_)) => self.stale = true,
+                Err(error) => {
+                    self.stale = true;
+                    return Err(error.into());
+                }
+            }
+        }
+        Err(CommandError::Contention(self.stream.clone()))
+    }
+}
+
+fn fail_all(messages: Vec<WriterMessage>, why: &str) {
+    for message in messages {
+        match message {
+            WriterMessage::Purchase(_, reply) => {
+                let _ = reply.send(Err(PurchaseError::Unavailable(why.to_owned())));
+            }
+            WriterMessage::Command(_, _, reply) => {
+                let _ = reply.send(Err(CommandError::Unavailable));
+            }
+            WriterMessage::Snapshot(reply) => {
+                let _ = reply.send(None);
+            }
+        }
+    }
+}
+
+fn released_error(reason: ReleaseReason) -> PurchaseError {
+    match reason {
+        ReleaseReason::InsufficientFunds => PurchaseError::InsufficientFunds,
+        ReleaseReason::Expired => PurchaseError::Expired,
+        ReleaseReason::PaymentFailed | ReleaseReason::Cancelled => PurchaseError::PaymentFailed,
+    }
+}
+
+fn refused_error(reason: RefusalReason, sale: &Sale) -> PurchaseError {
+    match reason {
+        RefusalReason::SaleNotOpen => PurchaseError::SaleNotOpen,
+        RefusalReason::SoldOut => PurchaseError::SoldOut,
+        RefusalReason::InsufficientQuota => PurchaseError::InsufficientQuota,
+        RefusalReason::AmountOutOfRange => PurchaseError::AmountOutOfRange {
+            min: sale.terms.min_purchase,
+            max: sale.terms.max_purchase,
+        },
+    }
+}

@@ -1,0 +1,206 @@
+//! A process killed between any two steps of a purchase leaves nothing stuck:
+//! each test writes the log as a crash would have left it, starts a fresh
+//! engine, and checks the outcome and the settled invariants.
+
+mod support;
+
+use chrono::Duration;
+use domain::account::AccountEvent;
+use domain::product::{ProductEvent, ReleaseReason, ReservationState};
+use domain::{AccountId, Currency, EventType, OrderId, ProductId};
+use engine::{
+    Engine, EngineSettings, ManualClock, PurchaseError, PurchaseRequest, RequestContext,
+    order_id_for,
+};
+use std::sync::Arc;
+use store::{EventStore, ExpectedVersion, MemoryEventStore, Metadata, codec};
+use support::{amount, audit, start, terms};
+use uuid::Uuid;
+
+const KEY: &str = "crash-1";
+
+struct Crashed {
+    store: Arc<dyn EventStore>,
+    clock: Arc<ManualClock>,
+    product_id: ProductId,
+    account_id: AccountId,
+    order_id: OrderId,
+}
+
+async fn append<E: serde::Serialize + EventType>(
+    store: &dyn EventStore,
+    stream: &str,
+    events: &[E],
+) {
+    let encoded = events
+        .iter()
+        .map(|e| codec::encode(e, Uuid::now_v7(), Metadata::default()))
+        .collect();
+    store
+        .append(stream, ExpectedVersion::Any, encoded)
+        .await
+        .unwrap();
+}
+
+/// A listed, open product and a funded buyer; then the steps a crash left.
+async fn crashed_after(reserved: bool, debited: bool, released: Option<ReleaseReason>) -> Crashed {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+    let product_id = ProductId::parse("crashy").unwrap();
+    let account_id = AccountId(Uuid::from_u128(1));
+    let order_id = order_id_for(account_id, KEY);
+    let expires_at = start() + Duration::seconds(30);
+    let mut product = vec![
+        ProductEvent::ProductListed {
+            product_id: product_id.clone(),
+            terms: terms(1_000, 10, 500),
+        },
+        ProductEvent::SaleOpened {},
+    ];
+    if reserved {
+        product.push(ProductEvent::QuotaReserved {
+            order_id,
+            account_id,
+            amount: amount(100),
+            expires_at,
+        });
+    }
+    if let Some(reason) = released {
+        product.push(ProductEvent::ReservationReleased {
+            order_id,
+            account_id,
+            amount: amount(100),
+            reason,
+        });
+    }
+    append(store.as_ref(), &product_id.stream(), &product).await;
+    let mut account = vec![
+        AccountEvent::AccountOpened {
+            account_id,
+            currency: Currency::CNY,
+        },
+        AccountEvent::FundsDeposited {
+            account_id,
+            amount: amount(1_000),
+            reference: "wire-1".into(),
+        },
+    ];
+    if debited {
+        account.push(AccountEvent::PurchaseDebited {
+            account_id,
+            order_id,
+            product_id: product_id.clone(),
+            amount: amount(100),
+        });
+    }
+    append(store.as_ref(), &account_id.stream(), &account).await;
+    Crashed {
+        store,
+        clock: Arc::new(ManualClock::new(start())),
+        product_id,
+        account_id,
+        order_id,
+    }
+}
+
+impl Crashed {
+    fn engine(&self) -> Engine {
+        Engine::new(
+            self.store.clone(),
+            self.clock.clone(),
+            EngineSettings {
+                sweep_period: std::time::Duration::from_millis(50),
+                ..EngineSettings::default()
+            },
+        )
+    }
+
+    async fn retry(&self, engine: &Engine) -> Result<engine::PurchaseReceipt, PurchaseError> {
+        engine
+            .purchase(PurchaseRequest {
+                product_id: self.product_id.clone(),
+                account_id: self.account_id,
+                amount: amount(100),
+                idempotency_key: KEY.into(),
+                context: RequestContext::user("buyer", "customer", None),
+            })
+            .await
+    }
+
+    /// Lets the restarted writer load the product and run its recovery.
+    async fn restart(&self) -> Engine {
+        let engine = self.engine();
+        engine.sale(&self.product_id).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        engine
+    }
+
+    async fn available(&self) -> i64 {
+        let audit = audit(self.store.as_ref()).await;
+        audit.check_settled();
+        audit.accounts[&self.account_id.stream()]
+            .account
+            .as_ref()
+            .unwrap()
+            .available
+            .minor()
+    }
+}
+
+#[tokio::test]
+async fn crash_after_reserving_resumes_the_purchase() {
+    let crashed = crashed_after(true, false, None).await;
+    let engine = crashed.restart().await;
+    let receipt = crashed.retry(&engine).await.unwrap();
+    assert_eq!(receipt.order_id, crashed.order_id);
+    assert_eq!(crashed.available().await, 900, "debited exactly once");
+}
+
+#[tokio::test]
+async fn crash_after_reserving_past_expiry_releases_without_taking_money() {
+    let crashed = crashed_after(true, false, None).await;
+    crashed.clock.advance(Duration::seconds(31));
+    let engine = crashed.restart().await;
+    assert_eq!(crashed.retry(&engine).await, Err(PurchaseError::Expired));
+    assert_eq!(crashed.available().await, 1_000, "no money taken");
+    let audit = audit(crashed.store.as_ref()).await;
+    assert_eq!(
+        audit.reservation(&crashed.order_id),
+        Some(ReservationState::Released)
+    );
+    assert_eq!(
+        audit.sale(&crashed.product_id).available().minor(),
+        1_000,
+        "the quota came back"
+    );
+}
+
+#[tokio::test]
+async fn crash_after_debiting_confirms_without_debiting_again() {
+    let crashed = crashed_after(true, true, None).await;
+    // Even past expiry: the money was taken in time, so the order is confirmed.
+    crashed.clock.advance(Duration::seconds(31));
+    let engine = crashed.restart().await;
+    assert!(crashed.retry(&engine).await.is_ok());
+    assert_eq!(crashed.available().await, 900);
+    assert_eq!(
+        audit(crashed.store.as_ref())
+            .await
+            .reservation(&crashed.order_id),
+        Some(ReservationState::Confirmed)
+    );
+}
+
+#[tokio::test]
+async fn money_taken_for_a_released_reservation_is_refunded() {
+    // Another process released the expired reservation while this one's late
+    // debit committed, then this one died before noticing.
+    let crashed = crashed_after(true, true, Some(ReleaseReason::Expired)).await;
+    let engine = crashed.restart().await;
+    assert_eq!(crashed.retry(&engine).await, Err(PurchaseError::Expired));
+    assert_eq!(crashed.available().await, 1_000, "the payment came back");
+    assert_eq!(engine.stats().refunds, 1);
+    // A second restart refunds nothing more.
+    let again = crashed.restart().await;
+    assert_eq!(crashed.available().await, 1_000);
+    assert_eq!(again.stats().refunds, 0);
+}
