@@ -58,6 +58,8 @@ impl StoreArgs {
 pub enum BenchCommand {
     /// Raw append throughput: one stream in batches, and many writers on distinct streams.
     Append(bench::append::AppendOptions),
+    /// One hot product, many concurrent buyers: the engine against naive optimistic retries.
+    Purchases(bench::purchases::PurchaseOptions),
 }
 
 /// Runs a parsed command line.
@@ -65,6 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => migrate(&args).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
+        Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
     }
 }
 

@@ -109,3 +109,37 @@ fn bad_arguments_are_refused_with_a_clear_message() {
         .unwrap();
     assert!(!output.status.success());
 }
+
+#[test]
+fn purchase_benchmark_sells_out_and_verifies_its_invariants_in_both_modes() {
+    let printed = run(ledger().args([
+        "bench",
+        "purchases",
+        "--backend",
+        "sqlite",
+        "--buyers",
+        "40",
+        "--quota",
+        "4000",
+        "--amount",
+        "100",
+        "--seconds",
+        "20",
+        "--rejections-per-buyer",
+        "3",
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON object");
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "engine and naive");
+    let engine = &modes[0];
+    assert_eq!(engine["mode"], "engine");
+    assert_eq!(engine["sold_out"], true, "{report}");
+    assert_eq!(engine["confirmed_purchases"], 40);
+    assert_eq!(engine["rejections_after_sell_out"], 40 * 3);
+    for mode in modes {
+        assert_eq!(mode["checks"]["ok"], true, "{mode}");
+        assert_eq!(mode["checks"]["confirmed_in_log"], mode["confirmed_amount"]);
+    }
+    assert!(report["engine_over_naive"].as_f64().unwrap() > 0.0);
+}

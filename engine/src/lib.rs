@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod aggregate;
+pub mod audit;
 pub mod clock;
 pub mod context;
 pub mod engine;

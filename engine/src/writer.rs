@@ -209,15 +209,29 @@ impl ProductWriter {
                 }
             }
         }
+        let (purchase_count, settle_count) = (purchases.len(), self.to_settle.len());
+        let started = std::time::Instant::now();
         if !purchases.is_empty() || !self.to_settle.is_empty() {
             self.append_batch(purchases).await;
         }
+        let appended = started.elapsed();
+        let debit_count = self.to_debit.len();
         if !self.to_debit.is_empty() {
             self.debit().await;
         }
+        let debited = started.elapsed();
         if !self.to_refund.is_empty() {
             self.refund().await;
         }
+        tracing::debug!(
+            product = %self.product_id,
+            purchases = purchase_count,
+            settlements = settle_count,
+            debits = debit_count,
+            product_append_ms = appended.as_secs_f64() * 1e3,
+            debit_ms = (debited - appended).as_secs_f64() * 1e3,
+            "writer turn"
+        );
     }
 
     fn snapshot(&self) -> Option<SaleSnapshot> {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use store::testing::{TestPostgres, TestSqlite};
 use store::{EventStore, MemoryEventStore, PostgresEventStore, SqliteEventStore};
-use support::{amount, audit, funded_account, open_product, terms};
+use support::{Checks, amount, audit, funded_account, open_product, terms};
 use uuid::Uuid;
 
 const BUYERS: u128 = 1_200;
@@ -91,7 +91,7 @@ async fn check(
 ) {
     let audit = audit(store).await;
     audit.check_settled();
-    let sale = audit.sale(product_id);
+    let sale = audit.listed(product_id);
     let mut sold = 0;
     for ((account_id, key), outcome) in outcomes {
         let order_id = engine::order_id_for(*account_id, key);

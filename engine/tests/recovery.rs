@@ -14,7 +14,7 @@ use engine::{
 };
 use std::sync::Arc;
 use store::{EventStore, ExpectedVersion, MemoryEventStore, Metadata, codec};
-use support::{amount, audit, start, terms};
+use support::{Checks, amount, audit, start, terms};
 use uuid::Uuid;
 
 const KEY: &str = "crash-1";
@@ -168,7 +168,7 @@ async fn crash_after_reserving_past_expiry_releases_without_taking_money() {
         Some(ReservationState::Released)
     );
     assert_eq!(
-        audit.sale(&crashed.product_id).available().minor(),
+        audit.listed(&crashed.product_id).available().minor(),
         1_000,
         "the quota came back"
     );

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use store::{AppendHook, MemoryEventStore, StoreError};
-use support::{amount, audit, funded_account, open_product, start, terms};
+use support::{Checks, amount, audit, funded_account, open_product, start, terms};
 use uuid::Uuid;
 
 const BUYERS: u128 = 4;

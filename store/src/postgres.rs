@@ -102,7 +102,11 @@ impl PostgresEventStore {
     ) -> Result<HashMap<String, i64>, StoreError> {
         let streams: Vec<&str> = appends.iter().map(|a| a.stream_id.as_str()).collect();
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT stream_id, MAX(version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
+            // One backward index probe per stream; GROUP BY would scan every
+            // version of a hot stream.
+            "SELECT s, v FROM UNNEST($1::text[]) AS s, \
+             LATERAL (SELECT MAX(version) AS v FROM events WHERE stream_id = s) AS m \
+             WHERE v IS NOT NULL",
         )
         .bind(&streams)
         .fetch_all(tx)

@@ -90,8 +90,11 @@ impl SqliteEventStore {
     ) -> Result<HashMap<String, i64>, StoreError> {
         let streams: Vec<&str> = appends.iter().map(|a| a.stream_id.as_str()).collect();
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT stream_id, MAX(version) FROM events \
-             WHERE stream_id IN (SELECT value FROM json_each(?1)) GROUP BY stream_id",
+            // One index probe per stream: MAX with an equality is answered from
+            // the end of the (stream_id, version) index; GROUP BY would scan
+            // every version of a hot stream.
+            "SELECT value, (SELECT MAX(version) FROM events WHERE stream_id = value) \
+             FROM json_each(?1) WHERE (SELECT MAX(version) FROM events WHERE stream_id = value) IS NOT NULL",
         )
         .bind(serde_json::to_string(&streams).expect("BUG: strings serialize"))
         .fetch_all(tx)
@@ -135,42 +138,65 @@ impl SqliteEventStore {
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
         let recorded_at = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
         let mut rows = Vec::new();
+        let mut order = Vec::new();
         for (append, plan) in appends.iter().zip(planned) {
             let Planned::Insert { first_version } = plan else {
                 continue;
             };
             for (offset, event) in append.events.iter().enumerate() {
-                rows.push(serde_json::json!({
-                    "s": append.stream_id,
-                    "v": first_version + offset as i64,
-                    "i": event.event_id.to_string(),
-                    "t": event.event_type,
-                    "n": event.schema_version,
-                    "d": event.data.to_string(),
-                    "m": metadata_text(&event.metadata),
-                    "r": recorded_at,
-                }));
+                order.push(event.event_id);
+                rows.push(BatchRow {
+                    s: &append.stream_id,
+                    v: first_version + offset as i64,
+                    i: event.event_id,
+                    t: &event.event_type,
+                    n: event.schema_version,
+                    d: event.data.to_string(),
+                    m: metadata_text(&event.metadata),
+                    r: &recorded_at,
+                });
             }
         }
         if rows.is_empty() {
             return Ok(HashMap::new());
         }
-        let inserted: Vec<(i64, String)> = sqlx::query_as(
+        // One statement for the whole batch. `jsonb_each` parses the batch
+        // once; each row's fields are then read from the binary form.
+        let inserted = sqlx::query(
             "INSERT INTO events \
              (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at) \
              SELECT value ->> 's', value ->> 'v', value ->> 'i', value ->> 't', value ->> 'n', \
                     value ->> 'd', value ->> 'm', value ->> 'r' \
-             FROM json_each(?1) ORDER BY key \
-             RETURNING position, event_id",
+             FROM jsonb_each(?1) ORDER BY key",
         )
-        .bind(serde_json::Value::Array(rows).to_string())
-        .fetch_all(tx)
+        .bind(serde_json::to_string(&rows).expect("BUG: rows serialize"))
+        .execute(tx)
         .await?;
-        inserted
-            .into_iter()
-            .map(|(position, id)| Ok((parse_uuid(&id, position)?, position)))
-            .collect()
+        // The write lock is held and one statement inserted the rows in
+        // order, so their positions are the contiguous run ending at the last
+        // rowid (AUTOINCREMENT never reuses or skips within a statement).
+        let count = i64::try_from(order.len()).expect("BUG: batch size fits i64");
+        assert_eq!(
+            inserted.rows_affected(),
+            order.len() as u64,
+            "BUG: not every row was inserted"
+        );
+        let first = inserted.last_insert_rowid() - count + 1;
+        Ok(order.into_iter().zip(first..).collect())
     }
+}
+
+/// One event as the SQLite batch insert reads it.
+#[derive(serde::Serialize)]
+struct BatchRow<'a> {
+    s: &'a str,
+    v: i64,
+    i: Uuid,
+    t: &'a str,
+    n: i32,
+    d: String,
+    m: String,
+    r: &'a str,
 }
 
 fn parse_uuid(text: &str, position: i64) -> Result<Uuid, StoreError> {
