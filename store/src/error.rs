@@ -36,6 +36,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when a unique constraint refused a row (an event id stored before).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(db)) if db.is_unique_violation())
+    }
+
     /// True for errors worth retrying after a pause (the database is down or busy).
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))

@@ -37,6 +37,31 @@ pub enum Planned {
     Done(StreamOutcome),
 }
 
+/// How an append looks for event ids stored before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdLookup {
+    /// Skip the lookup and let the unique constraint on event ids catch a
+    /// re-append (then retry with `Full`). Used unless a version mismatch
+    /// could be a re-append answered with its first result.
+    Optimistic,
+    /// Look every event id up before deciding.
+    Full,
+}
+
+/// Decides with versions alone when that is safe: `None` means some stream
+/// mismatched its expected version, so stored ids must be looked up (it may be
+/// a re-append that should be answered with its first result).
+pub fn plan_optimistic(
+    appends: &[StreamAppend],
+    versions: &HashMap<String, i64>,
+) -> Option<Vec<Planned>> {
+    let planned = plan(appends, versions, &HashMap::new()).expect("BUG: no stored ids, no reuse");
+    let conflicted = planned
+        .iter()
+        .any(|p| matches!(p, Planned::Done(StreamOutcome::Conflict(_))));
+    (!conflicted).then_some(planned)
+}
+
 /// Checks the batch is well-formed; returns all its event ids.
 pub fn validate(appends: &[StreamAppend]) -> Result<Vec<Uuid>, StoreError> {
     let invalid = |why: String| Err(StoreError::InvalidAppend(why));

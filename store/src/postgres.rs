@@ -10,7 +10,7 @@
 
 use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
-use crate::plan::{self, Planned, StoredId, outcomes};
+use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
 use crate::rows::{RawEvent, metadata_text};
 use async_trait::async_trait;
@@ -238,6 +238,49 @@ async fn listen_once(
     }
 }
 
+impl PostgresEventStore {
+    /// One attempt at a batched append in one transaction holding the append lock.
+    async fn append_once(
+        &self,
+        appends: &[StreamAppend],
+        ids: &[Uuid],
+        lookup: IdLookup,
+    ) -> Result<Vec<StreamOutcome>, StoreError> {
+        let recorded_at = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let versions = Self::current_versions(&mut tx, appends).await?;
+        let optimistic = match lookup {
+            IdLookup::Optimistic => plan::plan_optimistic(appends, &versions),
+            IdLookup::Full => None,
+        };
+        let planned = match optimistic {
+            Some(planned) => planned,
+            None => {
+                let stored = Self::stored_ids(&mut tx, ids).await?;
+                plan::plan(appends, &versions, &stored)?
+            }
+        };
+        let positions = Self::insert(&mut tx, appends, &planned, recorded_at).await?;
+        if let Some(last) = positions.values().max() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMIT_CHANNEL)
+                .bind(last.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        run_hook(self.hook.as_ref(), appends).await?;
+        tx.commit().await?;
+        if let Some(last) = positions.values().max() {
+            self.commits.send_modify(|head| *head = (*head).max(*last));
+        }
+        Ok(outcomes(appends, planned, &positions))
+    }
+}
+
 fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
     RawEvent {
         position: row.try_get("position")?,
@@ -264,29 +307,12 @@ impl EventStore for PostgresEventStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
         let ids = plan::validate(&appends)?;
-        let recorded_at = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(APPEND_LOCK_KEY)
-            .execute(&mut *tx)
-            .await?;
-        let versions = Self::current_versions(&mut tx, &appends).await?;
-        let stored = Self::stored_ids(&mut tx, &ids).await?;
-        let planned = plan::plan(&appends, &versions, &stored)?;
-        let positions = Self::insert(&mut tx, &appends, &planned, recorded_at).await?;
-        if let Some(last) = positions.values().max() {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(COMMIT_CHANNEL)
-                .bind(last.to_string())
-                .execute(&mut *tx)
-                .await?;
+        match self.append_once(&appends, &ids, IdLookup::Optimistic).await {
+            Err(error) if error.is_unique_violation() => {
+                self.append_once(&appends, &ids, IdLookup::Full).await
+            }
+            other => other,
         }
-        run_hook(self.hook.as_ref(), &appends).await?;
-        tx.commit().await?;
-        if let Some(last) = positions.values().max() {
-            self.commits.send_modify(|head| *head = (*head).max(*last));
-        }
-        Ok(outcomes(&appends, planned, &positions))
     }
 
     async fn read_stream(

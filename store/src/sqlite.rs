@@ -6,7 +6,7 @@
 
 use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
-use crate::plan::{self, Planned, StoredId, outcomes};
+use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
 use crate::rows::{RawEvent, metadata_text};
 use async_trait::async_trait;
@@ -89,17 +89,20 @@ impl SqliteEventStore {
         appends: &[StreamAppend],
     ) -> Result<HashMap<String, i64>, StoreError> {
         let streams: Vec<&str> = appends.iter().map(|a| a.stream_id.as_str()).collect();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
             // One index probe per stream: MAX with an equality is answered from
             // the end of the (stream_id, version) index; GROUP BY would scan
             // every version of a hot stream.
             "SELECT value, (SELECT MAX(version) FROM events WHERE stream_id = value) \
-             FROM json_each(?1) WHERE (SELECT MAX(version) FROM events WHERE stream_id = value) IS NOT NULL",
+             FROM json_each(?1)",
         )
         .bind(serde_json::to_string(&streams).expect("BUG: strings serialize"))
         .fetch_all(tx)
         .await?;
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .filter_map(|(stream, version)| Some((stream, version?)))
+            .collect())
     }
 
     async fn stored_ids(
@@ -199,6 +202,51 @@ struct BatchRow<'a> {
     r: &'a str,
 }
 
+impl SqliteEventStore {
+    /// One attempt at a batched append in one write transaction.
+    async fn append_once(
+        &self,
+        appends: &[StreamAppend],
+        ids: &[Uuid],
+        lookup: IdLookup,
+    ) -> Result<Vec<StreamOutcome>, StoreError> {
+        let started = std::time::Instant::now();
+        let recorded_at = Utc::now();
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        let began = started.elapsed();
+        let versions = Self::current_versions(&mut tx, appends).await?;
+        let optimistic = match lookup {
+            IdLookup::Optimistic => plan::plan_optimistic(appends, &versions),
+            IdLookup::Full => None,
+        };
+        let planned = match optimistic {
+            Some(planned) => planned,
+            None => {
+                let stored = Self::stored_ids(&mut tx, ids).await?;
+                plan::plan(appends, &versions, &stored)?
+            }
+        };
+        let checked = started.elapsed();
+        let positions = Self::insert(&mut tx, appends, &planned, recorded_at).await?;
+        let inserted = started.elapsed();
+        run_hook(self.hook.as_ref(), appends).await?;
+        tx.commit().await?;
+        tracing::trace!(
+            streams = appends.len(),
+            events = ids.len(),
+            begin_ms = began.as_secs_f64() * 1e3,
+            check_ms = (checked - began).as_secs_f64() * 1e3,
+            insert_ms = (inserted - checked).as_secs_f64() * 1e3,
+            commit_ms = (started.elapsed() - inserted).as_secs_f64() * 1e3,
+            "sqlite append"
+        );
+        if let Some(last) = positions.values().max() {
+            self.commits.send_modify(|head| *head = (*head).max(*last));
+        }
+        Ok(outcomes(appends, planned, &positions))
+    }
+}
+
 fn parse_uuid(text: &str, position: i64) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text).map_err(|e| StoreError::Corrupt {
         position,
@@ -240,18 +288,12 @@ impl EventStore for SqliteEventStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
         let ids = plan::validate(&appends)?;
-        let recorded_at = Utc::now();
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let versions = Self::current_versions(&mut tx, &appends).await?;
-        let stored = Self::stored_ids(&mut tx, &ids).await?;
-        let planned = plan::plan(&appends, &versions, &stored)?;
-        let positions = Self::insert(&mut tx, &appends, &planned, recorded_at).await?;
-        run_hook(self.hook.as_ref(), &appends).await?;
-        tx.commit().await?;
-        if let Some(last) = positions.values().max() {
-            self.commits.send_modify(|head| *head = (*head).max(*last));
+        match self.append_once(&appends, &ids, IdLookup::Optimistic).await {
+            Err(error) if error.is_unique_violation() => {
+                self.append_once(&appends, &ids, IdLookup::Full).await
+            }
+            other => other,
         }
-        Ok(outcomes(&appends, planned, &positions))
     }
 
     async fn read_stream(

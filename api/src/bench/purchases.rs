@@ -319,6 +319,7 @@ async fn run_mode(
     );
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let sold_out = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicBool::new(false));
     let sale_ended_at = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(usize::try_from(options.buyers)?));
     let started = Instant::now();
@@ -333,37 +334,31 @@ async fn run_mode(
                 barrier.clone(),
             );
             let (amount, rejections) = (Amount::new(options.amount), options.rejections_per_buyer);
+            let failed = failed.clone();
             tokio::spawn(async move {
                 let amount = amount?;
                 let mut buyer_run = BuyerRun::new(mode, engine, store, buyer(index), amount);
                 let mut result = BuyerResult::new();
-                let mut attempt = 0u64;
-                while Instant::now() < deadline && !sold_out.load(Ordering::Relaxed) {
-                    let call = Instant::now();
-                    match buyer_run
-                        .purchase(&format!("sale-{attempt}"), deadline, &mut result)
-                        .await?
-                    {
-                        Attempt::Confirmed => {
-                            record(&mut result.purchase_latency, call.elapsed());
-                            result.confirmed += 1;
-                            bar.inc(1);
-                        }
-                        Attempt::SoldOut => sold_out.store(true, Ordering::Relaxed),
-                        Attempt::Retry => {
-                            result.overloaded += 1;
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        Attempt::Refused => result.other_refusals += 1,
-                    }
-                    attempt += 1;
+                // Every buyer reaches the barrier, even after an error, so
+                // one failure cannot leave the others waiting forever.
+                let sale = sell(
+                    &mut buyer_run,
+                    &mut result,
+                    deadline,
+                    &sold_out,
+                    &failed,
+                    &bar,
+                )
+                .await;
+                if sale.is_err() {
+                    failed.store(true, Ordering::Relaxed);
                 }
                 ended.fetch_max(
                     u64::try_from(started.elapsed().as_micros())?,
                     Ordering::Relaxed,
                 );
                 barrier.wait().await;
+                sale?;
                 for extra in 0..rejections {
                     if !sold_out.load(Ordering::Relaxed) {
                         break;
@@ -445,6 +440,44 @@ async fn check(store: &dyn EventStore, sold: i64) -> anyhow::Result<Checks> {
         ok: quota_conserved && confirmed_matches_successes && violations.is_empty(),
         violations: violations.into_iter().take(20).collect(),
     })
+}
+
+/// A buyer's sale phase: purchases until sold out, the deadline, or another
+/// buyer's failure.
+async fn sell(
+    buyer_run: &mut BuyerRun,
+    result: &mut BuyerResult,
+    deadline: Instant,
+    sold_out: &AtomicBool,
+    failed: &AtomicBool,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let mut attempt = 0u64;
+    while Instant::now() < deadline
+        && !sold_out.load(Ordering::Relaxed)
+        && !failed.load(Ordering::Relaxed)
+    {
+        let call = Instant::now();
+        match buyer_run
+            .purchase(&format!("sale-{attempt}"), deadline, result)
+            .await?
+        {
+            Attempt::Confirmed => {
+                record(&mut result.purchase_latency, call.elapsed());
+                result.confirmed += 1;
+                bar.inc(1);
+            }
+            Attempt::SoldOut => sold_out.store(true, Ordering::Relaxed),
+            Attempt::Retry => {
+                result.overloaded += 1;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Attempt::Refused => result.other_refusals += 1,
+        }
+        attempt += 1;
+    }
+    Ok(())
 }
 
 /// One buyer's way of purchasing in either mode.
@@ -551,13 +584,15 @@ impl BuyerRun {
             correlation_id: Some(order_id.0),
             ..Metadata::default()
         };
-        self.store
-            .append(
-                &stream,
-                expected_after(self.account.version),
-                encode_all(&debited, &metadata),
-            )
-            .await?;
+        let encoded = encode_all(&debited, &metadata);
+        for _ in 0..NAIVE_RETRIES_MAX {
+            let expected = expected_after(self.account.version);
+            match self.store.append(&stream, expected, encoded.clone()).await {
+                Ok(_) => break,
+                Err(error) if error.is_transient() => tokio::task::yield_now().await,
+                Err(error) => return Err(error.into()),
+            }
+        }
         let far = Instant::now() + Duration::from_secs(3600);
         self.naive_product_step(&ProductCommand::Confirm { order_id }, far, result)
             .await?
@@ -595,6 +630,8 @@ impl BuyerRun {
                     result.conflicts += 1;
                     tokio::task::yield_now().await;
                 }
+                // A busy pool or database: retry, as a client library would.
+                Err(error) if error.is_transient() => tokio::task::yield_now().await,
                 Err(error) => return Err(error.into()),
             }
         }
