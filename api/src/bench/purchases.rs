@@ -9,8 +9,12 @@
 
 use super::{BenchBackend, BenchDatabase, Latency, histogram, progress, record};
 use chrono::{Duration as Span, Utc};
-use domain::account::{AccountCommand, AccountEvent, AccountState, CustomerAccount};
-use domain::product::{ProductCommand, ProductEvent, ProductSale, ProductState, ProductTerms};
+use domain::account::{
+    AccountCommand, AccountEvent, AccountRejection, AccountState, CustomerAccount,
+};
+use domain::product::{
+    ProductCommand, ProductEvent, ProductSale, ProductState, ProductTerms, ReleaseReason,
+};
 use domain::{AccountId, Amount, Currency, Decider, ProductId};
 use engine::aggregate::{Loaded, encode_all, expected_after};
 use engine::{
@@ -578,8 +582,22 @@ impl BuyerRun {
             amount: self.amount,
             reservation_expires_at: now + Span::seconds(30),
         };
-        let debited = CustomerAccount::decide(&self.account.state, &debit, Utc::now())
-            .map_err(|r| anyhow::anyhow!("bench buyer could not pay: {r}"))?;
+        let debited = match CustomerAccount::decide(&self.account.state, &debit, Utc::now()) {
+            Ok(events) => events,
+            Err(refusal) => {
+                // Too slow to pay (the reservation expired while retrying):
+                // give the quota back, as a careful client would.
+                let reason = match refusal {
+                    AccountRejection::ReservationExpired(_) => ReleaseReason::Expired,
+                    AccountRejection::InsufficientFunds { .. } => ReleaseReason::InsufficientFunds,
+                    _ => ReleaseReason::PaymentFailed,
+                };
+                let far = Instant::now() + Duration::from_secs(3600);
+                let release = ProductCommand::Release { order_id, reason };
+                self.naive_product_step(&release, far, result).await?;
+                return Ok(Attempt::Refused);
+            }
+        };
         let metadata = Metadata {
             correlation_id: Some(order_id.0),
             ..Metadata::default()
