@@ -61,9 +61,14 @@ pub struct PurchaseRequest {
 }
 
 /// The order id a purchase with this key gets: the same on every retry,
-/// across restarts and processes.
-pub fn order_id_for(account_id: AccountId, idempotency_key: &str) -> OrderId {
-    let name = format!("{account_id}/{idempotency_key}");
+/// across restarts and processes; the same key on another product is
+/// another order.
+pub fn order_id_for(
+    product_id: &ProductId,
+    account_id: AccountId,
+    idempotency_key: &str,
+) -> OrderId {
+    let name = format!("{product_id}/{account_id}/{idempotency_key}");
     OrderId(Uuid::new_v5(&ORDER_NAMESPACE, name.as_bytes()))
 }
 
@@ -179,7 +184,11 @@ impl Engine {
             return Err(PurchaseError::Invalid("amount must be positive".into()));
         }
         let order = PurchaseOrder {
-            order_id: order_id_for(request.account_id, &request.idempotency_key),
+            order_id: order_id_for(
+                &request.product_id,
+                request.account_id,
+                &request.idempotency_key,
+            ),
             account_id: request.account_id,
             amount: request.amount,
             context: request.context,
@@ -209,6 +218,19 @@ impl Engine {
         command: ProductCommand,
         context: RequestContext,
     ) -> Result<Option<Appended>, CommandError> {
+        // Reservations are made and settled only by the purchase workflow,
+        // which also takes the money; an operator may only cancel one.
+        if !matches!(
+            command,
+            ProductCommand::List { .. }
+                | ProductCommand::Open
+                | ProductCommand::Close
+                | ProductCommand::Release { .. }
+        ) {
+            return Err(CommandError::NotAllowed(
+                "reservations are made and settled by purchases",
+            ));
+        }
         let (reply, answer) = oneshot::channel();
         self.writer(product_id)
             .send(WriterMessage::Command(command, context, reply))

@@ -67,6 +67,9 @@ pub enum CommandError {
     /// The engine is shutting down.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// The command is not for callers of this entry point.
+    #[error("not allowed: {0}")]
+    NotAllowed(&'static str),
     /// The event store cannot be reached; try again.
     #[error("the event store is unavailable")]
     Unavailable,

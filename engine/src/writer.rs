@@ -111,6 +111,8 @@ pub(crate) struct ProductWriter {
     product: Loaded<ProductState>,
     /// The in-memory state may not match the store (a failed append): reload first.
     stale: bool,
+    /// Whether released orders were checked for payments still held (once per writer).
+    scanned_released: bool,
     waiters: HashMap<OrderId, Vec<PurchaseReply>>,
     contexts: HashMap<OrderId, RequestContext>,
     to_debit: Vec<OrderId>,
@@ -137,6 +139,7 @@ impl ProductWriter {
             stats,
             product: Loaded::default(),
             stale: true,
+            scanned_released: false,
             waiters: HashMap::new(),
             contexts: HashMap::new(),
             to_debit: Vec::new(),
@@ -202,6 +205,11 @@ impl ProductWriter {
                     None => purchases.push((order, reply)),
                 },
                 WriterMessage::Command(command, context, reply) => {
+                    // Order of arrival is order of decision: purchases queued
+                    // before this command (a close, say) are decided first.
+                    if !purchases.is_empty() {
+                        self.append_batch(std::mem::take(&mut purchases)).await;
+                    }
                     let _ = reply.send(self.execute(command, context).await);
                 }
                 WriterMessage::Snapshot(reply) => {
@@ -361,7 +369,10 @@ impl ProductWriter {
                 }
             }
             for ((order, reply), new) in purchases.drain(..).zip(decided) {
-                if new {
+                let reserved = self
+                    .sale()
+                    .is_some_and(|sale| sale.reservations.contains_key(&order.order_id));
+                if new && reserved {
                     self.contexts.insert(order.order_id, order.context.clone());
                 }
                 self.answer_or_wait(order, reply);
@@ -438,7 +449,7 @@ impl ProductWriter {
             Err(ProductRejection::NotPending(ReservationState::Released))
                 if matches!(settlement, Settlement::Confirm) =>
             {
-                self.to_refund.push(order_id);
+                self.queue_refund(order_id);
                 Vec::new()
             }
             // Already settled (by us in a lost answer, or by another writer).
@@ -570,6 +581,7 @@ impl ProductWriter {
                 Some((order_id, job))
             })
             .unzip();
+        let mut unavailable = false;
         let outcomes = self.accounts.execute_batch(jobs, self.clock.now()).await;
         for (order_id, (outcome, _)) in order_ids.into_iter().zip(outcomes) {
             match outcome {
@@ -583,15 +595,24 @@ impl ProductWriter {
                 JobOutcome::Rejected(rejection) => {
                     tracing::error!(%order_id, %rejection, "refund refused")
                 }
-                JobOutcome::Unavailable(_) => self.to_refund.push(order_id),
+                JobOutcome::Unavailable(_) => {
+                    unavailable = true;
+                    self.to_refund.push(order_id);
+                }
             }
+        }
+        if unavailable {
+            tokio::time::sleep(STORE_RETRY_PAUSE).await;
         }
     }
 
     /// Reloads the product from the store and queues recovery work: pending
     /// reservations resume at the debit step (which is idempotent and refuses
-    /// expired ones), and payments taken for reservations that expired are
-    /// refunded. Returns false if the store could not be read.
+    /// expired ones); a confirmation this writer queued (so it took the money)
+    /// for an order that another writer released meanwhile becomes a refund;
+    /// and on the first load, every released order of this product is checked
+    /// for money still taken (a crash between a release and its refund).
+    /// Returns false if the store could not be read; the reload is then retried.
     async fn reload(&mut self) -> bool {
         let mut fresh = Loaded::default();
         if let Err(error) = fresh
@@ -602,51 +623,79 @@ impl ProductWriter {
             return false;
         }
         self.product = fresh;
-        self.stale = false;
-        let Some(sale) = self.sale() else { return true };
+        let Some(sale) = self.product.state.sale.as_ref() else {
+            self.stale = false;
+            return true;
+        };
         let mut pending: Vec<OrderId> = Vec::new();
-        let mut expired: Vec<(OrderId, AccountId)> = Vec::new();
+        let mut released: Vec<(OrderId, AccountId)> = Vec::new();
         for (order_id, reservation) in &sale.reservations {
-            match (reservation.state, reservation.released_because) {
-                (ReservationState::Pending, _) => pending.push(*order_id),
-                (ReservationState::Released, Some(ReleaseReason::Expired)) => {
-                    expired.push((*order_id, reservation.account_id))
-                }
-                _ => {}
+            match reservation.state {
+                ReservationState::Pending => pending.push(*order_id),
+                ReservationState::Released => released.push((*order_id, reservation.account_id)),
+                ReservationState::Confirmed => {}
             }
         }
         pending.sort();
-        expired.sort();
+        released.sort();
+        let paid_then_released: Vec<OrderId> = self
+            .to_settle
+            .iter()
+            .filter(|(order_id, settlement)| {
+                matches!(settlement, Settlement::Confirm)
+                    && sale.reservations.get(order_id).map(|r| r.state)
+                        == Some(ReservationState::Released)
+            })
+            .map(|(order_id, _)| *order_id)
+            .collect();
         self.to_settle
-            .retain(|(order_id, _)| pending.contains(order_id));
+            .retain(|(order_id, _)| pending.binary_search(order_id).is_ok());
+        for order_id in paid_then_released {
+            self.queue_refund(order_id);
+        }
         for order_id in pending {
             if !self.to_debit.contains(&order_id) && !self.is_settling(order_id) {
                 self.to_debit.push(order_id);
             }
         }
-        self.queue_stray_refunds(expired).await;
+        if !self.scanned_released {
+            if let Err(error) = self.queue_stray_refunds(released).await {
+                tracing::warn!(product = %self.product_id, %error, "could not check released orders for payments");
+                return false;
+            }
+            self.scanned_released = true;
+        }
+        self.stale = false;
         self.answer_waiters();
         true
     }
 
-    async fn queue_stray_refunds(&mut self, expired: Vec<(OrderId, AccountId)>) {
-        for (order_id, account_id) in expired {
-            match self.accounts.state(account_id).await {
-                Ok((state, _)) => {
-                    let paid = state
-                        .account
-                        .as_ref()
-                        .and_then(|account| account.purchases.get(&order_id))
-                        .is_some_and(|purchase| !purchase.refunded);
-                    if paid && !self.to_refund.contains(&order_id) {
-                        self.to_refund.push(order_id);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%order_id, %error, "could not check an expired order's payment")
-                }
+    fn queue_refund(&mut self, order_id: OrderId) {
+        if !self.to_refund.contains(&order_id) {
+            self.to_refund.push(order_id);
+        }
+    }
+
+    /// Queues a refund for every released order of this product whose
+    /// payment is still held.
+    async fn queue_stray_refunds(
+        &mut self,
+        released: Vec<(OrderId, AccountId)>,
+    ) -> Result<(), StoreError> {
+        for (order_id, account_id) in released {
+            let (state, _) = self.accounts.state(account_id).await?;
+            let paid = state
+                .account
+                .as_ref()
+                .and_then(|account| account.purchases.get(&order_id))
+                .is_some_and(|purchase| {
+                    !purchase.refunded && purchase.product_id == self.product_id
+                });
+            if paid {
+                self.queue_refund(order_id);
             }
         }
+        Ok(())
     }
 
     /// Queues pending reservations past their expiry for resolution: the debit
@@ -692,6 +741,11 @@ impl ProductWriter {
                 Ok(appended) => {
                     self.evolve_all(&events);
                     self.product.version = appended.last_version;
+                    if let ProductCommand::Release { order_id, .. } = command {
+                        // A cancelled order may have been paid already; the
+                        // refund is a no-op when it was not.
+                        self.queue_refund(order_id);
+                    }
                     self.answer_waiters();
                     return Ok(Some(appended));
                 }

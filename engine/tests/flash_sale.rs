@@ -94,7 +94,7 @@ async fn check(
     let sale = audit.listed(product_id);
     let mut sold = 0;
     for ((account_id, key), outcome) in outcomes {
-        let order_id = engine::order_id_for(*account_id, key);
+        let order_id = engine::order_id_for(product_id, *account_id, key);
         match outcome {
             Ok(receipt) => {
                 assert_eq!(receipt.order_id, order_id);

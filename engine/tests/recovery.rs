@@ -6,7 +6,7 @@ mod support;
 
 use chrono::Duration;
 use domain::account::AccountEvent;
-use domain::product::{ProductEvent, ReleaseReason, ReservationState};
+use domain::product::{ProductCommand, ProductEvent, ReleaseReason, ReservationState};
 use domain::{AccountId, Currency, EventType, OrderId, ProductId};
 use engine::{
     Engine, EngineSettings, ManualClock, PurchaseError, PurchaseRequest, RequestContext,
@@ -47,7 +47,7 @@ async fn crashed_after(reserved: bool, debited: bool, released: Option<ReleaseRe
     let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
     let product_id = ProductId::parse("crashy").unwrap();
     let account_id = AccountId(Uuid::from_u128(1));
-    let order_id = order_id_for(account_id, KEY);
+    let order_id = order_id_for(&product_id, account_id, KEY);
     let expires_at = start() + Duration::seconds(30);
     let mut product = vec![
         ProductEvent::ProductListed {
@@ -191,16 +191,120 @@ async fn crash_after_debiting_confirms_without_debiting_again() {
 }
 
 #[tokio::test]
-async fn money_taken_for_a_released_reservation_is_refunded() {
-    // Another process released the expired reservation while this one's late
-    // debit committed, then this one died before noticing.
-    let crashed = crashed_after(true, true, Some(ReleaseReason::Expired)).await;
-    let engine = crashed.restart().await;
-    assert_eq!(crashed.retry(&engine).await, Err(PurchaseError::Expired));
-    assert_eq!(crashed.available().await, 1_000, "the payment came back");
-    assert_eq!(engine.stats().refunds, 1);
-    // A second restart refunds nothing more.
-    let again = crashed.restart().await;
-    assert_eq!(crashed.available().await, 1_000);
-    assert_eq!(again.stats().refunds, 0);
+async fn money_taken_for_a_released_reservation_is_refunded_whatever_the_reason() {
+    // Another process released the reservation (it expired, an operator
+    // cancelled it, or a stale refusal) while this one's debit committed,
+    // then this one died before noticing.
+    let cases = [
+        (ReleaseReason::Expired, PurchaseError::Expired),
+        (ReleaseReason::Cancelled, PurchaseError::PaymentFailed),
+        (
+            ReleaseReason::InsufficientFunds,
+            PurchaseError::InsufficientFunds,
+        ),
+        (ReleaseReason::PaymentFailed, PurchaseError::PaymentFailed),
+    ];
+    for (reason, answer) in cases {
+        let crashed = crashed_after(true, true, Some(reason)).await;
+        let engine = crashed.restart().await;
+        assert_eq!(crashed.retry(&engine).await, Err(answer), "{reason:?}");
+        assert_eq!(
+            crashed.available().await,
+            1_000,
+            "{reason:?}: the payment came back"
+        );
+        assert_eq!(engine.stats().refunds, 1, "{reason:?}");
+        // A second restart refunds nothing more.
+        let again = crashed.restart().await;
+        assert_eq!(crashed.available().await, 1_000);
+        assert_eq!(again.stats().refunds, 0);
+    }
+}
+
+#[tokio::test]
+async fn an_operator_cancelling_a_paid_reservation_refunds_it() {
+    let crashed = crashed_after(true, true, None).await;
+    let engine = crashed.engine();
+    let cancel = ProductCommand::Release {
+        order_id: crashed.order_id,
+        reason: ReleaseReason::Cancelled,
+    };
+    // Racing the writer's own recovery: either the cancellation wins and the
+    // money comes back, or the confirmation wins and the cancellation is refused.
+    match engine
+        .product_command(
+            &crashed.product_id,
+            cancel,
+            RequestContext::user("op", "operator", None),
+        )
+        .await
+    {
+        Ok(_) => {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert_eq!(
+                crashed.available().await,
+                1_000,
+                "the cancelled order's payment came back"
+            );
+        }
+        Err(_) => assert_eq!(crashed.available().await, 900, "confirmed and paid once"),
+    }
+}
+
+#[tokio::test]
+async fn only_the_workflow_reserves_or_confirms() {
+    let crashed = crashed_after(true, false, None).await;
+    let engine = crashed.engine();
+    let confirm = ProductCommand::Confirm {
+        order_id: crashed.order_id,
+    };
+    let refused = engine
+        .product_command(
+            &crashed.product_id,
+            confirm,
+            RequestContext::user("op", "operator", None),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(engine::CommandError::NotAllowed(_))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_same_key_on_two_products_is_two_orders() {
+    let crashed = crashed_after(false, false, None).await;
+    let other = ProductId::parse("other").unwrap();
+    let engine = crashed.engine();
+    let list = ProductCommand::List {
+        product_id: other.clone(),
+        terms: terms(1_000, 10, 500),
+    };
+    engine
+        .product_command(&other, list, RequestContext::system())
+        .await
+        .unwrap();
+    engine
+        .product_command(&other, ProductCommand::Open, RequestContext::system())
+        .await
+        .unwrap();
+    let first = crashed.retry(&engine).await.unwrap();
+    let mut request = PurchaseRequest {
+        product_id: other.clone(),
+        account_id: crashed.account_id,
+        amount: amount(100),
+        idempotency_key: KEY.into(),
+        context: RequestContext::user("buyer", "customer", None),
+    };
+    let second = engine.purchase(request.clone()).await.unwrap();
+    assert_ne!(first.order_id, second.order_id);
+    request.product_id = crashed.product_id.clone();
+    assert_eq!(
+        engine.purchase(request).await.unwrap(),
+        first,
+        "a retry still finds its own order"
+    );
+    // Restarting refunds neither.
+    crashed.restart().await;
+    assert_eq!(crashed.available().await, 800);
 }

@@ -40,6 +40,7 @@ struct Coverage {
     crashes: u64,
     clock_jumps: u64,
     retries: u64,
+    cancellations: u64,
     product_conflicts: u64,
     confirmed: u64,
     refused: u64,
@@ -52,6 +53,7 @@ static COVERAGE: Mutex<Coverage> = Mutex::new(Coverage {
     crashes: 0,
     clock_jumps: 0,
     retries: 0,
+    cancellations: 0,
     product_conflicts: 0,
     confirmed: 0,
     refused: 0,
@@ -198,6 +200,27 @@ async fn simulate(seed: u64) {
                     .advance(Duration::seconds(rng.random_range(1..2 * TTL_SECONDS)));
                 coverage.clock_jumps += 1;
             }
+            78..=83 if !keys.is_empty() => {
+                // An operator cancels an order, on either node, racing the workflow.
+                let (account_id, key, _) = &keys[rng.random_range(0..keys.len())];
+                let order_id = engine::order_id_for(&world.product_id, *account_id, key);
+                let cancel = domain::product::ProductCommand::Release {
+                    order_id,
+                    reason: domain::product::ReleaseReason::Cancelled,
+                };
+                let node = world.nodes[rng.random_range(0..2)].clone();
+                let product_id = world.product_id.clone();
+                tokio::spawn(async move {
+                    let _ = node
+                        .product_command(
+                            &product_id,
+                            cancel,
+                            RequestContext::user("op", "operator", None),
+                        )
+                        .await;
+                });
+                coverage.cancellations += 1;
+            }
             70..=77 => {
                 let node = rng.random_range(0..2);
                 coverage.product_conflicts += world.nodes[node].stats().product_conflicts;
@@ -271,6 +294,7 @@ async fn settle(world: &mut World, keys: &[(AccountId, String, i64)], mut covera
     total.crashes += coverage.crashes;
     total.clock_jumps += coverage.clock_jumps;
     total.retries += coverage.retries;
+    total.cancellations += coverage.cancellations;
     total.product_conflicts += coverage.product_conflicts;
     total.confirmed += coverage.confirmed;
     total.refused += coverage.refused;
@@ -289,7 +313,7 @@ async fn settle(world: &mut World, keys: &[(AccountId, String, i64)], mut covera
             seen.iter().all(consistent),
             "{key}: answers differ: {seen:?}"
         );
-        let state = audit.reservation(&engine::order_id_for(*account_id, key));
+        let state = audit.reservation(&engine::order_id_for(&world.product_id, *account_id, key));
         match first {
             Ok(_) => assert_eq!(
                 state,
@@ -341,6 +365,7 @@ fn purchase_workflow_survives_faults_under_a_seeded_scheduler() {
             total.crashes,
             total.clock_jumps,
             total.retries,
+            total.cancellations,
             total.product_conflicts,
             total.confirmed,
             total.refused,

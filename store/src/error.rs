@@ -63,10 +63,25 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLite busy/locked, PostgreSQL shutdown, connection and serialization codes.
+/// SQLite busy/locked (with their extended codes), PostgreSQL shutdown,
+/// connection, lock-timeout and statement-timeout codes.
 fn is_busy(code: Option<&str>) -> bool {
     matches!(
         code,
-        Some("5" | "6" | "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006" | "53300")
+        Some(
+            "5" | "6"
+                | "261"
+                | "262"
+                | "517"
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                | "08000"
+                | "08003"
+                | "08006"
+                | "53300"
+                | "55P03"
+                | "57014"
+        )
     )
 }

@@ -59,7 +59,13 @@ impl Drop for ListenerGuard {
 /// Connection options with bounded lock and statement waits.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     let options = PgConnectOptions::from_str(url)?;
-    Ok(options.options([("lock_timeout", "10s"), ("statement_timeout", "60s")]))
+    // Appends read the current versions after taking the append lock, which
+    // is only correct when each statement sees the latest commits.
+    Ok(options.options([
+        ("lock_timeout", "10s"),
+        ("statement_timeout", "60s"),
+        ("default_transaction_isolation", "read committed"),
+    ]))
 }
 
 impl PostgresEventStore {

@@ -553,7 +553,7 @@ impl BuyerRun {
         deadline: Instant,
         result: &mut BuyerResult,
     ) -> anyhow::Result<Attempt> {
-        let order_id = order_id_for(self.account_id, key);
+        let order_id = order_id_for(&product_id(), self.account_id, key);
         let now = Utc::now();
         let reserve = ProductCommand::Purchase {
             order_id,
