@@ -280,15 +280,6 @@ impl AccountEvent {
             } => transfer(customer(account_id), LedgerAccount::PlatformCash, *amount),
         }
     }
-
-    /// The order this event belongs to, if any.
-    pub fn order_id(&self) -> Option<OrderId> {
-        match self {
-            AccountEvent::PurchaseDebited { order_id, .. }
-            | AccountEvent::PurchaseRefunded { order_id, .. } => Some(*order_id),
-            _ => None,
-        }
-    }
 }
 
 /// The customer account decider.

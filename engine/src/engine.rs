@@ -131,11 +131,6 @@ impl Engine {
         self.inner.stats.snapshot()
     }
 
-    /// The store the engine writes to.
-    pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.inner.store
-    }
-
     /// Stops every writer at once, as a crash would: queued work is dropped,
     /// committed work stays. Callers still waiting get `Unavailable`.
     pub fn halt(&self) {

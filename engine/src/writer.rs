@@ -23,7 +23,7 @@ use domain::product::{
     ReleaseReason, ReservationState, Sale, SaleStatus,
 };
 use domain::{AccountId, Amount, Decider, OrderId, ProductId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Appended, EventStore, NewEvent, StoreError};
@@ -411,17 +411,11 @@ impl ProductWriter {
                 let _ = reply.send(answer);
             }
             Some(Known::Pending) => {
-                if !self.to_debit.contains(&order.order_id) && !self.is_settling(order.order_id) {
-                    self.to_debit.push(order.order_id);
-                }
+                self.to_debit.push(order.order_id);
                 self.waiters.entry(order.order_id).or_default().push(reply);
             }
             None => unreachable!("BUG: a decided purchase is known"),
         }
-    }
-
-    fn is_settling(&self, order_id: OrderId) -> bool {
-        self.to_settle.iter().any(|(id, _)| *id == order_id)
     }
 
     fn decide_settlement(
@@ -509,7 +503,13 @@ impl ProductWriter {
     /// batched append; their confirmations or releases go into the next
     /// product append.
     async fn debit(&mut self) {
-        let orders = std::mem::take(&mut self.to_debit);
+        // An order may be queued more than once (a duplicate request, the
+        // sweep, a reload) or already be settling: debit each once, here,
+        // with one set per turn instead of a search per queued order.
+        let settling: HashSet<OrderId> = self.to_settle.iter().map(|(id, _)| *id).collect();
+        let mut seen = HashSet::new();
+        let mut orders = std::mem::take(&mut self.to_debit);
+        orders.retain(|order_id| !settling.contains(order_id) && seen.insert(*order_id));
         let Some(sale) = self.sale() else { return };
         let jobs: Vec<(OrderId, AccountJob)> = orders
             .into_iter()
@@ -653,11 +653,7 @@ impl ProductWriter {
         for order_id in paid_then_released {
             self.queue_refund(order_id);
         }
-        for order_id in pending {
-            if !self.to_debit.contains(&order_id) && !self.is_settling(order_id) {
-                self.to_debit.push(order_id);
-            }
-        }
+        self.to_debit.extend(pending);
         if !self.scanned_released {
             if let Err(error) = self.queue_stray_refunds(released).await {
                 tracing::warn!(product = %self.product_id, %error, "could not check released orders for payments");
@@ -711,11 +707,7 @@ impl ProductWriter {
             .map(|(order_id, _)| *order_id)
             .collect();
         expired.sort();
-        for order_id in expired {
-            if !self.to_debit.contains(&order_id) && !self.is_settling(order_id) {
-                self.to_debit.push(order_id);
-            }
-        }
+        self.to_debit.extend(expired);
     }
 
     /// Runs an administrative product command (list, open, close, release).
