@@ -1,5 +1,29 @@
 //! Read models projected from the event log (sale progress, balances, ledger
-//! entries, orders, payouts), their runner, rebuild and drift check.
+//! entries, orders with their timelines, payouts), their runner, rebuild,
+//! drift check and trial balance.
 //!
-//! Not built yet: this crate holds the place the workspace layout gives it.
-//! Until it lands, `engine::audit` folds the log directly for checks.
+//! Every read model is derived: it can be dropped and rebuilt from the log at
+//! any time and comes out identical, which `drift::check_drift` proves.
+
+pub mod apply;
+pub mod db;
+pub mod drift;
+pub mod envelope;
+pub mod error;
+pub mod fold;
+pub mod history;
+pub mod projection;
+pub mod rebuild;
+pub mod rows;
+pub mod runner;
+pub mod schema;
+pub mod trial;
+
+pub use apply::{PROJECTION_BATCH_MAX, install};
+pub use db::{Checkpoint, ReadDb};
+pub use drift::{DriftReport, check_drift};
+pub use error::ProjectionError;
+pub use projection::Projection;
+pub use rebuild::{RebuildReport, rebuild};
+pub use runner::{Runner, RunnerOptions, StatusReport, Statuses, catch_up};
+pub use trial::TrialBalance;

@@ -1,0 +1,385 @@
+//! The read-model database: SQLite or PostgreSQL, usually the same database
+//! as the event log.
+//!
+//! Statements shared by both kinds use `$N` placeholders, which sqlx's SQLite
+//! driver accepts too. Table statements come from `schema` (built from
+//! constants and a generation number, never from input).
+
+use crate::error::ProjectionError;
+use crate::projection::Projection;
+use crate::schema::{Dialect, Table};
+use chrono::Utc;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
+use std::path::Path;
+use std::time::Duration;
+use store::Backend;
+
+/// Connections readers of the read models may hold (per process).
+pub const READ_CONNECTIONS_MAX: u32 = 8;
+/// Connections projection writers may hold on PostgreSQL (per process).
+pub const POSTGRES_WRITE_CONNECTIONS_MAX: u32 = 4;
+/// How long to wait for a connection from a pool.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A projection's bookkeeping row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The live generation of its tables.
+    pub generation: i64,
+    /// The table shape it was built with.
+    pub schema_version: i64,
+    /// The last event applied.
+    pub position: i64,
+}
+
+/// Handle on the read-model database.
+#[derive(Clone, Debug)]
+pub enum ReadDb {
+    /// SQLite: one writer connection (SQLite has one writer at a time), and
+    /// readers.
+    Sqlite {
+        /// The writer.
+        write: SqlitePool,
+        /// Readers.
+        read: SqlitePool,
+    },
+    /// PostgreSQL.
+    Postgres {
+        /// Writers.
+        write: PgPool,
+        /// Readers.
+        read: PgPool,
+    },
+}
+
+/// An open write transaction on the read-model database.
+pub enum Tx {
+    /// On SQLite (begun `IMMEDIATE`: it holds the write lock from the start).
+    Sqlite(Transaction<'static, Sqlite>),
+    /// On PostgreSQL.
+    Postgres(Transaction<'static, Postgres>),
+}
+
+const CHECKPOINT_SELECT: &str =
+    "SELECT generation, schema_version, position FROM projection_checkpoints WHERE projection = $1";
+const CHECKPOINT_SELECT_FOR_UPDATE: &str = "SELECT generation, schema_version, position \
+     FROM projection_checkpoints WHERE projection = $1 FOR UPDATE";
+const CHECKPOINT_UPSERT: &str = "INSERT INTO projection_checkpoints \
+     (projection, generation, schema_version, position, updated_at) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (projection) DO UPDATE SET generation = excluded.generation, \
+     schema_version = excluded.schema_version, position = excluded.position, \
+     updated_at = excluded.updated_at";
+
+impl ReadDb {
+    /// Opens the read models in the database a backend names, applying the
+    /// ledger's migrations if needed.
+    pub async fn open(backend: &Backend) -> Result<ReadDb, ProjectionError> {
+        match backend {
+            Backend::Sqlite(path) => ReadDb::open_sqlite(path).await,
+            Backend::Postgres(url) => ReadDb::open_postgres(url).await,
+        }
+    }
+
+    /// Opens (creating if needed) an SQLite file.
+    pub async fn open_sqlite(path: &Path) -> Result<ReadDb, ProjectionError> {
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(sqlx::Error::Io)?;
+        }
+        let options = store::sqlite::connect_options(path);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        store::sqlite::MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| ProjectionError::Database(e.into()))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS_MAX)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(ReadDb::Sqlite { write, read })
+    }
+
+    /// Opens a PostgreSQL database.
+    pub async fn open_postgres(url: &str) -> Result<ReadDb, ProjectionError> {
+        let options = store::postgres::connect_options(url)?;
+        let write = PgPoolOptions::new()
+            .max_connections(POSTGRES_WRITE_CONNECTIONS_MAX)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        store::postgres::MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| ProjectionError::Database(e.into()))?;
+        let read = PgPoolOptions::new()
+            .max_connections(READ_CONNECTIONS_MAX)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(ReadDb::Postgres { write, read })
+    }
+
+    /// Its SQL dialect.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            ReadDb::Sqlite { .. } => Dialect::Sqlite,
+            ReadDb::Postgres { .. } => Dialect::Postgres,
+        }
+    }
+
+    /// Begins a write transaction.
+    pub async fn begin(&self) -> Result<Tx, ProjectionError> {
+        Ok(match self {
+            ReadDb::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
+            ReadDb::Postgres { write, .. } => Tx::Postgres(write.begin().await?),
+        })
+    }
+
+    /// A projection's checkpoint, read without locking.
+    pub async fn checkpoint(
+        &self,
+        projection: Projection,
+    ) -> Result<Option<Checkpoint>, ProjectionError> {
+        let row: Option<(i64, i64, i64)> = match self {
+            ReadDb::Sqlite { read, .. } => {
+                sqlx::query_as(CHECKPOINT_SELECT)
+                    .bind(projection.name())
+                    .fetch_optional(read)
+                    .await?
+            }
+            ReadDb::Postgres { read, .. } => {
+                sqlx::query_as(CHECKPOINT_SELECT)
+                    .bind(projection.name())
+                    .fetch_optional(read)
+                    .await?
+            }
+        };
+        Ok(row.map(checkpoint_of))
+    }
+
+    /// The SQLite reader pool, for queries (`None` on PostgreSQL).
+    pub fn sqlite_reader(&self) -> Option<&SqlitePool> {
+        match self {
+            ReadDb::Sqlite { read, .. } => Some(read),
+            ReadDb::Postgres { .. } => None,
+        }
+    }
+
+    /// The PostgreSQL reader pool, for queries (`None` on SQLite).
+    pub fn postgres_reader(&self) -> Option<&PgPool> {
+        match self {
+            ReadDb::Postgres { read, .. } => Some(read),
+            ReadDb::Sqlite { .. } => None,
+        }
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        match self {
+            ReadDb::Sqlite { write, read } => {
+                write.close().await;
+                read.close().await;
+            }
+            ReadDb::Postgres { write, read } => {
+                write.close().await;
+                read.close().await;
+            }
+        }
+    }
+}
+
+fn checkpoint_of((generation, schema_version, position): (i64, i64, i64)) -> Checkpoint {
+    Checkpoint {
+        generation,
+        schema_version,
+        position,
+    }
+}
+
+impl Tx {
+    /// Its SQL dialect.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Tx::Sqlite(_) => Dialect::Sqlite,
+            Tx::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Runs one generated statement without parameters.
+    pub async fn execute(&mut self, sql: String) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Sqlite(tx) => {
+                sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
+            }
+            Tx::Postgres(tx) => {
+                sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one generated statement whose parameter 1 is JSON text.
+    pub async fn execute_json(&mut self, sql: String, json: String) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Sqlite(tx) => {
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(json)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Tx::Postgres(tx) => {
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(json)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one generated query whose parameter 1 is JSON text and whose
+    /// single column is text.
+    pub async fn fetch_texts(
+        &mut self,
+        sql: String,
+        json: String,
+    ) -> Result<Vec<String>, ProjectionError> {
+        Ok(match self {
+            Tx::Sqlite(tx) => {
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .bind(json)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            Tx::Postgres(tx) => {
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .bind(json)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+        })
+    }
+
+    /// A projection's checkpoint, locked until commit where the database can
+    /// lock a row (SQLite's `BEGIN IMMEDIATE` already excludes other writers).
+    pub async fn checkpoint(
+        &mut self,
+        projection: Projection,
+    ) -> Result<Option<Checkpoint>, ProjectionError> {
+        let row: Option<(i64, i64, i64)> = match self {
+            Tx::Sqlite(tx) => {
+                sqlx::query_as(CHECKPOINT_SELECT)
+                    .bind(projection.name())
+                    .fetch_optional(&mut **tx)
+                    .await?
+            }
+            Tx::Postgres(tx) => {
+                sqlx::query_as(CHECKPOINT_SELECT_FOR_UPDATE)
+                    .bind(projection.name())
+                    .fetch_optional(&mut **tx)
+                    .await?
+            }
+        };
+        Ok(row.map(checkpoint_of))
+    }
+
+    /// Stores a projection's checkpoint.
+    pub async fn set_checkpoint(
+        &mut self,
+        projection: Projection,
+        checkpoint: Checkpoint,
+    ) -> Result<(), ProjectionError> {
+        let now = crate::envelope::time_text(Utc::now());
+        macro_rules! upsert {
+            ($tx:expr) => {
+                sqlx::query(CHECKPOINT_UPSERT)
+                    .bind(projection.name())
+                    .bind(checkpoint.generation)
+                    .bind(checkpoint.schema_version)
+                    .bind(checkpoint.position)
+                    .bind(now)
+                    .execute(&mut **$tx)
+                    .await?
+            };
+        }
+        match self {
+            Tx::Sqlite(tx) => {
+                upsert!(tx);
+            }
+            Tx::Postgres(tx) => {
+                upsert!(tx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates one generation of a projection's tables (dropping leftovers of
+    /// an interrupted rebuild of the same generation first).
+    pub async fn create_tables(
+        &mut self,
+        projection: Projection,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
+        for table in projection.tables() {
+            self.execute(table.drop(generation)).await?;
+            for statement in table.create(generation) {
+                self.execute(statement).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points the readers' views at one generation.
+    pub async fn point_views(
+        &mut self,
+        projection: Projection,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
+        let dialect = self.dialect();
+        for table in projection.tables() {
+            for statement in table.point_view(generation, dialect) {
+                self.execute(statement).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops one generation of a projection's tables.
+    pub async fn drop_tables(
+        &mut self,
+        projection: Projection,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
+        for table in projection.tables() {
+            self.execute(table.drop(generation)).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads rows of one table by key.
+    pub async fn load(
+        &mut self,
+        table: &'static Table,
+        generation: i64,
+        keys: &[&str],
+    ) -> Result<Vec<String>, ProjectionError> {
+        let sql = table.load(generation, self.dialect());
+        let keys = serde_json::to_string(keys).expect("BUG: keys serialize");
+        self.fetch_texts(sql, keys).await
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Sqlite(tx) => tx.commit().await?,
+            Tx::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,355 @@
+//! Keeps the read models up with the log: one task per projection, applying
+//! bounded batches, each with its checkpoint in one transaction.
+//!
+//! A step reads the checkpoint, reads the events after it, then in one
+//! transaction re-reads (and on PostgreSQL locks) the checkpoint, applies the
+//! batch to the live generation and moves the checkpoint. If the checkpoint
+//! moved in between (another node's runner, or a rebuild's swap), the batch is
+//! dropped and read again, so nothing is applied twice or skipped; several
+//! processes may run runners on one database.
+
+use crate::apply::{PROJECTION_BATCH_MAX, apply_batch};
+use crate::db::{Checkpoint, ReadDb};
+use crate::envelope::decode_all;
+use crate::error::ProjectionError;
+use crate::projection::Projection;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::EventStore;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Events per live batch: small enough to hold the write lock briefly.
+pub const RUNNER_BATCH_DEFAULT: usize = 1_000;
+/// How often an idle runner looks at the log without being woken (another
+/// process's appends on SQLite cannot wake it).
+pub const RUNNER_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after a failed step, doubled up to `RUNNER_BACKOFF_MAX`.
+pub const RUNNER_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause after failed steps.
+pub const RUNNER_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a busy runner logs its progress.
+const RUNNER_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// The window over which the event rate is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Applied this many events.
+    Applied(usize),
+    /// Nothing new in the log.
+    Idle,
+    /// The checkpoint moved under us; read again.
+    Raced,
+}
+
+/// A fault to inject just before a step commits (tests of crash safety).
+pub type BeforeCommit = Arc<dyn Fn(Projection, i64) -> Result<(), ProjectionError> + Send + Sync>;
+
+/// Applies the next batch (at most `limit` events, none past `until`) to a
+/// projection's live tables.
+pub async fn step(
+    store: &dyn EventStore,
+    db: &ReadDb,
+    projection: Projection,
+    limit: usize,
+    until: Option<i64>,
+    before_commit: Option<&BeforeCommit>,
+) -> Result<Step, ProjectionError> {
+    let Some(seen) = db.checkpoint(projection).await? else {
+        return Err(ProjectionError::inconsistent(
+            0,
+            format!("projection {projection} is not installed"),
+        ));
+    };
+    let mut events = store
+        .read_all(seen.position, limit.clamp(1, PROJECTION_BATCH_MAX))
+        .await?;
+    if let Some(until) = until {
+        events.retain(|e| e.position <= until);
+    }
+    let Some(last) = events.last().map(|e| e.position) else {
+        return Ok(Step::Idle);
+    };
+    let envelopes = decode_all(events)?;
+    let mut tx = db.begin().await?;
+    let current = tx.checkpoint(projection).await?;
+    if current != Some(seen) {
+        return Ok(Step::Raced);
+    }
+    apply_batch(&mut tx, projection, seen.generation, &envelopes).await?;
+    let moved = Checkpoint {
+        position: last,
+        ..seen
+    };
+    tx.set_checkpoint(projection, moved).await?;
+    if let Some(fault) = before_commit {
+        fault(projection, last)?;
+    }
+    tx.commit().await?;
+    Ok(Step::Applied(envelopes.len()))
+}
+
+/// Applies every event up to `until` (or the head) to the given projections,
+/// one step at a time. Returns the events applied.
+pub async fn catch_up(
+    store: &dyn EventStore,
+    db: &ReadDb,
+    projections: &[Projection],
+    until: Option<i64>,
+) -> Result<usize, ProjectionError> {
+    let mut applied = 0;
+    for projection in projections {
+        loop {
+            match step(store, db, *projection, RUNNER_BATCH_DEFAULT, until, None).await? {
+                Step::Applied(count) => applied += count,
+                Step::Raced => continue,
+                Step::Idle => break,
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// How far one projection is, for metrics and the dashboard.
+#[derive(Debug, Default)]
+pub struct ProjectionStatus {
+    position: AtomicI64,
+    head: AtomicI64,
+    applied: AtomicU64,
+    failures: AtomicU64,
+    rate_milli: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A point-in-time copy of a projection's status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StatusReport {
+    /// The projection.
+    pub projection: &'static str,
+    /// Its checkpoint.
+    pub position: i64,
+    /// The log's head when last looked at.
+    pub head: i64,
+    /// `head - position`.
+    pub lag: i64,
+    /// Events applied by this process.
+    pub applied: u64,
+    /// Failed steps in this process.
+    pub failures: u64,
+    /// Recent events applied per second.
+    pub events_per_second: f64,
+    /// The last failure, if the last step failed.
+    pub last_error: Option<String>,
+}
+
+/// Status of every projection this process runs.
+#[derive(Debug, Default)]
+pub struct Statuses {
+    by_projection: BTreeMap<Projection, ProjectionStatus>,
+}
+
+impl Statuses {
+    fn new() -> Statuses {
+        Statuses {
+            by_projection: Projection::ALL
+                .into_iter()
+                .map(|p| (p, ProjectionStatus::default()))
+                .collect(),
+        }
+    }
+
+    fn of(&self, projection: Projection) -> &ProjectionStatus {
+        &self.by_projection[&projection]
+    }
+
+    /// A copy of every projection's status.
+    pub fn report(&self) -> Vec<StatusReport> {
+        self.by_projection
+            .iter()
+            .map(|(projection, status)| {
+                let position = status.position.load(Ordering::Relaxed);
+                let head = status.head.load(Ordering::Relaxed).max(position);
+                StatusReport {
+                    projection: projection.name(),
+                    position,
+                    head,
+                    lag: head - position,
+                    applied: status.applied.load(Ordering::Relaxed),
+                    failures: status.failures.load(Ordering::Relaxed),
+                    events_per_second: status.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+                    last_error: status.last_error.lock().expect("BUG: poisoned").clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The largest lag of any projection.
+    pub fn lag_max(&self) -> i64 {
+        self.report().iter().map(|r| r.lag).max().unwrap_or(0)
+    }
+}
+
+/// The projection runners of one process.
+pub struct Runner {
+    statuses: Arc<Statuses>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Settings of the runners.
+#[derive(Clone)]
+pub struct RunnerOptions {
+    /// Events per batch.
+    pub batch: usize,
+    /// A fault to inject before commits (tests only).
+    pub before_commit: Option<BeforeCommit>,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        RunnerOptions {
+            batch: RUNNER_BATCH_DEFAULT,
+            before_commit: None,
+        }
+    }
+}
+
+impl Runner {
+    /// Starts one task per projection.
+    pub fn start(store: Arc<dyn EventStore>, db: ReadDb, options: RunnerOptions) -> Runner {
+        let statuses = Arc::new(Statuses::new());
+        let (stop, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for projection in Projection::ALL {
+            let task = RunnerTask {
+                store: store.clone(),
+                db: db.clone(),
+                projection,
+                options: options.clone(),
+                statuses: statuses.clone(),
+                stop: stop.subscribe(),
+            };
+            tasks.spawn(task.run());
+        }
+        Runner {
+            statuses,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Live status of every projection.
+    pub fn statuses(&self) -> Arc<Statuses> {
+        self.statuses.clone()
+    }
+
+    /// Asks the tasks to stop after their current step and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+struct RunnerTask {
+    store: Arc<dyn EventStore>,
+    db: ReadDb,
+    projection: Projection,
+    options: RunnerOptions,
+    statuses: Arc<Statuses>,
+    stop: watch::Receiver<bool>,
+}
+
+struct Rate {
+    since: Instant,
+    count: u64,
+}
+
+impl RunnerTask {
+    async fn run(mut self) {
+        let status = self.statuses.of(self.projection);
+        let mut commits = self.store.commits();
+        let mut backoff = RUNNER_BACKOFF_MIN;
+        let mut rate = Rate {
+            since: Instant::now(),
+            count: 0,
+        };
+        let mut logged = Instant::now();
+        while !*self.stop.borrow() {
+            let result = step(
+                self.store.as_ref(),
+                &self.db,
+                self.projection,
+                self.options.batch,
+                None,
+                self.options.before_commit.as_ref(),
+            )
+            .await;
+            match result {
+                Ok(Step::Applied(count)) => {
+                    backoff = RUNNER_BACKOFF_MIN;
+                    status.applied.fetch_add(count as u64, Ordering::Relaxed);
+                    rate.count += count as u64;
+                    *status.last_error.lock().expect("BUG: poisoned") = None;
+                    self.observe(status, &mut rate).await;
+                    if logged.elapsed() >= RUNNER_LOG_INTERVAL {
+                        logged = Instant::now();
+                        let report = &self.statuses.report()[self.projection as usize];
+                        tracing::info!(
+                            projection = %self.projection,
+                            position = report.position,
+                            lag = report.lag,
+                            events_per_second = report.events_per_second,
+                            "projection progress"
+                        );
+                    }
+                }
+                Ok(Step::Raced) => {}
+                Ok(Step::Idle) => {
+                    self.observe(status, &mut rate).await;
+                    tokio::select! {
+                        _ = commits.changed() => {}
+                        _ = tokio::time::sleep(RUNNER_POLL_INTERVAL) => {}
+                        _ = self.stop.changed() => {}
+                    }
+                }
+                Err(error) => {
+                    status.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(projection = %self.projection, %error, "projection step failed");
+                    *status.last_error.lock().expect("BUG: poisoned") = Some(error.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(RUNNER_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Refreshes position, head and rate.
+    async fn observe(&self, status: &ProjectionStatus, rate: &mut Rate) {
+        if let Ok(Some(checkpoint)) = self.db.checkpoint(self.projection).await {
+            status
+                .position
+                .store(checkpoint.position, Ordering::Relaxed);
+        }
+        if let Ok(head) = self.store.head().await {
+            status.head.store(head, Ordering::Relaxed);
+        }
+        let elapsed = rate.since.elapsed();
+        if elapsed >= RATE_WINDOW {
+            let per_second = rate.count as f64 / elapsed.as_secs_f64();
+            status
+                .rate_milli
+                .store((per_second * 1000.0) as u64, Ordering::Relaxed);
+            *rate = Rate {
+                since: Instant::now(),
+                count: 0,
+            };
+        }
+    }
+}
