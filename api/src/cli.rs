@@ -1,6 +1,7 @@
 //! The command line: one binary, `ledger`, with subcommands.
 
 use crate::bench;
+use crate::read_models;
 use crate::telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -30,9 +31,24 @@ pub struct Cli {
 pub enum Command {
     /// Create or upgrade the database schema, then list the applied migrations.
     Migrate(StoreArgs),
+    /// Rebuild read models from position zero and swap them in while readers keep reading.
+    Rebuild(read_models::RebuildOptions),
+    /// Show each read model's checkpoint, generation and lag behind the log.
+    Projections(read_models::CheckOptions),
+    /// Checks for auditors and operators.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Measure throughput and latency; every benchmark verifies its invariants.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// The audit checks.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Rebuild every read model into a scratch database, compare it row by row
+    /// with the live one and run the trial balance; exits 1 on any difference.
+    Drift(read_models::CheckOptions),
 }
 
 /// Where the event log lives.
@@ -60,6 +76,8 @@ pub enum BenchCommand {
     Append(bench::append::AppendOptions),
     /// One hot product, many concurrent buyers: the engine against naive optimistic retries.
     Purchases(bench::purchases::PurchaseOptions),
+    /// Generate a realistic history, then rebuild every read model from it.
+    Rebuild(bench::rebuild::RebuildBenchOptions),
 }
 
 /// Runs a parsed command line.
@@ -68,6 +86,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => migrate(&args).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
+        Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
+        Command::Rebuild(options) => read_models::rebuild(options).await,
+        Command::Projections(options) => read_models::status(options).await,
+        Command::Audit(AuditCommand::Drift(options)) => read_models::drift(options).await,
     }
 }
 

@@ -39,10 +39,13 @@ pub async fn apply_batch(
     for envelope in events {
         fold.apply(envelope)?;
     }
-    let dialect = tx.dialect();
-    for (table, rows) in fold.changes() {
-        tx.execute_json(table.write(generation, dialect), rows)
+    for (table, keys) in fold.removals() {
+        let keys = serde_json::to_string(&keys).expect("BUG: keys serialize");
+        tx.execute_json(table.delete(generation, tx.dialect()), keys)
             .await?;
+    }
+    for (table, rows) in fold.changes() {
+        tx.write_rows(table, generation, &rows).await?;
     }
     Ok(())
 }

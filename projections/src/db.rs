@@ -9,6 +9,7 @@ use crate::error::ProjectionError;
 use crate::projection::Projection;
 use crate::schema::{Dialect, Table};
 use chrono::Utc;
+use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
@@ -20,6 +21,8 @@ use store::Backend;
 pub const READ_CONNECTIONS_MAX: u32 = 8;
 /// Connections projection writers may hold on PostgreSQL (per process).
 pub const POSTGRES_WRITE_CONNECTIONS_MAX: u32 = 4;
+/// Page cache of the SQLite writer connection, KiB.
+pub const SQLITE_WRITE_CACHE_KIB: u32 = 65_536;
 /// How long to wait for a connection from a pool.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -88,10 +91,20 @@ impl ReadDb {
             std::fs::create_dir_all(folder).map_err(sqlx::Error::Io)?;
         }
         let options = store::sqlite::connect_options(path);
+        // A larger page cache keeps the B-tree pages a batch touches in
+        // memory: batches write rows keyed all over the tables. Read models
+        // are derived, so their commits need not reach the disk before the
+        // call returns: a power loss may undo the last batches, rows and
+        // checkpoint together (WAL keeps each transaction atomic), and the
+        // runner applies them again. The log's own connection stays FULL.
+        let write_options = options
+            .clone()
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .pragma("cache_size", format!("-{SQLITE_WRITE_CACHE_KIB}"));
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(write_options)
             .await?;
         store::sqlite::MIGRATOR
             .run(&write)
@@ -238,6 +251,53 @@ impl Tx {
                     .bind(json)
                     .execute(&mut **tx)
                     .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes rows (JSON objects of the table's columns): on PostgreSQL as
+    /// one JSON parameter, on SQLite as bound values, many rows a statement.
+    pub async fn write_rows(
+        &mut self,
+        table: &'static Table,
+        generation: i64,
+        rows: &[Value],
+    ) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Postgres(tx) => {
+                let sql = table.write(generation, Dialect::Postgres);
+                let json = serde_json::to_string(rows).expect("BUG: rows serialize");
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(json)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Tx::Sqlite(tx) => {
+                let mut rest = rows;
+                while !rest.is_empty() {
+                    let mut size = table.values_rows_max();
+                    while size > rest.len() {
+                        size /= 2;
+                    }
+                    let (chunk, after) = rest.split_at(size);
+                    let mut query =
+                        sqlx::query(AssertSqlSafe(table.write_values(generation, size)));
+                    for row in chunk {
+                        for (column, _) in table.columns {
+                            query = match &row[*column] {
+                                Value::Null => query.bind(None::<i64>),
+                                Value::Number(n) => {
+                                    query.bind(n.as_i64().expect("BUG: integer columns hold i64"))
+                                }
+                                Value::String(text) => query.bind(text.as_str()),
+                                other => unreachable!("BUG: column {column} holds {other}"),
+                            };
+                        }
+                    }
+                    query.execute(&mut **tx).await?;
+                    rest = after;
+                }
             }
         }
         Ok(())

@@ -15,6 +15,7 @@ use domain::posting::LedgerAccount;
 use domain::product::ProductEvent;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Rows of one table loaded for a batch, and which of them changed.
@@ -23,6 +24,10 @@ pub struct Rows<R> {
     table: &'static Table,
     rows: BTreeMap<String, R>,
     dirty: BTreeSet<String>,
+    /// Keys loaded from the database.
+    stored: BTreeSet<String>,
+    /// Stored keys to delete.
+    removed: BTreeSet<String>,
 }
 
 impl<R: Serialize + DeserializeOwned> Rows<R> {
@@ -31,6 +36,8 @@ impl<R: Serialize + DeserializeOwned> Rows<R> {
             table,
             rows: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            stored: BTreeSet::new(),
+            removed: BTreeSet::new(),
         }
     }
 
@@ -40,9 +47,22 @@ impl<R: Serialize + DeserializeOwned> Rows<R> {
                 table: self.table.name,
                 reason: e.to_string(),
             })?;
+            self.stored.insert(key(&row).to_owned());
             self.rows.insert(key(&row).to_owned(), row);
         }
         Ok(())
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.rows.remove(key);
+        self.dirty.remove(key);
+        if self.stored.contains(key) {
+            self.removed.insert(key.to_owned());
+        }
+    }
+
+    fn removed(&self) -> Option<Removal> {
+        (!self.removed.is_empty()).then(|| (self.table, self.removed.iter().cloned().collect()))
     }
 
     fn get_mut(&mut self, key: &str) -> Option<&mut R> {
@@ -60,21 +80,30 @@ impl<R: Serialize + DeserializeOwned> Rows<R> {
         self.rows.insert(key, row);
     }
 
-    fn changed(&self) -> Option<(&'static Table, String)> {
+    fn changed(&self) -> Option<Change> {
         if self.dirty.is_empty() {
             return None;
         }
-        let changed: Vec<&R> = self.dirty.iter().map(|key| &self.rows[key]).collect();
-        Some((self.table, to_json(&changed)))
+        let changed = self
+            .dirty
+            .iter()
+            .map(|key| to_value(&self.rows[key]))
+            .collect();
+        Some((self.table, changed))
     }
 }
 
-fn to_json<T: Serialize>(rows: &T) -> String {
-    serde_json::to_string(rows).expect("BUG: read-model rows always serialize")
+/// Rows to write to one table, as JSON objects.
+pub type Change = (&'static Table, Vec<Value>);
+/// Keys of rows to delete from one table.
+pub type Removal = (&'static Table, Vec<String>);
+
+fn to_value<T: Serialize>(row: &T) -> Value {
+    serde_json::to_value(row).expect("BUG: read-model rows always serialize")
 }
 
-fn appended<R: Serialize>(table: &'static Table, rows: &[R]) -> Option<(&'static Table, String)> {
-    (!rows.is_empty()).then(|| (table, to_json(&rows)))
+fn appended<R: Serialize>(table: &'static Table, rows: &[R]) -> Option<Change> {
+    (!rows.is_empty()).then(|| (table, rows.iter().map(to_value).collect()))
 }
 
 /// Keys of rows to load before a batch, per table.
@@ -108,8 +137,12 @@ pub trait Fold: Send {
     fn load(&mut self, table: &'static Table, rows: Vec<String>) -> Result<(), ProjectionError>;
     /// Applies one event.
     fn apply(&mut self, envelope: &Envelope) -> Result<(), ProjectionError>;
-    /// Rows to write: per table, one JSON array.
-    fn changes(&self) -> Vec<(&'static Table, String)>;
+    /// Rows to write, per table.
+    fn changes(&self) -> Vec<Change>;
+    /// Rows to delete, per table (deleted before the writes).
+    fn removals(&self) -> Vec<Removal> {
+        Vec::new()
+    }
 }
 
 fn checked(envelope: &Envelope, value: i64, what: &str) -> Result<i64, ProjectionError> {
@@ -225,7 +258,7 @@ impl Fold for SaleFold {
         Ok(())
     }
 
-    fn changes(&self) -> Vec<(&'static Table, String)> {
+    fn changes(&self) -> Vec<Change> {
         self.sales.changed().into_iter().collect()
     }
 }
@@ -402,9 +435,12 @@ impl AccountsFold {
             AccountEvent::PurchaseDebited {
                 order_id, amount, ..
             } => {
-                let hold = self.hold(&order_id.to_string(), account_id);
+                let key = order_id.to_string();
+                let hold = self.hold(&key, account_id);
                 hold.debited = amount.minor();
-                if hold.settled == 1 { 0 } else { amount.minor() }
+                let change = if hold.settled == 1 { 0 } else { amount.minor() };
+                self.forget_if_done(&key);
+                change
             }
             AccountEvent::PurchaseRefunded { order_id, .. } => {
                 let _ = envelope;
@@ -434,7 +470,21 @@ impl AccountsFold {
             return 0;
         }
         hold.settled = 1;
-        -hold.debited
+        let change = -hold.debited;
+        self.forget_if_done(order_id);
+        change
+    }
+
+    /// A hold both debited and settled will never change again: its row goes.
+    fn forget_if_done(&mut self, order_id: &str) {
+        let done = self
+            .holds
+            .rows
+            .get(order_id)
+            .is_some_and(|hold| hold.settled == 1 && hold.debited > 0);
+        if done {
+            self.holds.remove(order_id);
+        }
     }
 
     fn apply_confirmed(
@@ -506,7 +556,7 @@ impl Fold for AccountsFold {
         }
     }
 
-    fn changes(&self) -> Vec<(&'static Table, String)> {
+    fn changes(&self) -> Vec<Change> {
         [
             self.accounts.changed(),
             self.holds.changed(),
@@ -515,6 +565,10 @@ impl Fold for AccountsFold {
         .into_iter()
         .flatten()
         .collect()
+    }
+
+    fn removals(&self) -> Vec<Removal> {
+        self.holds.removed().into_iter().collect()
     }
 }
 
@@ -701,19 +755,12 @@ impl Fold for OrdersFold {
             self.timeline.push(TimelineRow {
                 correlation_id: correlation_id.to_string(),
                 position: recorded.position,
-                stream_id: recorded.stream_id.clone(),
-                version: recorded.version,
-                event_id: recorded.event_id.to_string(),
-                event_type: recorded.event_type.clone(),
-                occurred_at: envelope.occurred_at.clone(),
-                data: to_json(&recorded.data),
-                metadata: to_json(&recorded.metadata),
             });
         }
         Ok(())
     }
 
-    fn changes(&self) -> Vec<(&'static Table, String)> {
+    fn changes(&self) -> Vec<Change> {
         [
             self.orders.changed(),
             appended(&TIMELINE_EVENTS, &self.timeline),
@@ -837,7 +884,7 @@ impl Fold for PayoutsFold {
         Ok(())
     }
 
-    fn changes(&self) -> Vec<(&'static Table, String)> {
+    fn changes(&self) -> Vec<Change> {
         self.payouts.changed().into_iter().collect()
     }
 }

@@ -78,6 +78,8 @@ pub struct AccountRow {
 }
 
 /// A row of `account_holds`: what an order's debit holds until it settles.
+/// A hold both debited and settled is deleted; one settled before its debit
+/// (both in one batch, confirmation first) waits for the debit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldRow {
     /// The order.
@@ -148,27 +150,13 @@ pub struct OrderRow {
     pub position: i64,
 }
 
-/// A row of `timeline_events`.
+/// A row of `timeline_events`: the event itself is read from the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineRow {
     /// The order or payout the event belongs to.
     pub correlation_id: String,
     /// The event's position.
     pub position: i64,
-    /// Its stream.
-    pub stream_id: String,
-    /// Its version in the stream.
-    pub version: i64,
-    /// The event.
-    pub event_id: String,
-    /// Its type.
-    pub event_type: String,
-    /// When it was recorded.
-    pub occurred_at: String,
-    /// Its data, as JSON text.
-    pub data: String,
-    /// Its metadata (actor, request, causation), as JSON text.
-    pub metadata: String,
 }
 
 /// A row of `payouts`.

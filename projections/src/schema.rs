@@ -142,11 +142,8 @@ impl Table {
             .join(", ")
     }
 
-    /// Writes rows given as one JSON array of objects (parameter 1).
-    pub fn write(&self, generation: i64, dialect: Dialect) -> String {
-        let physical = self.physical(generation);
-        let columns = self.column_list();
-        let on_conflict = match self.writes {
+    fn on_conflict(&self) -> String {
+        match self.writes {
             Writes::AppendOnly => String::new(),
             Writes::Upsert => {
                 let updates: Vec<String> = self
@@ -161,7 +158,42 @@ impl Table {
                     updates.join(", ")
                 )
             }
-        };
+        }
+    }
+
+    /// Most rows one `write_values` statement takes (SQLite binds at most
+    /// 32,766 parameters; a power of two so few statement shapes exist).
+    pub fn values_rows_max(&self) -> usize {
+        let fits = 32_766 / self.columns.len();
+        let mut rows = 256;
+        while rows > fits {
+            rows /= 2;
+        }
+        rows
+    }
+
+    /// Writes `rows` rows given as bound parameters, column by column.
+    pub fn write_values(&self, generation: i64, rows: usize) -> String {
+        assert!(
+            rows > 0 && rows <= self.values_rows_max(),
+            "BUG: row count out of range"
+        );
+        let placeholders = vec!["?"; self.columns.len()].join(", ");
+        let tuple = format!("({placeholders})");
+        format!(
+            "INSERT INTO {} ({}) VALUES {}{}",
+            self.physical(generation),
+            self.column_list(),
+            vec![tuple; rows].join(", "),
+            self.on_conflict()
+        )
+    }
+
+    /// Writes rows given as one JSON array of objects (parameter 1).
+    pub fn write(&self, generation: i64, dialect: Dialect) -> String {
+        let physical = self.physical(generation);
+        let columns = self.column_list();
+        let on_conflict = self.on_conflict();
         match dialect {
             Dialect::Sqlite => {
                 let values: Vec<String> = self
@@ -187,6 +219,21 @@ impl Table {
                     record.join(", ")
                 )
             }
+        }
+    }
+
+    /// Deletes rows by a single-column key; the keys are parameter 1.
+    pub fn delete(&self, generation: i64, dialect: Dialect) -> String {
+        assert_eq!(self.key.len(), 1, "BUG: only single-key tables delete rows");
+        let physical = self.physical(generation);
+        let key = self.key[0];
+        match dialect {
+            Dialect::Sqlite => {
+                format!("DELETE FROM {physical} WHERE {key} IN (SELECT value FROM json_each(?1))")
+            }
+            Dialect::Postgres => format!(
+                "DELETE FROM {physical} WHERE {key} IN (SELECT jsonb_array_elements_text($1::text::jsonb))"
+            ),
         }
     }
 
@@ -352,20 +399,12 @@ pub const ORDERS: Table = Table {
     writes: Writes::Upsert,
 };
 
-/// Every event that carries a correlation id (an order's or a payout's timeline).
+/// Every event that carries a correlation id (an order's or a payout's
+/// timeline). The events' data and metadata stay in the log: a timeline reads
+/// them from the store by position, so the read model stays small.
 pub const TIMELINE_EVENTS: Table = Table {
     name: "timeline_events",
-    columns: &[
-        ("correlation_id", Type::Text),
-        ("position", Type::Integer),
-        ("stream_id", Type::Text),
-        ("version", Type::Integer),
-        ("event_id", Type::Text),
-        ("event_type", Type::Text),
-        ("occurred_at", Type::Text),
-        ("data", Type::Text),
-        ("metadata", Type::Text),
-    ],
+    columns: &[("correlation_id", Type::Text), ("position", Type::Integer)],
     key: &["correlation_id", "position"],
     indexes: &[],
     writes: Writes::AppendOnly,

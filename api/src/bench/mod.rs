@@ -3,6 +3,7 @@
 
 pub mod append;
 pub mod purchases;
+pub mod rebuild;
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
