@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use store::testing::{TestPostgres, TestSqlite};
 use store::{EventStore, MemoryEventStore, PostgresEventStore, SqliteEventStore};
-use support::{Checks, amount, audit, funded_account, open_product, terms};
+use support::{Checks, amount, audit, check_read_models, funded_account, open_product, terms};
 use uuid::Uuid;
 
 const BUYERS: u128 = 1_200;
@@ -143,6 +143,7 @@ async fn one_engine(store: Arc<dyn EventStore>) {
     open_product(&engine, &product_id, terms(QUOTA, 100, 1_000)).await;
     let outcomes = storm(std::slice::from_ref(&engine), &product_id).await;
     check(store.as_ref(), &product_id, &outcomes).await;
+    check_read_models(store.clone(), &audit(store.as_ref()).await).await;
     let snapshot = engine.sale(&product_id).await.unwrap().unwrap();
     assert_eq!(
         snapshot.confirmed.minor() + snapshot.pending.minor() + snapshot.available.minor(),
@@ -159,6 +160,7 @@ async fn three_engines(stores: Vec<Arc<dyn EventStore>>) {
     open_product(&engines[0], &product_id, terms(QUOTA, 100, 1_000)).await;
     let outcomes = storm(&engines, &product_id).await;
     check(stores[0].as_ref(), &product_id, &outcomes).await;
+    check_read_models(stores[0].clone(), &audit(stores[0].as_ref()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

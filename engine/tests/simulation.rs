@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use store::{AppendHook, MemoryEventStore, StoreError};
-use support::{Checks, amount, audit, funded_account, open_product, start, terms};
+use support::{
+    Checks, amount, audit, check_read_models, funded_account, open_product, start, terms,
+};
 use uuid::Uuid;
 
 const BUYERS: u128 = 4;
@@ -62,6 +64,8 @@ static COVERAGE: Mutex<Coverage> = Mutex::new(Coverage {
 });
 const STEPS: usize = 40;
 const TTL_SECONDS: i64 = 30;
+/// Every this many seeds, the read models are built from the log and checked.
+const READ_MODEL_SEEDS_EVERY: u64 = 20;
 
 /// Rolls back appends at random while armed.
 struct Faults {
@@ -93,6 +97,8 @@ struct World {
     product_id: ProductId,
     /// Every key tried, with its amount and the definitive answers seen.
     answers: Arc<Mutex<AnswerLog>>,
+    /// The seed of this run.
+    seed: u64,
 }
 
 impl World {
@@ -164,6 +170,7 @@ async fn simulate(seed: u64) {
         nodes: Vec::new(),
         product_id: ProductId::parse("sim").unwrap(),
         answers: Arc::new(Mutex::new(HashMap::new())),
+        seed,
     };
     world.nodes = vec![world.node(), world.node()];
     let quota = rng.random_range(20..80);
@@ -268,6 +275,24 @@ async fn settle(world: &mut World, keys: &[(AccountId, String, i64)], mut covera
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let audit = audit(&world.log).await;
     audit.check_settled();
+    if world.seed % READ_MODEL_SEEDS_EVERY == 0 {
+        // The read models must fold whatever the engine wrote under faults.
+        // They run on a runtime of their own: this one's clock is paused.
+        let log: Arc<dyn store::EventStore> = Arc::new(world.log.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(async {
+                    let audit = engine::audit::audit(log.as_ref()).await.expect("readable");
+                    check_read_models(log, &audit).await;
+                });
+        })
+        .join()
+        .expect("read models agree with the engine's log");
+    }
     for product in audit.products.values().filter_map(|p| p.sale.as_ref()) {
         let expired = product
             .reservations

@@ -393,3 +393,99 @@ fn apply<D: Decider>(stream: &mut Stream<D::State>, events: &[D::Event]) {
 fn amount(minor: i64) -> Amount {
     Amount::new(minor).expect("BUG: a valid amount")
 }
+
+/// A product's sale as the domain sees it, to check read models against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedSale {
+    /// The product.
+    pub product_id: String,
+    /// Total for sale.
+    pub quota: i64,
+    /// Confirmed amount.
+    pub confirmed: i64,
+    /// Pending (reserved) amount.
+    pub reserved: i64,
+    /// What is left.
+    pub available: i64,
+    /// Confirmed orders.
+    pub orders: i64,
+    /// The sale's status.
+    pub status: String,
+}
+
+/// An account as the domain sees it, to check read models against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedAccount {
+    /// The account.
+    pub account_id: String,
+    /// Spendable balance.
+    pub available: i64,
+    /// Paid for orders not confirmed yet (and not refunded).
+    pub held: i64,
+    /// Sum of deposits.
+    pub total_deposited: i64,
+    /// Sum of purchase debits less refunds.
+    pub total_invested: i64,
+    /// Sum of payouts.
+    pub total_paid_out: i64,
+    /// Sum of withdrawals.
+    pub total_withdrawn: i64,
+}
+
+impl History {
+    /// Every product's sale, from the deciders' states.
+    pub fn expected_sales(&self) -> Vec<ExpectedSale> {
+        self.products
+            .iter()
+            .filter_map(|(id, stream)| {
+                let sale = stream.state.sale.as_ref()?;
+                let status = serde_json::to_value(sale.status()).ok()?;
+                Some(ExpectedSale {
+                    product_id: id.to_string(),
+                    quota: sale.terms.quota.minor(),
+                    confirmed: sale.confirmed.minor(),
+                    reserved: sale.pending.minor(),
+                    available: sale.available().minor(),
+                    orders: i64::try_from(sale.confirmed_orders).expect("BUG: few orders"),
+                    status: status.as_str()?.to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every account, from the deciders' states.
+    pub fn expected_accounts(&self) -> Vec<ExpectedAccount> {
+        self.accounts
+            .iter()
+            .filter_map(|(id, stream)| {
+                let account = stream.state.account.as_ref()?;
+                let held = account
+                    .purchases
+                    .iter()
+                    .filter(|(order_id, purchase)| {
+                        !purchase.refunded && !self.confirmed(&purchase.product_id, order_id)
+                    })
+                    .map(|(_, purchase)| purchase.amount.minor())
+                    .sum();
+                Some(ExpectedAccount {
+                    account_id: id.to_string(),
+                    available: account.available.minor(),
+                    held,
+                    total_deposited: account.total_deposited.minor(),
+                    total_invested: account.total_invested.minor(),
+                    total_paid_out: account.total_paid_out.minor(),
+                    total_withdrawn: account.total_withdrawn.minor(),
+                })
+            })
+            .collect()
+    }
+
+    fn confirmed(&self, product_id: &ProductId, order_id: &OrderId) -> bool {
+        self.products
+            .iter()
+            .find(|(id, _)| id == product_id)
+            .and_then(|(_, stream)| stream.state.sale.as_ref())
+            .and_then(|sale| sale.reservations.get(order_id))
+            .is_some_and(|r| r.state == domain::product::ReservationState::Confirmed)
+    }
+}

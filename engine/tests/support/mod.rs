@@ -104,3 +104,80 @@ pub async fn funded_account(engine: &Engine, account_id: AccountId, minor: i64) 
             .unwrap();
     }
 }
+
+/// Projects the log into fresh read models (an SQLite file of their own),
+/// then checks them: equal to a scratch rebuild, trial balance holds, and
+/// every product's progress and account's balances equal the audit's fold.
+pub async fn check_read_models(store: std::sync::Arc<dyn EventStore>, audit: &Audit) {
+    use projections::{Projection, ReadDb};
+    let folder = tempfile::tempdir().expect("a temporary folder");
+    let live = ReadDb::open_sqlite(&folder.path().join("read.db"))
+        .await
+        .expect("read models open");
+    let scratch = ReadDb::open_sqlite(&folder.path().join("scratch.db"))
+        .await
+        .expect("scratch opens");
+    projections::install(&live).await.expect("install");
+    projections::catch_up(store.as_ref(), &live, &Projection::ALL, None)
+        .await
+        .expect("projections apply the engine's log");
+    let report = projections::check_drift(store, &live, &scratch, &mut |_, _| {})
+        .await
+        .expect("drift check runs");
+    assert!(
+        report.clean(),
+        "read models drift: {}",
+        serde_json::to_string_pretty(&report).expect("serializes")
+    );
+    let read = live.sqlite_reader().expect("SQLite");
+    let sales: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT product_id, confirmed, reserved, available, orders FROM sale_progress",
+    )
+    .fetch_all(read)
+    .await
+    .expect("progress reads");
+    for (product_id, confirmed, reserved, available, orders) in sales {
+        let sale = audit
+            .sale(&ProductId::parse(&product_id).expect("valid id"))
+            .expect("the audit knows the product");
+        assert_eq!(
+            (confirmed, reserved, available, orders),
+            (
+                sale.confirmed.minor(),
+                sale.pending.minor(),
+                sale.available().minor(),
+                i64::try_from(sale.confirmed_orders).expect("few orders")
+            ),
+            "progress of {product_id}"
+        );
+    }
+    let accounts: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT account_id, available, total_deposited, total_invested FROM account_balances",
+    )
+    .fetch_all(read)
+    .await
+    .expect("balances read");
+    assert_eq!(
+        accounts.len(),
+        audit
+            .accounts
+            .values()
+            .filter(|a| a.account.is_some())
+            .count()
+    );
+    for (account_id, available, deposited, invested) in accounts {
+        let state = &audit.accounts[&format!("account-{account_id}")];
+        let account = state.account.as_ref().expect("opened");
+        assert_eq!(
+            (available, deposited, invested),
+            (
+                account.available.minor(),
+                account.total_deposited.minor(),
+                account.total_invested.minor()
+            ),
+            "balances of {account_id}"
+        );
+    }
+    live.close().await;
+    scratch.close().await;
+}
