@@ -275,7 +275,7 @@ async fn settle(world: &mut World, keys: &[(AccountId, String, i64)], mut covera
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let audit = audit(&world.log).await;
     audit.check_settled();
-    if world.seed % READ_MODEL_SEEDS_EVERY == 0 {
+    if world.seed.is_multiple_of(READ_MODEL_SEEDS_EVERY) {
         // The read models must fold whatever the engine wrote under faults.
         // They run on a runtime of their own: this one's clock is paused.
         let log: Arc<dyn store::EventStore> = Arc::new(world.log.clone());
