@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 pub const PROJECTION_BATCH_MAX: usize = 10_000;
 /// Most keys loaded by one statement.
 const LOAD_KEYS_MAX: usize = 5_000;
+/// Events a fill applies per transaction.
+pub const FILL_COMMIT_EVENTS: usize = 100_000;
 /// Batches read ahead of the one being applied.
 const READ_AHEAD_BATCHES: usize = 2;
 
@@ -117,11 +119,17 @@ pub async fn fill(
     let (sender, mut receiver) = mpsc::channel(READ_AHEAD_BATCHES);
     let reader = tokio::spawn(read_ahead(store, after, until, batch, sender));
     let mut position = after;
+    // Several batches share a transaction: pages a batch dirties are often
+    // dirtied again by the next, and written once per commit.
+    let (mut open, mut uncommitted) = (None::<Tx>, 0);
     while let Some(events) = receiver.recv().await {
         let events = events?;
         let last = events.last().map_or(position, Envelope::position);
         observer.observe(&events)?;
-        let mut tx = db.begin().await?;
+        let mut tx = match open.take() {
+            Some(tx) => tx,
+            None => db.begin().await?,
+        };
         for target in targets {
             let upto = events.partition_point(|e| e.position() <= target.until);
             if upto > 0 {
@@ -134,9 +142,18 @@ pub async fn fill(
                 .await?;
             }
         }
-        tx.commit().await?;
+        uncommitted += events.len();
+        if uncommitted >= FILL_COMMIT_EVENTS {
+            tx.commit().await?;
+            uncommitted = 0;
+        } else {
+            open = Some(tx);
+        }
         position = last;
         progress(position, events.len());
+    }
+    if let Some(tx) = open {
+        tx.commit().await?;
     }
     reader.await.expect("BUG: the log reader panicked");
     Ok(position)
