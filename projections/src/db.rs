@@ -150,7 +150,15 @@ impl ReadDb {
     pub async fn begin(&self) -> Result<Tx, ProjectionError> {
         Ok(match self {
             ReadDb::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
-            ReadDb::Postgres { write, .. } => Tx::Postgres(write.begin().await?),
+            ReadDb::Postgres { write, .. } => {
+                let mut tx = write.begin().await?;
+                // Derived data: a crash may lose the last commits, rows and
+                // checkpoint together, and the runner applies them again.
+                sqlx::query("SET LOCAL synchronous_commit TO OFF")
+                    .execute(&mut *tx)
+                    .await?;
+                Tx::Postgres(tx)
+            }
         })
     }
 
@@ -257,7 +265,8 @@ impl Tx {
     }
 
     /// Writes rows (JSON objects of the table's columns): on PostgreSQL as
-    /// one JSON parameter, on SQLite as bound values, many rows a statement.
+    /// one array parameter per column, on SQLite as bound values, many rows a
+    /// statement.
     pub async fn write_rows(
         &mut self,
         table: &'static Table,
@@ -266,12 +275,19 @@ impl Tx {
     ) -> Result<(), ProjectionError> {
         match self {
             Tx::Postgres(tx) => {
-                let sql = table.write(generation, Dialect::Postgres);
-                let json = serde_json::to_string(rows).expect("BUG: rows serialize");
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(json)
-                    .execute(&mut **tx)
-                    .await?;
+                let mut query = sqlx::query(AssertSqlSafe(table.write_arrays(generation)));
+                for (column, kind) in table.columns {
+                    query = if kind.is_integer() {
+                        let values: Vec<Option<i64>> =
+                            rows.iter().map(|row| row[*column].as_i64()).collect();
+                        query.bind(values)
+                    } else {
+                        let values: Vec<Option<&str>> =
+                            rows.iter().map(|row| row[*column].as_str()).collect();
+                        query.bind(values)
+                    };
+                }
+                query.execute(&mut **tx).await?;
             }
             Tx::Sqlite(tx) => {
                 let mut rest = rows;

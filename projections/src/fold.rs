@@ -102,8 +102,30 @@ fn to_value<T: Serialize>(row: &T) -> Value {
     serde_json::to_value(row).expect("BUG: read-model rows always serialize")
 }
 
+/// Append-only rows in key order: inserting neighbours together touches
+/// fewer index pages than inserting in event order.
 fn appended<R: Serialize>(table: &'static Table, rows: &[R]) -> Option<Change> {
-    (!rows.is_empty()).then(|| (table, rows.iter().map(to_value).collect()))
+    if rows.is_empty() {
+        return None;
+    }
+    let mut values: Vec<Value> = rows.iter().map(to_value).collect();
+    values.sort_by(|a, b| {
+        table
+            .key
+            .iter()
+            .map(|column| compare_json(&a[*column], &b[*column]))
+            .find(|order| order.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Some((table, values))
+}
+
+fn compare_json(a: &Value, b: &Value) -> std::cmp::Ordering {
+    match (a, b) {
+        (Value::String(a), Value::String(b)) => a.cmp(b),
+        (Value::Number(a), Value::Number(b)) => a.as_i64().cmp(&b.as_i64()),
+        _ => std::cmp::Ordering::Equal,
+    }
 }
 
 /// Keys of rows to load before a batch, per table.

@@ -189,37 +189,22 @@ impl Table {
         )
     }
 
-    /// Writes rows given as one JSON array of objects (parameter 1).
-    pub fn write(&self, generation: i64, dialect: Dialect) -> String {
-        let physical = self.physical(generation);
-        let columns = self.column_list();
-        let on_conflict = self.on_conflict();
-        match dialect {
-            Dialect::Sqlite => {
-                let values: Vec<String> = self
-                    .columns
-                    .iter()
-                    .map(|(name, _)| format!("value ->> '{name}'"))
-                    .collect();
-                // `WHERE true` resolves SQLite's parsing ambiguity between a
-                // join constraint and the upsert clause.
-                format!(
-                    "INSERT INTO {physical} ({columns}) SELECT {} FROM json_each(?1) WHERE true{on_conflict}",
-                    values.join(", ")
-                )
-            }
-            Dialect::Postgres => {
-                let record: Vec<String> = self
-                    .columns
-                    .iter()
-                    .map(|(name, kind)| format!("{name} {}", kind.postgres_record()))
-                    .collect();
-                format!(
-                    "INSERT INTO {physical} ({columns}) SELECT {columns} FROM jsonb_to_recordset($1::text::jsonb) AS r({}){on_conflict}",
-                    record.join(", ")
-                )
-            }
-        }
+    /// Writes rows given as one array per column (PostgreSQL `UNNEST`;
+    /// parameter N is column N).
+    pub fn write_arrays(&self, generation: i64) -> String {
+        let arrays: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(index, (_, kind))| format!("${}::{}[]", index + 1, kind.postgres_record()))
+            .collect();
+        format!(
+            "INSERT INTO {} ({columns}) SELECT * FROM UNNEST({}) AS r({columns}){}",
+            self.physical(generation),
+            arrays.join(", "),
+            self.on_conflict(),
+            columns = self.column_list(),
+        )
     }
 
     /// Deletes rows by a single-column key; the keys are parameter 1.
@@ -443,12 +428,11 @@ mod tests {
 
     #[test]
     fn upsert_updates_every_column_but_the_key() {
-        let sql = ACCOUNT_HOLDS.write(2, Dialect::Sqlite);
+        let sql = ACCOUNT_HOLDS.write_values(2, 2);
         assert_eq!(
             sql,
             "INSERT INTO account_holds_g2 (order_id, account_id, debited, settled) \
-             SELECT value ->> 'order_id', value ->> 'account_id', value ->> 'debited', \
-             value ->> 'settled' FROM json_each(?1) WHERE true ON CONFLICT (order_id) DO UPDATE \
+             VALUES (?, ?, ?, ?), (?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE \
              SET account_id = excluded.account_id, debited = excluded.debited, \
              settled = excluded.settled"
         );
@@ -456,9 +440,12 @@ mod tests {
 
     #[test]
     fn append_only_tables_have_no_upsert_clause() {
-        let sql = LEDGER_ENTRIES.write(1, Dialect::Postgres);
-        assert!(!sql.contains("ON CONFLICT"), "{sql}");
-        assert!(sql.contains("jsonb_to_recordset($1::text::jsonb)"), "{sql}");
+        let sql = TIMELINE_EVENTS.write_arrays(1);
+        assert_eq!(
+            sql,
+            "INSERT INTO timeline_events_g1 (correlation_id, position) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[]) AS r(correlation_id, position)"
+        );
     }
 
     #[test]
