@@ -11,9 +11,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber: `RUST_LOG` filters (default `info`), logs go to stderr.
+/// Installs the global subscriber: `RUST_LOG` filters (default `info`, PostgreSQL notices at `warn`), logs go to stderr.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices ("view ... does not exist, skipping") are not news.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -143,3 +143,137 @@ fn purchase_benchmark_sells_out_and_verifies_its_invariants_in_both_modes() {
     }
     assert!(report["engine_over_naive"].as_f64().unwrap() > 0.0);
 }
+
+/// A log with a generated history of about `events` events.
+async fn generated_log(store: &dyn store::EventStore, events: usize) {
+    let mut history = projections::history::History::new(projections::history::Shape {
+        accounts: 60,
+        products: 2,
+        seed: 11,
+    });
+    let mut written = 0;
+    while written < events {
+        let appends = history.next_batch(250);
+        written += appends.iter().map(|a| a.events.len()).sum::<usize>();
+        store.append_batch(appends).await.expect("append");
+    }
+}
+
+fn json(printed: &str) -> serde_json::Value {
+    serde_json::from_str(printed.trim()).unwrap_or_else(|e| panic!("{e}: {printed}"))
+}
+
+/// `rebuild`, `projections` and `audit drift` on one database, found clean,
+/// then tampered with, then repaired by a rebuild of the damaged projection.
+fn read_model_commands(location: &[&str], tamper: impl FnOnce()) {
+    let with = |args: &[&str]| {
+        let mut command = ledger();
+        command.args(args).args(location);
+        command
+    };
+    let status = json(&run(&mut with(&["projections", "--json"])));
+    assert!(
+        status["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["lag"].as_i64() > Some(1_000))
+    );
+    let rebuilt = json(&run(&mut with(&["rebuild", "--json"])));
+    assert!(rebuilt["events"].as_i64() >= Some(2_000), "{rebuilt}");
+    let status = json(&run(&mut with(&["projections", "--json"])));
+    for projection in status["projections"].as_array().unwrap() {
+        assert_eq!(projection["lag"], 0, "{projection}");
+        assert_eq!(projection["generation"], 2, "{projection}");
+    }
+    let clean = json(&run(&mut with(&["audit", "drift", "--json"])));
+    assert_eq!(clean["trial_balance"]["net"], 0);
+    tamper();
+    let output = with(&["audit", "drift"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "drift exits 1");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("DRIFT") && printed.contains("MISMATCH"),
+        "{printed}"
+    );
+    run(&mut with(&["rebuild", "--projection", "accounts"]));
+    run(&mut with(&["audit", "drift"]));
+    let output = with(&["rebuild", "--projection", "balances"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("no projection is named") && message.contains("accounts"),
+        "{message}"
+    );
+}
+
+const TAMPER: &str = "UPDATE account_balances_g2 SET available = available + 7 \
+                      WHERE account_id = (SELECT MIN(account_id) FROM account_balances_g2)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_model_commands_rebuild_check_and_repair_on_sqlite() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("ledger.db");
+    let store = store::SqliteEventStore::open(&path).await.unwrap();
+    generated_log(&store, 2_000).await;
+    let data_dir = folder.path().to_str().unwrap().to_owned();
+    let url = format!("sqlite://{}", path.display());
+    tokio::task::spawn_blocking(move || {
+        read_model_commands(&["--data-dir", &data_dir], || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                sqlx::query(TAMPER).execute(&mut connection).await.unwrap();
+            });
+        });
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_model_commands_rebuild_check_and_repair_on_postgres() {
+    let Some(database) =
+        TestPostgres::create("read_model_commands_rebuild_check_and_repair_on_postgres").await
+    else {
+        return;
+    };
+    generated_log(&database.store().await, 2_000).await;
+    let url = database.url.clone();
+    tokio::task::spawn_blocking(move || {
+        read_model_commands(&["--database-url", &url], || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                sqlx::query(TAMPER).execute(&mut connection).await.unwrap();
+            });
+        });
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn rebuild_benchmark_reports_figures_and_checks_as_json() {
+    let printed = run(ledger().args([
+        "bench",
+        "rebuild",
+        "--events",
+        "3000",
+        "--accounts",
+        "100",
+        "--products",
+        "2",
+        "--json",
+    ]));
+    let report = json(&printed);
+    assert_eq!(report["benchmark"], "rebuild");
+    assert!(report["events"].as_i64() >= Some(3_000), "{report}");
+    assert!(report["events_per_second"].as_f64() > Some(0.0), "{report}");
+    assert_eq!(report["checks"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["drift_differences"], 0, "{report}");
+}
