@@ -33,14 +33,25 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Rebuild read models from position zero and swap them in while readers keep reading.
     Rebuild(read_models::RebuildOptions),
-    /// Show each read model's checkpoint, generation and lag behind the log.
-    Projections(read_models::CheckOptions),
+    /// Run the read-model projections, or show where they stand.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Checks for auditors and operators.
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Measure throughput and latency; every benchmark verifies its invariants.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// The projection commands.
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Show each read model's checkpoint, generation and lag behind the log.
+    Status(read_models::CheckOptions),
+    /// Keep every read model up with the log until interrupted (rebuilding
+    /// first any whose table shape changed); several may run at once.
+    Run(read_models::RunOptions),
 }
 
 /// The audit checks.
@@ -88,7 +99,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
-        Command::Projections(options) => read_models::status(options).await,
+        Command::Projections(ProjectionsCommand::Status(options)) => {
+            read_models::status(options).await
+        }
+        Command::Projections(ProjectionsCommand::Run(options)) => read_models::run(options).await,
         Command::Audit(AuditCommand::Drift(options)) => read_models::drift(options).await,
     }
 }

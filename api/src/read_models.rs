@@ -1,13 +1,15 @@
-//! `ledger rebuild`, `ledger projections` and `ledger audit drift`: operator
-//! commands on the read models.
+//! `ledger rebuild`, `ledger projections status|run` and `ledger audit drift`:
+//! operator commands on the read models.
 
 use crate::bench::progress;
 use crate::cli::StoreArgs;
 use indicatif::ProgressBar;
 use projections::drift::DriftReport;
 use projections::rebuild::REBUILD_BATCH_DEFAULT;
-use projections::{PROJECTION_BATCH_MAX, Projection, ReadDb};
+use projections::runner::RUNNER_BATCH_DEFAULT;
+use projections::{PROJECTION_BATCH_MAX, Projection, ReadDb, Runner, RunnerOptions};
 use std::process::ExitCode;
+use std::time::Duration;
 use store::Backend;
 use store::scratch::ScratchPostgres;
 
@@ -28,7 +30,7 @@ pub struct RebuildOptions {
     pub json: bool,
 }
 
-/// Options of `ledger audit drift` and `ledger projections`.
+/// Options of `ledger audit drift` and `ledger projections status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckOptions {
     /// Where the log and read models live.
@@ -37,6 +39,88 @@ pub struct CheckOptions {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Options of `ledger projections run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunOptions {
+    /// Where the log and read models live.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Events per batch (each batch and its checkpoint commit together).
+    #[arg(long, default_value_t = RUNNER_BATCH_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..=PROJECTION_BATCH_MAX as u64))]
+    pub batch: u64,
+}
+
+/// How often `ledger projections run` logs where each projection stands.
+const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the projections until Ctrl-C (or SIGTERM).
+pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
+    let backend = options.store.backend();
+    let store = backend.open().await?;
+    let db = ReadDb::open(&backend).await?;
+    let stale = projections::install(&db).await?;
+    if !stale.is_empty() {
+        tracing::info!(projections = ?stale, "table shapes changed; rebuilding");
+        projections::rebuild(
+            store.clone(),
+            &db,
+            &stale,
+            REBUILD_BATCH_DEFAULT,
+            &mut |_, _| {},
+        )
+        .await?;
+    }
+    let runner = Runner::start(
+        store,
+        db,
+        RunnerOptions {
+            batch: usize::try_from(options.batch)?,
+            before_commit: None,
+        },
+    );
+    tracing::info!(%backend, "projections running; Ctrl-C stops them");
+    let statuses = runner.statuses();
+    let mut ticks = tokio::time::interval(STATUS_LOG_INTERVAL);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticks.tick() => {
+                for report in statuses.report() {
+                    tracing::info!(
+                        projection = report.projection,
+                        position = report.position,
+                        lag = report.lag,
+                        events_per_second = report.events_per_second,
+                        last_error = report.last_error.as_deref().unwrap_or(""),
+                        "projection status"
+                    );
+                }
+            }
+        }
+    }
+    runner.stop().await;
+    tracing::info!("projections stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("BUG: SIGTERM handler installs");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
 }
 
 /// A bar for replaying the log up to `head`.

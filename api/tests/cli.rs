@@ -2,6 +2,7 @@
 //! the append benchmark's JSON report.
 
 use std::process::Command;
+use store::EventStore as _;
 use store::testing::TestPostgres;
 
 fn ledger() -> Command {
@@ -171,7 +172,7 @@ fn read_model_commands(location: &[&str], tamper: impl FnOnce()) {
         command.args(args).args(location);
         command
     };
-    let status = json(&run(&mut with(&["projections", "--json"])));
+    let status = json(&run(&mut with(&["projections", "status", "--json"])));
     assert!(
         status["projections"]
             .as_array()
@@ -181,7 +182,7 @@ fn read_model_commands(location: &[&str], tamper: impl FnOnce()) {
     );
     let rebuilt = json(&run(&mut with(&["rebuild", "--json"])));
     assert!(rebuilt["events"].as_i64() >= Some(2_000), "{rebuilt}");
-    let status = json(&run(&mut with(&["projections", "--json"])));
+    let status = json(&run(&mut with(&["projections", "status", "--json"])));
     for projection in status["projections"].as_array().unwrap() {
         assert_eq!(projection["lag"], 0, "{projection}");
         assert_eq!(projection["generation"], 2, "{projection}");
@@ -276,4 +277,81 @@ fn rebuild_benchmark_reports_figures_and_checks_as_json() {
     assert!(report["events_per_second"].as_f64() > Some(0.0), "{report}");
     assert_eq!(report["checks"]["ok"], true, "{report}");
     assert_eq!(report["checks"]["drift_differences"], 0, "{report}");
+}
+
+fn lag(data_dir: &str) -> i64 {
+    let status = json(&run(ledger().args([
+        "projections",
+        "status",
+        "--json",
+        "--data-dir",
+        data_dir,
+    ])));
+    status["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_i64().unwrap())
+        .max()
+        .unwrap()
+}
+
+fn wait_for_no_lag(data_dir: &str) {
+    for _ in 0..600 {
+        if lag(data_dir) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the projections never caught up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projections_run_follows_another_process_and_survives_kill_9() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("ledger.db");
+    let store = store::SqliteEventStore::open(&path).await.unwrap();
+    generated_log(&store, 1_000).await;
+    let data_dir = folder.path().to_str().unwrap().to_owned();
+    let mut runner = ledger()
+        .args([
+            "projections",
+            "run",
+            "--batch",
+            "97",
+            "--data-dir",
+            &data_dir,
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = data_dir.clone();
+    tokio::task::spawn_blocking(move || wait_for_no_lag(&dir))
+        .await
+        .unwrap();
+    // More appends from this process: the runner wakes by its poll.
+    let mut history = projections::history::History::new(projections::history::Shape {
+        accounts: 30,
+        products: 1,
+        seed: 5,
+    });
+    for _ in 0..8 {
+        store.append_batch(history.next_batch(200)).await.unwrap();
+    }
+    let dir = data_dir.clone();
+    tokio::task::spawn_blocking(move || wait_for_no_lag(&dir))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        store.append_batch(history.next_batch(200)).await.unwrap();
+    }
+    // Killed mid-stream: whatever it committed must be whole.
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let dir = data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        run(ledger().args(["audit", "drift", "--data-dir", &dir]));
+    })
+    .await
+    .unwrap();
 }
