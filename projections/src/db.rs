@@ -12,7 +12,7 @@ use chrono::Utc;
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Postgres, Sqlite, Transaction};
 use std::path::Path;
 use std::time::Duration;
 use store::Backend;
@@ -23,6 +23,12 @@ pub const READ_CONNECTIONS_MAX: u32 = 8;
 pub const POSTGRES_WRITE_CONNECTIONS_MAX: u32 = 4;
 /// Page cache of the SQLite writer connection, KiB.
 pub const SQLITE_WRITE_CACHE_KIB: u32 = 262_144;
+/// A projection write slower than this is logged as a warning (rebuild
+/// transactions and index builds legitimately take seconds).
+pub const SLOW_WRITE: Duration = Duration::from_secs(30);
+/// A read slower than this is logged at debug level (drift checks scan
+/// whole tables; API latency is measured by the API's own metrics).
+pub const SLOW_READ: Duration = Duration::from_secs(1);
 /// How long to wait for a connection from a pool.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,7 +106,9 @@ impl ReadDb {
         let write_options = options
             .clone()
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-            .pragma("cache_size", format!("-{SQLITE_WRITE_CACHE_KIB}"));
+            .pragma("cache_size", format!("-{SQLITE_WRITE_CACHE_KIB}"))
+            .log_slow_statements(log::LevelFilter::Warn, SLOW_WRITE);
+        let options = options.log_slow_statements(log::LevelFilter::Debug, SLOW_READ);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -124,8 +132,13 @@ impl ReadDb {
         let write = PgPoolOptions::new()
             .max_connections(POSTGRES_WRITE_CONNECTIONS_MAX)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(
+                options
+                    .clone()
+                    .log_slow_statements(log::LevelFilter::Warn, SLOW_WRITE),
+            )
             .await?;
+        let options = options.log_slow_statements(log::LevelFilter::Debug, SLOW_READ);
         store::postgres::MIGRATOR
             .run(&write)
             .await
@@ -405,6 +418,34 @@ impl Tx {
         for table in projection.tables() {
             self.execute(table.drop(generation)).await?;
             for statement in table.create(generation) {
+                self.execute(statement).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates one generation of a projection's tables without the indexes
+    /// `create_indexes` adds (for a rebuild to fill first).
+    pub async fn create_bare_tables(
+        &mut self,
+        projection: Projection,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
+        for table in projection.tables() {
+            self.execute(table.drop(generation)).await?;
+            self.execute(table.create_table(generation)).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the indexes `create_bare_tables` left out.
+    pub async fn create_indexes(
+        &mut self,
+        projection: Projection,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
+        for table in projection.tables() {
+            for statement in table.create_indexes(generation) {
                 self.execute(statement).await?;
             }
         }

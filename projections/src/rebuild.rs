@@ -1,7 +1,8 @@
 //! Rebuilding read models from position zero while readers keep reading.
 //!
 //! Generation N+1 of each chosen projection is filled beside the live
-//! generation N; then one transaction locks the checkpoints, applies what was
+//! generation N (its secondary indexes and append-only keys are built after
+//! the fill, by sorting, rather than row by row); then one transaction locks the checkpoints, applies what was
 //! appended meanwhile, moves the checkpoints and the readers' views to N+1 and
 //! drops N. A crash before that commit leaves N live and untouched (the
 //! leftover N+1 tables are dropped by the next rebuild).
@@ -66,7 +67,7 @@ pub async fn rebuild(
     let head = store.head().await?;
     let mut tx = db.begin().await?;
     for (projection, generation) in &live {
-        tx.create_tables(*projection, generation + 1).await?;
+        tx.create_bare_tables(*projection, generation + 1).await?;
     }
     tx.commit().await?;
     let targets: Vec<Target> = live
@@ -87,6 +88,11 @@ pub async fn rebuild(
         &mut |position, _| progress(position, head),
     )
     .await?;
+    let mut tx = db.begin().await?;
+    for (projection, generation) in &live {
+        tx.create_indexes(*projection, generation + 1).await?;
+    }
+    tx.commit().await?;
     let (caught_up, position) = swap(store.as_ref(), db, &live, filled).await?;
     Ok(RebuildReport {
         projections: projections.iter().map(|p| p.name()).collect(),

@@ -97,17 +97,42 @@ impl Table {
 
     /// `CREATE TABLE` and `CREATE INDEX` statements for one generation.
     pub fn create(&self, generation: i64) -> Vec<String> {
-        let physical = self.physical(generation);
+        let mut statements = vec![self.create_table(generation)];
+        statements.extend(self.create_indexes(generation));
+        statements
+    }
+
+    /// `CREATE TABLE` alone: upsert tables get their primary key (upserts
+    /// need it), append-only tables get their key later, with the indexes.
+    pub fn create_table(&self, generation: i64) -> String {
         let columns: Vec<String> = self
             .columns
             .iter()
             .map(|(name, kind)| format!("{name} {}", kind.sql()))
             .collect();
-        let mut statements = vec![format!(
-            "CREATE TABLE {physical} ({}, PRIMARY KEY ({}))",
-            columns.join(", "),
-            self.key.join(", ")
-        )];
+        let key = match self.writes {
+            Writes::Upsert => format!(", PRIMARY KEY ({})", self.key.join(", ")),
+            Writes::AppendOnly => String::new(),
+        };
+        format!(
+            "CREATE TABLE {} ({}{key})",
+            self.physical(generation),
+            columns.join(", ")
+        )
+    }
+
+    /// The indexes `create_table` leaves out: a rebuild fills the table first
+    /// and builds these once (sorting) instead of inserting into them row by
+    /// row at random places.
+    pub fn create_indexes(&self, generation: i64) -> Vec<String> {
+        let physical = self.physical(generation);
+        let mut statements = Vec::new();
+        if self.writes == Writes::AppendOnly {
+            statements.push(format!(
+                "CREATE UNIQUE INDEX {physical}_key ON {physical} ({})",
+                self.key.join(", ")
+            ));
+        }
         for (suffix, indexed) in self.indexes {
             statements.push(format!(
                 "CREATE INDEX {physical}_{suffix} ON {physical} ({indexed})"
