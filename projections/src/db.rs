@@ -22,7 +22,7 @@ pub const READ_CONNECTIONS_MAX: u32 = 8;
 /// Connections projection writers may hold on PostgreSQL (per process).
 pub const POSTGRES_WRITE_CONNECTIONS_MAX: u32 = 4;
 /// Page cache of the SQLite writer connection, KiB.
-pub const SQLITE_WRITE_CACHE_KIB: u32 = 262_144;
+pub const SQLITE_WRITE_CACHE_KIB: u32 = 65_536;
 /// A projection write slower than this is logged as a warning (rebuild
 /// transactions and index builds legitimately take seconds).
 pub const SLOW_WRITE: Duration = Duration::from_secs(30);
