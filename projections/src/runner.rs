@@ -1,12 +1,13 @@
-//! Keeps the read models up with the log: one task per projection, applying
-//! bounded batches, each with its checkpoint in one transaction.
+//! Keeps the read models up with the log: one task reads each batch of the
+//! log once and applies it to every projection, each projection's rows and
+//! checkpoint in the same transaction.
 //!
-//! A step reads the checkpoint, reads the events after it, then in one
-//! transaction re-reads (and on PostgreSQL locks) the checkpoint, applies the
-//! batch to the live generation and moves the checkpoint. If the checkpoint
-//! moved in between (another node's runner, or a rebuild's swap), the batch is
-//! dropped and read again, so nothing is applied twice or skipped; several
-//! processes may run runners on one database.
+//! A step reads the checkpoints, reads the events after the lowest, then in
+//! one transaction re-reads (and on PostgreSQL locks) each checkpoint, applies
+//! to each projection the events past its own checkpoint and moves it. A
+//! projection whose checkpoint moved in between (another node's runner, or a
+//! rebuild's swap) is skipped and read again next step, so nothing is applied
+//! twice or skipped; several processes may run runners on one database.
 
 use crate::apply::{PROJECTION_BATCH_MAX, apply_batch};
 use crate::db::{Checkpoint, ReadDb};
@@ -36,61 +37,95 @@ const RUNNER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const RATE_WINDOW: Duration = Duration::from_secs(2);
 
 /// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Applied this many events.
-    Applied(usize),
+    /// Applied events: how many to each projection that moved.
+    Applied(Vec<(Projection, usize)>),
     /// Nothing new in the log.
     Idle,
-    /// The checkpoint moved under us; read again.
+    /// A checkpoint moved under us; read again.
     Raced,
+}
+
+impl Step {
+    /// Events applied, summed over projections.
+    pub fn applied(&self) -> usize {
+        match self {
+            Step::Applied(counts) => counts.iter().map(|(_, count)| count).sum(),
+            Step::Idle | Step::Raced => 0,
+        }
+    }
 }
 
 /// A fault to inject just before a step commits (tests of crash safety).
 pub type BeforeCommit = Arc<dyn Fn(Projection, i64) -> Result<(), ProjectionError> + Send + Sync>;
 
-/// Applies the next batch (at most `limit` events, none past `until`) to a
-/// projection's live tables.
+/// Applies the next batch (at most `limit` events, none past `until`) to the
+/// live tables of the given projections, reading and decoding the log once
+/// for all of them and committing them together. A projection whose
+/// checkpoint moved since it was read is left for the next step.
 pub async fn step(
     store: &dyn EventStore,
     db: &ReadDb,
-    projection: Projection,
+    projections: &[Projection],
     limit: usize,
     until: Option<i64>,
     before_commit: Option<&BeforeCommit>,
 ) -> Result<Step, ProjectionError> {
-    let Some(seen) = db.checkpoint(projection).await? else {
-        return Err(ProjectionError::inconsistent(
-            0,
-            format!("projection {projection} is not installed"),
-        ));
+    let mut seen = Vec::with_capacity(projections.len());
+    for projection in projections {
+        let Some(checkpoint) = db.checkpoint(*projection).await? else {
+            return Err(ProjectionError::inconsistent(
+                0,
+                format!("projection {projection} is not installed"),
+            ));
+        };
+        seen.push((*projection, checkpoint));
+    }
+    let Some(after) = seen.iter().map(|(_, c)| c.position).min() else {
+        return Ok(Step::Idle);
     };
     let mut events = store
-        .read_all(seen.position, limit.clamp(1, PROJECTION_BATCH_MAX))
+        .read_all(after, limit.clamp(1, PROJECTION_BATCH_MAX))
         .await?;
     if let Some(until) = until {
         events.retain(|e| e.position <= until);
     }
-    let Some(last) = events.last().map(|e| e.position) else {
+    if events.is_empty() {
         return Ok(Step::Idle);
-    };
+    }
     let envelopes = decode_all(events)?;
     let mut tx = db.begin().await?;
-    let current = tx.checkpoint(projection).await?;
-    if current != Some(seen) {
-        return Ok(Step::Raced);
-    }
-    apply_batch(&mut tx, projection, seen.generation, &envelopes).await?;
-    let moved = Checkpoint {
-        position: last,
-        ..seen
-    };
-    tx.set_checkpoint(projection, moved).await?;
-    if let Some(fault) = before_commit {
-        fault(projection, last)?;
+    let (mut applied, mut raced) = (Vec::new(), false);
+    for (projection, checkpoint) in &seen {
+        if tx.checkpoint(*projection).await? != Some(*checkpoint) {
+            raced = true;
+            continue;
+        }
+        let start = envelopes.partition_point(|e| e.position() <= checkpoint.position);
+        let batch = &envelopes[start..];
+        let Some(last) = batch.last().map(|e| e.position()) else {
+            continue;
+        };
+        apply_batch(&mut tx, *projection, checkpoint.generation, batch).await?;
+        let moved = Checkpoint {
+            position: last,
+            ..*checkpoint
+        };
+        tx.set_checkpoint(*projection, moved).await?;
+        if let Some(fault) = before_commit {
+            fault(*projection, last)?;
+        }
+        applied.push((*projection, batch.len()));
     }
     tx.commit().await?;
-    Ok(Step::Applied(envelopes.len()))
+    Ok(if !applied.is_empty() {
+        Step::Applied(applied)
+    } else if raced {
+        Step::Raced
+    } else {
+        Step::Idle
+    })
 }
 
 /// Applies every event up to `until` (or the head) to the given projections,
@@ -102,16 +137,12 @@ pub async fn catch_up(
     until: Option<i64>,
 ) -> Result<usize, ProjectionError> {
     let mut applied = 0;
-    for projection in projections {
-        loop {
-            match step(store, db, *projection, RUNNER_BATCH_DEFAULT, until, None).await? {
-                Step::Applied(count) => applied += count,
-                Step::Raced => continue,
-                Step::Idle => break,
-            }
+    loop {
+        match step(store, db, projections, RUNNER_BATCH_DEFAULT, until, None).await? {
+            Step::Idle => return Ok(applied),
+            progress => applied += progress.applied(),
         }
     }
-    Ok(applied)
 }
 
 /// How far one projection is, for metrics and the dashboard.
@@ -224,17 +255,14 @@ impl Runner {
         let statuses = Arc::new(Statuses::new());
         let (stop, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for projection in Projection::ALL {
-            let task = RunnerTask {
-                store: store.clone(),
-                db: db.clone(),
-                projection,
-                options: options.clone(),
-                statuses: statuses.clone(),
-                stop: stop.subscribe(),
-            };
-            tasks.spawn(task.run());
-        }
+        let task = RunnerTask {
+            store,
+            db,
+            options,
+            statuses: statuses.clone(),
+            stop: stop.subscribe(),
+        };
+        tasks.spawn(task.run());
         Runner {
             statuses,
             stop,
@@ -257,7 +285,6 @@ impl Runner {
 struct RunnerTask {
     store: Arc<dyn EventStore>,
     db: ReadDb,
-    projection: Projection,
     options: RunnerOptions,
     statuses: Arc<Statuses>,
     stop: watch::Receiver<bool>,
@@ -265,51 +292,54 @@ struct RunnerTask {
 
 struct Rate {
     since: Instant,
-    count: u64,
+    counts: BTreeMap<Projection, u64>,
 }
 
 impl RunnerTask {
     async fn run(mut self) {
-        let status = self.statuses.of(self.projection);
         let mut commits = self.store.commits();
         let mut backoff = RUNNER_BACKOFF_MIN;
         let mut rate = Rate {
             since: Instant::now(),
-            count: 0,
+            counts: BTreeMap::new(),
         };
         let mut logged = Instant::now();
         while !*self.stop.borrow() {
             let result = step(
                 self.store.as_ref(),
                 &self.db,
-                self.projection,
+                &Projection::ALL,
                 self.options.batch,
                 None,
                 self.options.before_commit.as_ref(),
             )
             .await;
             match result {
-                Ok(Step::Applied(count)) => {
+                Ok(Step::Applied(counts)) => {
                     backoff = RUNNER_BACKOFF_MIN;
-                    status.applied.fetch_add(count as u64, Ordering::Relaxed);
-                    rate.count += count as u64;
-                    *status.last_error.lock().expect("BUG: poisoned") = None;
-                    self.observe(status, &mut rate).await;
+                    for (projection, count) in counts {
+                        let status = self.statuses.of(projection);
+                        status.applied.fetch_add(count as u64, Ordering::Relaxed);
+                        *status.last_error.lock().expect("BUG: poisoned") = None;
+                        *rate.counts.entry(projection).or_default() += count as u64;
+                    }
+                    self.observe(&mut rate).await;
                     if logged.elapsed() >= RUNNER_LOG_INTERVAL {
                         logged = Instant::now();
-                        let report = &self.statuses.report()[self.projection as usize];
-                        tracing::info!(
-                            projection = %self.projection,
-                            position = report.position,
-                            lag = report.lag,
-                            events_per_second = report.events_per_second,
-                            "projection progress"
-                        );
+                        for report in self.statuses.report() {
+                            tracing::info!(
+                                projection = report.projection,
+                                position = report.position,
+                                lag = report.lag,
+                                events_per_second = report.events_per_second,
+                                "projection progress"
+                            );
+                        }
                     }
                 }
                 Ok(Step::Raced) => {}
                 Ok(Step::Idle) => {
-                    self.observe(status, &mut rate).await;
+                    self.observe(&mut rate).await;
                     tokio::select! {
                         _ = commits.changed() => {}
                         _ = tokio::time::sleep(RUNNER_POLL_INTERVAL) => {}
@@ -317,9 +347,12 @@ impl RunnerTask {
                     }
                 }
                 Err(error) => {
-                    status.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(projection = %self.projection, %error, "projection step failed");
-                    *status.last_error.lock().expect("BUG: poisoned") = Some(error.to_string());
+                    tracing::warn!(%error, "projection step failed");
+                    for projection in Projection::ALL {
+                        let status = self.statuses.of(projection);
+                        status.failures.fetch_add(1, Ordering::Relaxed);
+                        *status.last_error.lock().expect("BUG: poisoned") = Some(error.to_string());
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.changed() => {}
@@ -330,25 +363,33 @@ impl RunnerTask {
         }
     }
 
-    /// Refreshes position, head and rate.
-    async fn observe(&self, status: &ProjectionStatus, rate: &mut Rate) {
-        if let Ok(Some(checkpoint)) = self.db.checkpoint(self.projection).await {
-            status
-                .position
-                .store(checkpoint.position, Ordering::Relaxed);
-        }
-        if let Ok(head) = self.store.head().await {
-            status.head.store(head, Ordering::Relaxed);
+    /// Refreshes positions, head and rates.
+    async fn observe(&self, rate: &mut Rate) {
+        let head = self.store.head().await.ok();
+        for projection in Projection::ALL {
+            let status = self.statuses.of(projection);
+            if let Ok(Some(checkpoint)) = self.db.checkpoint(projection).await {
+                status
+                    .position
+                    .store(checkpoint.position, Ordering::Relaxed);
+            }
+            if let Some(head) = head {
+                status.head.store(head, Ordering::Relaxed);
+            }
         }
         let elapsed = rate.since.elapsed();
         if elapsed >= RATE_WINDOW {
-            let per_second = rate.count as f64 / elapsed.as_secs_f64();
-            status
-                .rate_milli
-                .store((per_second * 1000.0) as u64, Ordering::Relaxed);
+            for projection in Projection::ALL {
+                let count = rate.counts.get(&projection).copied().unwrap_or(0);
+                let per_second = count as f64 / elapsed.as_secs_f64();
+                let status = self.statuses.of(projection);
+                status
+                    .rate_milli
+                    .store((per_second * 1000.0) as u64, Ordering::Relaxed);
+            }
             *rate = Rate {
                 since: Instant::now(),
-                count: 0,
+                counts: BTreeMap::new(),
             };
         }
     }

@@ -179,7 +179,7 @@ async fn a_crash_before_commit_neither_loses_nor_repeats(harness: Harness) {
             match step(
                 harness.store.as_ref(),
                 &harness.db,
-                projection,
+                &[projection],
                 137,
                 None,
                 Some(&fault),
