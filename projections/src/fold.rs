@@ -426,6 +426,8 @@ impl AccountsFold {
                 matches!(&posting.account, LedgerAccount::CustomerAvailable { account_id } if account_id.to_string() == key)
             });
             for (seq, posting) in customer_postings.enumerate() {
+                // Ledger pages break between positions (see `query::ledger`).
+                assert_eq!(seq, 0, "BUG: an event posts twice to one account");
                 let amount =
                     i64::try_from(posting.signed_minor()).expect("BUG: postings fit in i64");
                 row.available = checked(envelope, row.available + amount, "available balance")?;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fold;
 pub mod history;
 pub mod projection;
+pub mod query;
 pub mod rebuild;
 pub mod rows;
 pub mod runner;

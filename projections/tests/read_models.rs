@@ -322,7 +322,125 @@ async fn drift_and_trial_balance_find_tampering(harness: Harness) {
     assert_eq!(report.trial_balance.net, 0, "the log itself still balances");
 }
 
+async fn queries_page_and_explain_from_the_views(harness: Harness) {
+    use projections::query;
+    harness.generate(SHAPE, 4_000, 400).await;
+    install(&harness.db).await.expect("install");
+    catch_up(harness.store.as_ref(), &harness.db, &Projection::ALL, None)
+        .await
+        .expect("catch up");
+    let products = query::all_progress(&harness.db).await.expect("progress");
+    assert_eq!(products.len(), SHAPE.products);
+    for progress in &products {
+        assert_eq!(
+            progress.confirmed + progress.reserved + progress.available,
+            progress.quota
+        );
+        let one = query::progress(&harness.db, &progress.product_id)
+            .await
+            .expect("read");
+        assert_eq!(one.as_ref(), Some(progress));
+    }
+    assert_eq!(
+        query::progress(&harness.db, "no-such-product")
+            .await
+            .expect("read"),
+        None
+    );
+    // The busiest account, paged through 7 entries at a time.
+    let account_id: String = match &harness.db {
+        projections::ReadDb::Sqlite { read, .. } => {
+            sqlx::query_scalar(BUSIEST).fetch_one(read).await
+        }
+        projections::ReadDb::Postgres { read, .. } => {
+            sqlx::query_scalar(BUSIEST).fetch_one(read).await
+        }
+    }
+    .expect("an account with entries");
+    let balance = query::balance(&harness.db, &account_id)
+        .await
+        .expect("read")
+        .expect("exists");
+    let (mut after, mut entries) = (0, Vec::new());
+    loop {
+        let page = query::ledger(&harness.db, &account_id, after, 7)
+            .await
+            .expect("page");
+        assert!(page.entries.len() <= 7);
+        entries.extend(page.entries);
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert!(entries.len() > 7, "several pages");
+    assert!(
+        entries.windows(2).all(|w| w[0].position < w[1].position),
+        "oldest first, no repeats"
+    );
+    assert_eq!(
+        entries.iter().map(|e| e.amount).sum::<i64>(),
+        balance.available
+    );
+    assert_eq!(
+        entries.last().map(|e| e.balance_after),
+        Some(balance.available)
+    );
+    let mut running = 0;
+    for entry in &entries {
+        running += entry.amount;
+        assert_eq!(entry.balance_after, running, "balance_after runs");
+    }
+    // An order's timeline is every event carrying its id, from both streams.
+    let order_id = entries
+        .iter()
+        .find(|e| e.kind == "purchase")
+        .and_then(|e| e.order_id.clone())
+        .expect("the busiest account bought something");
+    let order = query::order(&harness.db, &order_id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(order.account_id, account_id);
+    let timeline = query::timeline(&harness.db, harness.store.as_ref(), &order_id)
+        .await
+        .expect("timeline");
+    let types: Vec<&str> = timeline.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types.first(), Some(&"quota_reserved"), "{types:?}");
+    assert!(types.contains(&"purchase_debited"), "{types:?}");
+    for event in &timeline {
+        assert_eq!(
+            event.metadata.correlation_id.map(|id| id.to_string()),
+            Some(order_id.clone())
+        );
+    }
+    let paid = query::payouts(&harness.db, None, Some("succeeded"))
+        .await
+        .expect("payouts");
+    assert!(
+        !paid.is_empty()
+            && paid
+                .iter()
+                .all(|p| p.status == "succeeded" && p.provider_ref.is_some())
+    );
+    let product = &paid[0].product_id;
+    let of_product = query::payouts(&harness.db, Some(product), None)
+        .await
+        .expect("payouts");
+    assert!(of_product.iter().all(|p| &p.product_id == product));
+    assert!(
+        query::payouts(&harness.db, Some("no-such-product"), None)
+            .await
+            .expect("payouts")
+            .is_empty()
+    );
+}
+
+const BUSIEST: &str = "SELECT account_id FROM ledger_entries GROUP BY account_id \
+                       ORDER BY COUNT(*) DESC, account_id LIMIT 1";
+
 on_both_backends!(
+    queries_page_and_explain_from_the_views,
     runner_catches_up_and_equals_a_rebuild,
     rebuild_swaps_in_while_readers_and_writers_go_on,
     a_crash_before_commit_neither_loses_nor_repeats,
