@@ -415,13 +415,8 @@ impl Tx {
         projection: Projection,
         generation: i64,
     ) -> Result<(), ProjectionError> {
-        for table in projection.tables() {
-            self.execute(table.drop(generation)).await?;
-            for statement in table.create(generation) {
-                self.execute(statement).await?;
-            }
-        }
-        Ok(())
+        self.create_bare_tables(projection, generation).await?;
+        self.create_indexes(projection, generation).await
     }
 
     /// Creates one generation of a projection's tables without the indexes
