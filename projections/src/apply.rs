@@ -99,6 +99,28 @@ pub trait Observer: Send {
     fn observe(&mut self, events: &[Envelope]) -> Result<(), ProjectionError>;
 }
 
+/// A rebuild's lease on its projections, renewed at every commit of a fill.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    /// The projections leased.
+    pub projections: &'a [Projection],
+    /// The lease holder.
+    pub owner: &'a str,
+}
+
+/// What a fill fills.
+#[derive(Debug, Clone, Copy)]
+pub struct FillPlan<'a> {
+    /// The tables to fill, each up to its position.
+    pub targets: &'a [Target],
+    /// The position to start after.
+    pub after: i64,
+    /// Events per read.
+    pub batch: usize,
+    /// The rebuild lease to renew at each commit, if any.
+    pub lease: Option<Lease<'a>>,
+}
+
 /// Fills the targets' tables with the events after `after`, reading the log
 /// once for all of them; one transaction per batch, with the next batches
 /// read and decoded while one is applied. Checkpoints are not touched.
@@ -106,12 +128,16 @@ pub trait Observer: Send {
 pub async fn fill(
     store: Arc<dyn EventStore>,
     db: &ReadDb,
-    targets: &[Target],
-    after: i64,
-    batch: usize,
+    plan: FillPlan<'_>,
     observer: &mut dyn Observer,
     progress: &mut (dyn FnMut(i64, usize) + Send),
 ) -> Result<i64, ProjectionError> {
+    let FillPlan {
+        targets,
+        after,
+        batch,
+        lease,
+    } = plan;
     let Some(until) = targets.iter().map(|t| t.until).max() else {
         return Ok(after);
     };
@@ -144,6 +170,9 @@ pub async fn fill(
         }
         uncommitted += events.len();
         if uncommitted >= FILL_COMMIT_EVENTS {
+            if let Some(lease) = lease {
+                tx.renew_rebuild(lease.projections, lease.owner).await?;
+            }
             tx.commit().await?;
             uncommitted = 0;
         } else {
@@ -152,7 +181,10 @@ pub async fn fill(
         position = last;
         progress(position, events.len());
     }
-    if let Some(tx) = open {
+    if let Some(mut tx) = open {
+        if let Some(lease) = lease {
+            tx.renew_rebuild(lease.projections, lease.owner).await?;
+        }
         tx.commit().await?;
     }
     reader.await.expect("BUG: the log reader panicked");

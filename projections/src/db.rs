@@ -5,6 +5,7 @@
 //! driver accepts too. Table statements come from `schema` (built from
 //! constants and a generation number, never from input).
 
+use crate::envelope::time_text;
 use crate::error::ProjectionError;
 use crate::projection::Projection;
 use crate::schema::{Dialect, Table};
@@ -29,6 +30,9 @@ pub const SLOW_WRITE: Duration = Duration::from_secs(30);
 /// A read slower than this is logged at debug level (drift checks scan
 /// whole tables; API latency is measured by the API's own metrics).
 pub const SLOW_READ: Duration = Duration::from_secs(1);
+/// How long a rebuild's lease lasts without renewal (it renews at every
+/// commit, every few seconds).
+pub const REBUILD_LEASE: chrono::Duration = chrono::Duration::minutes(10);
 /// How long to wait for a connection from a pool.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -384,7 +388,7 @@ impl Tx {
         projection: Projection,
         checkpoint: Checkpoint,
     ) -> Result<(), ProjectionError> {
-        let now = crate::envelope::time_text(Utc::now());
+        let now = time_text(Utc::now());
         macro_rules! upsert {
             ($tx:expr) => {
                 sqlx::query(CHECKPOINT_UPSERT)
@@ -403,6 +407,119 @@ impl Tx {
             }
             Tx::Postgres(tx) => {
                 upsert!(tx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the rebuild lease of each projection for `owner`, or fails if a
+    /// live lease of another rebuild holds one.
+    pub async fn claim_rebuild(
+        &mut self,
+        projections: &[Projection],
+        owner: &str,
+    ) -> Result<(), ProjectionError> {
+        const EXPIRED: &str =
+            "DELETE FROM projection_rebuilds WHERE projection = $1 AND expires_at < $2";
+        const CLAIM: &str = "INSERT INTO projection_rebuilds (projection, owner, expires_at) \
+                             VALUES ($1, $2, $3) ON CONFLICT (projection) DO NOTHING";
+        const HOLDER: &str =
+            "SELECT owner, expires_at FROM projection_rebuilds WHERE projection = $1";
+        let now = Utc::now();
+        let (now_text, until) = (time_text(now), time_text(now + REBUILD_LEASE));
+        for projection in projections {
+            macro_rules! claim {
+                ($tx:expr) => {{
+                    sqlx::query(EXPIRED)
+                        .bind(projection.name())
+                        .bind(&now_text)
+                        .execute(&mut **$tx)
+                        .await?;
+                    let claimed = sqlx::query(CLAIM)
+                        .bind(projection.name())
+                        .bind(owner)
+                        .bind(&until)
+                        .execute(&mut **$tx)
+                        .await?
+                        .rows_affected();
+                    if claimed == 0 {
+                        let (holder, expires_at): (String, String) = sqlx::query_as(HOLDER)
+                            .bind(projection.name())
+                            .fetch_one(&mut **$tx)
+                            .await?;
+                        return Err(ProjectionError::RebuildRunning {
+                            projection: projection.name(),
+                            owner: holder,
+                            expires_at,
+                        });
+                    }
+                }};
+            }
+            match self {
+                Tx::Sqlite(tx) => claim!(tx),
+                Tx::Postgres(tx) => claim!(tx),
+            }
+        }
+        Ok(())
+    }
+
+    /// Extends `owner`'s rebuild leases, or fails if it lost one.
+    pub async fn renew_rebuild(
+        &mut self,
+        projections: &[Projection],
+        owner: &str,
+    ) -> Result<(), ProjectionError> {
+        const RENEW: &str =
+            "UPDATE projection_rebuilds SET expires_at = $3 WHERE projection = $1 AND owner = $2";
+        let until = time_text(Utc::now() + REBUILD_LEASE);
+        for projection in projections {
+            let renewed = match self {
+                Tx::Sqlite(tx) => sqlx::query(RENEW)
+                    .bind(projection.name())
+                    .bind(owner)
+                    .bind(&until)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected(),
+                Tx::Postgres(tx) => sqlx::query(RENEW)
+                    .bind(projection.name())
+                    .bind(owner)
+                    .bind(&until)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected(),
+            };
+            if renewed == 0 {
+                return Err(ProjectionError::RebuildRaced(projection.name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up `owner`'s rebuild leases.
+    pub async fn release_rebuild(
+        &mut self,
+        projections: &[Projection],
+        owner: &str,
+    ) -> Result<(), ProjectionError> {
+        const RELEASE: &str =
+            "DELETE FROM projection_rebuilds WHERE projection = $1 AND owner = $2";
+        for projection in projections {
+            match self {
+                Tx::Sqlite(tx) => {
+                    sqlx::query(RELEASE)
+                        .bind(projection.name())
+                        .bind(owner)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Tx::Postgres(tx) => {
+                    sqlx::query(RELEASE)
+                        .bind(projection.name())
+                        .bind(owner)
+                        .execute(&mut **tx)
+                        .await?;
+                }
             }
         }
         Ok(())

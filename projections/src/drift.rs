@@ -2,7 +2,7 @@
 //! the live checkpoints, compare row by row with the live read models (read
 //! in one snapshot), and run the trial balance on the same snapshot.
 
-use crate::apply::{Target, fill, install};
+use crate::apply::{FillPlan, Target, fill, install};
 use crate::db::{Checkpoint, ReadDb};
 use crate::error::ProjectionError;
 use crate::projection::Projection;
@@ -190,15 +190,15 @@ pub async fn check_drift(
         .collect();
     let until_max = targets.iter().map(|t| t.until).max().unwrap_or(0);
     let mut sums = PostingSums::until(checkpoint(Projection::Accounts));
-    fill(
-        store,
-        scratch,
-        &targets,
-        0,
-        REBUILD_BATCH_DEFAULT,
-        &mut sums,
-        &mut |position, _| progress(position, until_max),
-    )
+    let plan = FillPlan {
+        targets: &targets,
+        after: 0,
+        batch: REBUILD_BATCH_DEFAULT,
+        lease: None,
+    };
+    fill(store, scratch, plan, &mut sums, &mut |position, _| {
+        progress(position, until_max)
+    })
     .await?;
     let mut tables = Vec::new();
     for projection in Projection::ALL {

@@ -37,6 +37,18 @@ pub enum ProjectionError {
         /// What is wrong.
         reason: String,
     },
+    /// Another rebuild of the projection is running.
+    #[error(
+        "another rebuild of {projection} is running ({owner}, lease until {expires_at}); wait for it, or for its lease to expire"
+    )]
+    RebuildRunning {
+        /// The projection.
+        projection: &'static str,
+        /// Who holds the lease.
+        owner: String,
+        /// When the lease expires unless renewed.
+        expires_at: String,
+    },
     /// Another rebuild swapped the projection first.
     #[error("projection {0} changed generation during the rebuild; run it again")]
     RebuildRaced(&'static str),

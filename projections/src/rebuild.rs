@@ -7,7 +7,7 @@
 //! drops N. A crash before that commit leaves N live and untouched (the
 //! leftover N+1 tables are dropped by the next rebuild).
 
-use crate::apply::{NoObserver, Target, apply_batch, fill, install};
+use crate::apply::{FillPlan, Lease, NoObserver, Target, apply_batch, fill, install};
 use crate::db::{Checkpoint, ReadDb};
 use crate::envelope::decode_all;
 use crate::error::ProjectionError;
@@ -15,6 +15,7 @@ use crate::projection::Projection;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::EventStore;
+use uuid::Uuid;
 
 /// Events per rebuild batch.
 pub const REBUILD_BATCH_DEFAULT: usize = 5_000;
@@ -47,6 +48,8 @@ impl RebuildReport {
 
 /// Rebuilds the given projections from position zero and swaps them in.
 /// `progress` is told the position reached and the head being replayed to.
+/// Holds a lease on the projections meanwhile: a second rebuild of any of
+/// them fails at once with `RebuildRunning`.
 pub async fn rebuild(
     store: Arc<dyn EventStore>,
     db: &ReadDb,
@@ -56,20 +59,52 @@ pub async fn rebuild(
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     install(db).await?;
+    let owner = format!("rebuild {} (pid {})", Uuid::now_v7(), std::process::id());
+    let lease = Lease {
+        projections,
+        owner: &owner,
+    };
     let mut live = Vec::with_capacity(projections.len());
+    let mut tx = db.begin().await?;
+    tx.claim_rebuild(projections, &owner).await?;
     for projection in projections {
-        let checkpoint = db
+        let checkpoint = tx
             .checkpoint(*projection)
             .await?
             .expect("BUG: installed above");
         live.push((*projection, checkpoint.generation));
-    }
-    let head = store.head().await?;
-    let mut tx = db.begin().await?;
-    for (projection, generation) in &live {
-        tx.create_bare_tables(*projection, generation + 1).await?;
+        tx.create_bare_tables(*projection, checkpoint.generation + 1)
+            .await?;
     }
     tx.commit().await?;
+    let rebuilt = fill_and_swap(store, db, &live, batch, lease, progress).await;
+    if rebuilt.is_err() {
+        // Best effort: an unreleased lease expires by itself.
+        if let Ok(mut tx) = db.begin().await
+            && tx.release_rebuild(projections, &owner).await.is_ok()
+        {
+            let _ = tx.commit().await;
+        }
+    }
+    let (events, caught_up, position) = rebuilt?;
+    Ok(RebuildReport {
+        projections: projections.iter().map(|p| p.name()).collect(),
+        events,
+        caught_up,
+        position,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn fill_and_swap(
+    store: Arc<dyn EventStore>,
+    db: &ReadDb,
+    live: &[(Projection, i64)],
+    batch: usize,
+    lease: Lease<'_>,
+    progress: &mut (dyn FnMut(i64, i64) + Send),
+) -> Result<(i64, usize, i64), ProjectionError> {
+    let head = store.head().await?;
     let targets: Vec<Target> = live
         .iter()
         .map(|(projection, generation)| Target {
@@ -78,29 +113,28 @@ pub async fn rebuild(
             until: head,
         })
         .collect();
+    let plan = FillPlan {
+        targets: &targets,
+        after: 0,
+        batch,
+        lease: Some(lease),
+    };
     let filled = fill(
         store.clone(),
         db,
-        &targets,
-        0,
-        batch,
+        plan,
         &mut NoObserver,
         &mut |position, _| progress(position, head),
     )
     .await?;
     let mut tx = db.begin().await?;
-    for (projection, generation) in &live {
+    tx.renew_rebuild(lease.projections, lease.owner).await?;
+    for (projection, generation) in live {
         tx.create_indexes(*projection, generation + 1).await?;
     }
     tx.commit().await?;
-    let (caught_up, position) = swap(store.as_ref(), db, &live, filled).await?;
-    Ok(RebuildReport {
-        projections: projections.iter().map(|p| p.name()).collect(),
-        events: filled,
-        caught_up,
-        position,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    let (caught_up, position) = swap(store.as_ref(), db, live, filled, lease).await?;
+    Ok((filled, caught_up, position))
 }
 
 /// Most events applied inside the swap transaction per read.
@@ -115,8 +149,10 @@ async fn swap(
     db: &ReadDb,
     live: &[(Projection, i64)],
     filled: i64,
+    lease: Lease<'_>,
 ) -> Result<(usize, i64), ProjectionError> {
     let mut tx = db.begin().await?;
+    tx.renew_rebuild(lease.projections, lease.owner).await?;
     for (projection, generation) in live {
         let current = tx.checkpoint(*projection).await?;
         if current.map(|c| c.generation) != Some(*generation) {
@@ -152,6 +188,7 @@ async fn swap(
         tx.point_views(*projection, checkpoint.generation).await?;
         tx.drop_tables(*projection, *generation).await?;
     }
+    tx.release_rebuild(lease.projections, lease.owner).await?;
     tx.commit().await?;
     Ok((caught_up, position))
 }

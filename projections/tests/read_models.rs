@@ -436,11 +436,81 @@ async fn queries_page_and_explain_from_the_views(harness: Harness) {
     );
 }
 
+async fn a_second_rebuild_waits_for_the_first_lease(harness: Harness) {
+    harness.generate(SHAPE, 800, 200).await;
+    install(&harness.db).await.expect("install");
+    let mut tx = harness.db.begin().await.expect("begin");
+    tx.claim_rebuild(&[Projection::Orders], "another terminal")
+        .await
+        .expect("claim");
+    tx.commit().await.expect("commit");
+    let refused = rebuild(
+        harness.store.clone(),
+        &harness.db,
+        &Projection::ALL,
+        300,
+        &mut |_, _| {},
+    )
+    .await;
+    match refused {
+        Err(ProjectionError::RebuildRunning {
+            projection, owner, ..
+        }) => {
+            assert_eq!((projection, owner.as_str()), ("orders", "another terminal"));
+        }
+        other => panic!("expected RebuildRunning, got {other:?}"),
+    }
+    // Nothing changed: the live generation is still the first, and the
+    // refused rebuild released what it had claimed.
+    let checkpoint = harness
+        .db
+        .checkpoint(Projection::Accounts)
+        .await
+        .expect("read")
+        .expect("installed");
+    assert_eq!(checkpoint.generation, 1);
+    rebuild(
+        harness.store.clone(),
+        &harness.db,
+        &[Projection::Accounts],
+        300,
+        &mut |_, _| {},
+    )
+    .await
+    .expect("accounts were not leased");
+    // A lease whose holder died expires and is taken over.
+    let expire = "UPDATE projection_rebuilds SET expires_at = '2000-01-01T00:00:00.000000Z'";
+    match &harness.db {
+        projections::ReadDb::Sqlite { write, .. } => {
+            sqlx::query(expire).execute(write).await.expect("expire");
+        }
+        projections::ReadDb::Postgres { write, .. } => {
+            sqlx::query(expire).execute(write).await.expect("expire");
+        }
+    }
+    let report = rebuild(
+        harness.store.clone(),
+        &harness.db,
+        &Projection::ALL,
+        300,
+        &mut |_, _| {},
+    )
+    .await
+    .expect("the expired lease is taken over");
+    assert_eq!(report.projections.len(), 4);
+    assert_clean(
+        &harness
+            .drift("a_second_rebuild_waits_for_the_first_lease")
+            .await,
+    );
+}
+
 const BUSIEST: &str = "SELECT account_id FROM ledger_entries GROUP BY account_id \
                        ORDER BY COUNT(*) DESC, account_id LIMIT 1";
 
 on_both_backends!(
     queries_page_and_explain_from_the_views,
+    a_second_rebuild_waits_for_the_first_lease,
     runner_catches_up_and_equals_a_rebuild,
     rebuild_swaps_in_while_readers_and_writers_go_on,
     a_crash_before_commit_neither_loses_nor_repeats,
