@@ -556,6 +556,12 @@ impl Tx {
         projection: Projection,
         generation: i64,
     ) -> Result<(), ProjectionError> {
+        if let Tx::Postgres(tx) = self {
+            // Sorting for an index build in memory rather than in temp files.
+            sqlx::query("SET LOCAL maintenance_work_mem TO '256MB'")
+                .execute(&mut **tx)
+                .await?;
+        }
         for table in projection.tables() {
             for statement in table.create_indexes(generation) {
                 self.execute(statement).await?;

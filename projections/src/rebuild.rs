@@ -18,7 +18,7 @@ use store::EventStore;
 use uuid::Uuid;
 
 /// Events per rebuild batch.
-pub const REBUILD_BATCH_DEFAULT: usize = 5_000;
+pub const REBUILD_BATCH_DEFAULT: usize = 10_000;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, serde::Serialize)]
