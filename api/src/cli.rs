@@ -29,6 +29,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the HTTP API (on the embedded SQLite file unless a PostgreSQL URL
+    /// is given), with the read-model projections running.
+    Serve(crate::server::ServeOptions),
     /// Create or upgrade the database schema, then list the applied migrations.
     Migrate(StoreArgs),
     /// Rebuild read models from position zero and swap them in while readers keep reading.
@@ -94,6 +97,7 @@ pub enum BenchCommand {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(options) => crate::server::serve(options).await,
         Command::Migrate(args) => migrate(&args).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,

@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod cli;
 pub mod read_models;
+pub mod server;
 pub mod telemetry;

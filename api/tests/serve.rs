@@ -1,0 +1,152 @@
+//! `ledger serve` so far: the public routes answered from the read models,
+//! error bodies, and the real binary starting, answering and shutting down.
+
+use api::server::{AppState, routes};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use projections::{Projection, ReadDb};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::Arc;
+use store::EventStore;
+use store::testing::TestSqlite;
+use tower::ServiceExt;
+
+async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
+    let request = Request::get(uri).body(Body::empty()).unwrap();
+    let response = routes::router(state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_routes_answer_from_the_read_models() {
+    let database = TestSqlite::create().await.unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(database.store.clone());
+    let mut history = projections::history::History::new(projections::history::Shape {
+        accounts: 40,
+        products: 2,
+        seed: 3,
+    });
+    for _ in 0..6 {
+        store.append_batch(history.next_batch(200)).await.unwrap();
+    }
+    let db = ReadDb::open_sqlite(&database.path).await.unwrap();
+    projections::install(&db).await.unwrap();
+    projections::catch_up(store.as_ref(), &db, &Projection::ALL, None)
+        .await
+        .unwrap();
+    let runner = projections::Runner::start(store.clone(), db.clone(), Default::default());
+    let state = AppState {
+        store,
+        db,
+        statuses: runner.statuses(),
+    };
+    let (status, body) = get(&state, "/v1/progress").await;
+    assert_eq!(status, StatusCode::OK);
+    let products = body["products"].as_array().unwrap();
+    assert_eq!(products.len(), 2);
+    for product in products {
+        let sum = ["confirmed", "reserved", "available"]
+            .iter()
+            .map(|field| product[field].as_i64().unwrap())
+            .sum::<i64>();
+        assert_eq!(Some(sum), product["quota"].as_i64());
+    }
+    let (status, one) = get(&state, "/v1/products/bench-0/progress").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&one, &products[0]);
+    for field in [
+        "product_id",
+        "quota",
+        "confirmed",
+        "reserved",
+        "available",
+        "status",
+        "orders",
+        "position",
+    ] {
+        assert!(
+            one.get(field).is_some(),
+            "API.md field {field} missing: {one}"
+        );
+    }
+    let (status, body) = get(&state, "/v1/products/no-such/progress").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, body) = get(&state, "/v1/products/bad%20id%27--/progress").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let (status, body) = get(&state, "/v1/nowhere").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let request = Request::post("/v1/progress").body(Body::empty()).unwrap();
+    let response = routes::router(state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
+    let (status, ready) = get(&state, "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ready["head"].as_i64() > Some(0), "{ready}");
+    runner.stop().await;
+}
+
+#[test]
+fn ledger_serve_starts_on_sqlite_answers_and_stops_on_sigterm() {
+    let folder = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(folder.path().join("data"))
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let mut connection = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        connection,
+        "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    connection.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        folder.path().join("data").join("ledger.db").exists(),
+        "the SQLite file lives in --data-dir"
+    );
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let status = server.wait().unwrap();
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+}
