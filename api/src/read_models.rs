@@ -126,12 +126,22 @@ pub async fn shutdown_signal() {
 
 /// A bar for replaying the log up to `head`.
 pub fn replay_bar(label: &str, hidden: bool) -> ProgressBar {
-    progress(0, label.to_owned(), hidden)
+    let bar = progress(0, label.to_owned(), hidden);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>24} [{bar:30}] position {pos}/{len}, {per_sec}, {msg}, eta {eta}",
+        )
+        .expect("BUG: static progress template")
+        .progress_chars("=> "),
+    );
+    bar
 }
 
-fn advance(bar: &ProgressBar, position: i64, head: i64) {
+/// Moves a replay bar to `position` of `head`, with the events remaining.
+pub fn advance(bar: &ProgressBar, position: i64, head: i64) {
     bar.set_length(u64::try_from(head).unwrap_or(0));
     bar.set_position(u64::try_from(position).unwrap_or(0));
+    bar.set_message(format!("{} events remaining", (head - position).max(0)));
 }
 
 /// Rebuilds read models from position zero and swaps them in.

@@ -113,10 +113,7 @@ pub async fn run(options: RebuildBenchOptions) -> anyhow::Result<ExitCode> {
         &db,
         &Projection::ALL,
         usize::try_from(options.batch)?,
-        &mut |position, head| {
-            bar.set_length(u64::try_from(head).unwrap_or(0));
-            bar.set_position(u64::try_from(position).unwrap_or(0));
-        },
+        &mut |position, head| read_models::advance(&bar, position, head),
     )
     .await?;
     bar.finish_and_clear();
