@@ -10,7 +10,11 @@ use store::Backend;
 
 /// An event-sourced ledger for fixed-quota financial products.
 #[derive(Debug, Parser)]
-#[command(name = "ledger", version, about)]
+#[command(
+    name = "ledger",
+    version,
+    about = "An event-sourced ledger for fixed-quota financial products: serve the API, keep and check the read models, benchmark."
+)]
 pub struct Cli {
     /// How log lines are written (to standard error).
     #[arg(
