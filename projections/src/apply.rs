@@ -15,7 +15,7 @@ pub const PROJECTION_BATCH_MAX: usize = 10_000;
 /// Most keys loaded by one statement.
 const LOAD_KEYS_MAX: usize = 5_000;
 /// Events a fill applies per transaction.
-pub const FILL_COMMIT_EVENTS: usize = 100_000;
+pub const FILL_COMMIT_EVENTS: usize = 10_000;
 /// Batches read ahead of the one being applied.
 const READ_AHEAD_BATCHES: usize = 2;
 
@@ -54,14 +54,23 @@ pub async fn apply_batch(
 
 /// Creates the tables and checkpoint of every projection that has none yet.
 /// Returns the projections whose stored table shape is older than the code's
-/// (they need a rebuild).
+/// (they need a rebuild); refuses read models built by newer code.
 pub async fn install(db: &ReadDb) -> Result<Vec<Projection>, ProjectionError> {
     let mut stale = Vec::new();
     for projection in Projection::ALL {
         let mut tx = db.begin().await?;
+        // Two processes starting on a fresh database must not both create.
+        tx.lock_install().await?;
         match tx.checkpoint(projection).await? {
             Some(checkpoint) => {
-                if checkpoint.schema_version != projection.schema_version() {
+                if checkpoint.schema_version > projection.schema_version() {
+                    return Err(ProjectionError::SchemaNewer {
+                        projection: projection.name(),
+                        stored: checkpoint.schema_version,
+                        known: projection.schema_version(),
+                    });
+                }
+                if checkpoint.schema_version < projection.schema_version() {
                     stale.push(projection);
                 }
                 continue;

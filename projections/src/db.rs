@@ -33,6 +33,8 @@ pub const SLOW_READ: Duration = Duration::from_secs(1);
 /// How long a rebuild's lease lasts without renewal (it renews at every
 /// commit, every few seconds).
 pub const REBUILD_LEASE: chrono::Duration = chrono::Duration::minutes(10);
+/// The PostgreSQL advisory lock key serializing read-model installs.
+pub const INSTALL_LOCK_KEY: i64 = 0x6c65_6467_6572_0002;
 /// How long to wait for a connection from a pool.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -408,6 +410,18 @@ impl Tx {
             Tx::Postgres(tx) => {
                 upsert!(tx);
             }
+        }
+        Ok(())
+    }
+
+    /// Serializes installs across processes until this transaction ends
+    /// (SQLite's `BEGIN IMMEDIATE` already does).
+    pub async fn lock_install(&mut self) -> Result<(), ProjectionError> {
+        if let Tx::Postgres(tx) = self {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(INSTALL_LOCK_KEY)
+                .execute(&mut **tx)
+                .await?;
         }
         Ok(())
     }

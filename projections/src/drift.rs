@@ -7,7 +7,7 @@ use crate::db::{Checkpoint, ReadDb};
 use crate::error::ProjectionError;
 use crate::projection::Projection;
 use crate::rebuild::REBUILD_BATCH_DEFAULT;
-use crate::schema::{Dialect, Table};
+use crate::schema::{ACCOUNT_BALANCES, Dialect, LEDGER_ENTRIES, Table};
 use crate::trial::{PostingSums, StoredBalance, TrialBalance};
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::{Map, Value};
@@ -22,12 +22,20 @@ pub const DRIFT_EXAMPLES_MAX: usize = 20;
 
 const CHECKPOINTS_ALL: &str =
     "SELECT projection, generation, schema_version, position FROM projection_checkpoints";
-const STORED_BALANCES: &str = "SELECT a.account_id, a.available, \
-     CAST((SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e \
-           WHERE e.account_id = a.account_id) AS BIGINT), \
-     (SELECT e.balance_after FROM ledger_entries e WHERE e.account_id = a.account_id \
-      ORDER BY e.position DESC, e.seq DESC LIMIT 1) \
-     FROM account_balances a";
+/// Balances with their entries' sum and last `balance_after`, over one
+/// generation of the accounts tables (named from constants and a number).
+fn stored_balances(generation: i64) -> String {
+    let entries = LEDGER_ENTRIES.physical(generation);
+    let balances = ACCOUNT_BALANCES.physical(generation);
+    format!(
+        "SELECT a.account_id, a.available, \
+         CAST((SELECT COALESCE(SUM(e.amount), 0) FROM {entries} e \
+               WHERE e.account_id = a.account_id) AS BIGINT), \
+         (SELECT e.balance_after FROM {entries} e WHERE e.account_id = a.account_id \
+          ORDER BY e.position DESC, e.seq DESC LIMIT 1) \
+         FROM {balances} a"
+    )
+}
 
 /// A consistent read-only view of the live read models.
 pub enum Snapshot {
@@ -73,8 +81,8 @@ impl Snapshot {
         Ok(checkpoints)
     }
 
-    fn scan(&mut self, table: &Table) -> Rows<'_> {
-        let sql = sqlx::AssertSqlSafe(table.scan(self.dialect()));
+    fn scan(&mut self, table: &Table, generation: i64) -> Rows<'_> {
+        let sql = sqlx::AssertSqlSafe(table.scan_generation(generation, self.dialect()));
         match self {
             Snapshot::Sqlite(tx) => sqlx::query_scalar(sql).fetch(&mut **tx),
             Snapshot::Postgres(tx) => sqlx::query_scalar(sql).fetch(&mut **tx),
@@ -89,10 +97,22 @@ impl Snapshot {
     }
 
     /// Every customer account's stored balance, entry sum and last entry.
-    pub async fn balances(&mut self) -> Result<Vec<StoredBalance>, ProjectionError> {
+    pub async fn balances(
+        &mut self,
+        generation: i64,
+    ) -> Result<Vec<StoredBalance>, ProjectionError> {
+        let sql = stored_balances(generation);
         let rows: Vec<(String, i64, i64, Option<i64>)> = match self {
-            Snapshot::Sqlite(tx) => sqlx::query_as(STORED_BALANCES).fetch_all(&mut **tx).await?,
-            Snapshot::Postgres(tx) => sqlx::query_as(STORED_BALANCES).fetch_all(&mut **tx).await?,
+            Snapshot::Sqlite(tx) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            Snapshot::Postgres(tx) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
         };
         Ok(rows
             .into_iter()
@@ -201,14 +221,17 @@ pub async fn check_drift(
     })
     .await?;
     let mut tables = Vec::new();
+    let generation = |p: Projection| checkpoints.get(&p).map_or(1, |c| c.generation);
     for projection in Projection::ALL {
         for table in projection.tables() {
-            let live_rows = snapshot.scan(table);
+            // A rebuild that swapped and dropped this generation since the
+            // snapshot makes this scan fail ("no such table"): run again.
+            let live_rows = snapshot.scan(table, generation(projection));
             let rebuilt_rows = scan_db(scratch, table);
             tables.push(compare_table(table, live_rows, rebuilt_rows).await?);
         }
     }
-    let balances = snapshot.balances().await?;
+    let balances = snapshot.balances(generation(Projection::Accounts)).await?;
     Ok(DriftReport {
         head,
         checkpoints: Projection::ALL

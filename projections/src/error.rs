@@ -37,6 +37,18 @@ pub enum ProjectionError {
         /// What is wrong.
         reason: String,
     },
+    /// The read models were built by newer code than this process runs.
+    #[error(
+        "projection {projection} has table shape {stored}, this build knows up to {known}: run the newer ledger"
+    )]
+    SchemaNewer {
+        /// The projection.
+        projection: &'static str,
+        /// The stored shape.
+        stored: i64,
+        /// The newest shape this build knows.
+        known: i64,
+    },
     /// Another rebuild of the projection is running.
     #[error(
         "another rebuild of {projection} is running ({owner}, lease until {expires_at}); wait for it, or for its lease to expire"

@@ -2,10 +2,11 @@
 //!
 //! Generation N+1 of each chosen projection is filled beside the live
 //! generation N (its secondary indexes and append-only keys are built after
-//! the fill, by sorting, rather than row by row); then one transaction locks the checkpoints, applies what was
-//! appended meanwhile, moves the checkpoints and the readers' views to N+1 and
-//! drops N. A crash before that commit leaves N live and untouched (the
-//! leftover N+1 tables are dropped by the next rebuild).
+//! the fill, by sorting, rather than row by row). Then one transaction locks
+//! the checkpoints, applies what was appended meanwhile, and moves the
+//! checkpoints and the readers' views to N+1; a second one drops N. A crash
+//! before the first commit leaves N live and untouched (the leftover N+1
+//! tables are dropped by the next rebuild of that projection).
 
 use crate::apply::{FillPlan, Lease, NoObserver, Target, apply_batch, fill, install};
 use crate::db::{Checkpoint, ReadDb};
@@ -137,6 +138,14 @@ async fn fill_and_swap(
     Ok((filled, caught_up, position))
 }
 
+async fn drop_generations(db: &ReadDb, live: &[(Projection, i64)]) -> Result<(), ProjectionError> {
+    let mut tx = db.begin().await?;
+    for (projection, generation) in live {
+        tx.drop_tables(*projection, *generation).await?;
+    }
+    tx.commit().await
+}
+
 /// Most events applied inside the swap transaction per read.
 const SWAP_READ_MAX: usize = 5_000;
 /// How long a swap may keep catching up before it gives the log a rest.
@@ -186,9 +195,14 @@ async fn swap(
         };
         tx.set_checkpoint(*projection, checkpoint).await?;
         tx.point_views(*projection, checkpoint.generation).await?;
-        tx.drop_tables(*projection, *generation).await?;
     }
     tx.release_rebuild(lease.projections, lease.owner).await?;
     tx.commit().await?;
+    // The old generation goes in a transaction of its own: dropping a table
+    // waits for its last readers (a drift check's snapshot, a slow query),
+    // and that wait must not hold the checkpoints the runners need.
+    if let Err(error) = drop_generations(db, live).await {
+        tracing::warn!(%error, "the replaced tables could not be dropped; they stay unused");
+    }
     Ok((caught_up, position))
 }

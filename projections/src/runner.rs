@@ -80,7 +80,11 @@ pub async fn step(
                 format!("projection {projection} is not installed"),
             ));
         };
-        seen.push((*projection, checkpoint));
+        // Tables of another shape are another build's to fold (a rolling
+        // deploy, or a rebuild to the new shape still to come).
+        if checkpoint.schema_version == projection.schema_version() {
+            seen.push((*projection, checkpoint));
+        }
     }
     let Some(after) = seen.iter().map(|(_, c)| c.position).min() else {
         return Ok(Step::Idle);

@@ -283,6 +283,16 @@ impl Table {
 
     /// Every row of the readers' view in key order (byte order for text).
     pub fn scan(&self, dialect: Dialect) -> String {
+        self.scan_from(self.name, dialect)
+    }
+
+    /// Every row of one generation's table in key order: a snapshot reads the
+    /// generation it saw, never a view a later swap re-pointed.
+    pub fn scan_generation(&self, generation: i64, dialect: Dialect) -> String {
+        self.scan_from(&self.physical(generation), dialect)
+    }
+
+    fn scan_from(&self, relation: &str, dialect: Dialect) -> String {
         let object = self.row_object(dialect);
         let order: Vec<String> = self
             .key
@@ -293,8 +303,7 @@ impl Table {
             })
             .collect();
         format!(
-            "SELECT {object} FROM {} ORDER BY {}",
-            self.name,
+            "SELECT {object} FROM {relation} ORDER BY {}",
             order.join(", ")
         )
     }

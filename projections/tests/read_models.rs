@@ -505,12 +505,72 @@ async fn a_second_rebuild_waits_for_the_first_lease(harness: Harness) {
     );
 }
 
+async fn table_shapes_of_other_builds_are_left_alone(harness: Harness) {
+    harness.generate(SHAPE, 500, 100).await;
+    install(&harness.db).await.expect("install");
+    let set_shape = |shape: i64| {
+        let db = harness.db.clone();
+        async move {
+            let sql = "UPDATE projection_checkpoints SET schema_version = $1 WHERE projection = 'payouts'";
+            match &db {
+                projections::ReadDb::Sqlite { write, .. } => {
+                    sqlx::query(sql)
+                        .bind(shape)
+                        .execute(write)
+                        .await
+                        .expect("update");
+                }
+                projections::ReadDb::Postgres { write, .. } => {
+                    sqlx::query(sql)
+                        .bind(shape)
+                        .execute(write)
+                        .await
+                        .expect("update");
+                }
+            }
+        }
+    };
+    // Built by an older build: reported stale, and not folded by this one.
+    set_shape(0).await;
+    assert_eq!(
+        install(&harness.db).await.expect("install"),
+        vec![Projection::Payouts]
+    );
+    catch_up(harness.store.as_ref(), &harness.db, &Projection::ALL, None)
+        .await
+        .expect("catch up");
+    let payouts = harness
+        .db
+        .checkpoint(Projection::Payouts)
+        .await
+        .expect("read")
+        .expect("installed");
+    let orders = harness
+        .db
+        .checkpoint(Projection::Orders)
+        .await
+        .expect("read")
+        .expect("installed");
+    assert_eq!((payouts.position, orders.position > 0), (0, true));
+    // Built by a newer build: this one refuses to start.
+    set_shape(99).await;
+    match install(&harness.db).await {
+        Err(ProjectionError::SchemaNewer {
+            projection, stored, ..
+        }) => {
+            assert_eq!((projection, stored), ("payouts", 99));
+        }
+        other => panic!("expected SchemaNewer, got {other:?}"),
+    }
+}
+
 const BUSIEST: &str = "SELECT account_id FROM ledger_entries GROUP BY account_id \
                        ORDER BY COUNT(*) DESC, account_id LIMIT 1";
 
 on_both_backends!(
     queries_page_and_explain_from_the_views,
     a_second_rebuild_waits_for_the_first_lease,
+    table_shapes_of_other_builds_are_left_alone,
     runner_catches_up_and_equals_a_rebuild,
     rebuild_swaps_in_while_readers_and_writers_go_on,
     a_crash_before_commit_neither_loses_nor_repeats,
