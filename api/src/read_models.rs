@@ -60,18 +60,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
     let store = backend.open().await?;
     let db = ReadDb::open(&backend).await?;
-    let stale = projections::install(&db).await?;
-    if !stale.is_empty() {
-        tracing::info!(projections = ?stale, "table shapes changed; rebuilding");
-        projections::rebuild(
-            store.clone(),
-            &db,
-            &stale,
-            REBUILD_BATCH_DEFAULT,
-            &mut |_, _| {},
-        )
-        .await?;
-    }
+    projections::prepare(store.clone(), &db).await?;
     let runner = Runner::start(
         store,
         db,

@@ -25,6 +25,6 @@ pub use db::{Checkpoint, ReadDb};
 pub use drift::{DriftReport, check_drift};
 pub use error::ProjectionError;
 pub use projection::Projection;
-pub use rebuild::{RebuildReport, rebuild};
+pub use rebuild::{RebuildReport, prepare, rebuild};
 pub use runner::{Runner, RunnerOptions, StatusReport, Statuses, catch_up};
 pub use trial::TrialBalance;

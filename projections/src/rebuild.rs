@@ -47,6 +47,18 @@ impl RebuildReport {
     }
 }
 
+/// Readies the read models for a process that runs projections: installs
+/// what is missing and rebuilds any projection whose table shape is older
+/// than this build's.
+pub async fn prepare(store: Arc<dyn EventStore>, db: &ReadDb) -> Result<(), ProjectionError> {
+    let stale = install(db).await?;
+    if !stale.is_empty() {
+        tracing::info!(projections = ?stale, "table shapes changed; rebuilding");
+        rebuild(store, db, &stale, REBUILD_BATCH_DEFAULT, &mut |_, _| {}).await?;
+    }
+    Ok(())
+}
+
 /// Rebuilds the given projections from position zero and swaps them in.
 /// `progress` is told the position reached and the head being replayed to.
 /// Holds a lease on the projections meanwhile: a second rebuild of any of

@@ -42,18 +42,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
     let store = backend.open().await?;
     let db = ReadDb::open(&backend).await?;
-    let stale = projections::install(&db).await?;
-    if !stale.is_empty() {
-        tracing::info!(projections = ?stale, "table shapes changed; rebuilding");
-        projections::rebuild(
-            store.clone(),
-            &db,
-            &stale,
-            projections::rebuild::REBUILD_BATCH_DEFAULT,
-            &mut |_, _| {},
-        )
-        .await?;
-    }
+    projections::prepare(store.clone(), &db).await?;
     let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
     let state = AppState {
         store,

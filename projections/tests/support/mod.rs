@@ -82,15 +82,7 @@ impl Harness {
     /// Appends a generated history of about `events` events in batches.
     pub async fn generate(&self, shape: Shape, events: usize, batch: usize) -> History {
         let mut history = History::new(shape);
-        let mut written = 0;
-        while written < events {
-            let appends = history.next_batch(batch);
-            written += appends.iter().map(|a| a.events.len()).sum::<usize>();
-            self.store
-                .append_batch(appends)
-                .await
-                .expect("generated appends succeed");
-        }
+        self.extend(&mut history, events, batch).await;
         history
     }
 
