@@ -242,6 +242,23 @@ fn checkpoint_of((generation, schema_version, position): (i64, i64, i64)) -> Che
     }
 }
 
+/// Runs the same statement on whichever connection the transaction holds
+/// (the body is typed once per database); `$conn` is the connection.
+macro_rules! on_tx {
+    ($tx:expr, |$conn:ident| $body:expr) => {
+        match $tx {
+            Tx::Sqlite(tx) => {
+                let $conn = &mut **tx;
+                $body
+            }
+            Tx::Postgres(tx) => {
+                let $conn = &mut **tx;
+                $body
+            }
+        }
+    };
+}
+
 impl Tx {
     /// Its SQL dialect.
     pub fn dialect(&self) -> Dialect {
@@ -253,33 +270,20 @@ impl Tx {
 
     /// Runs one generated statement without parameters.
     pub async fn execute(&mut self, sql: String) -> Result<(), ProjectionError> {
-        match self {
-            Tx::Sqlite(tx) => {
-                sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
-            }
-            Tx::Postgres(tx) => {
-                sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
-            }
-        }
+        on_tx!(self, |conn| {
+            sqlx::query(AssertSqlSafe(sql)).execute(conn).await?;
+        });
         Ok(())
     }
 
     /// Runs one generated statement whose parameter 1 is JSON text.
     pub async fn execute_json(&mut self, sql: String, json: String) -> Result<(), ProjectionError> {
-        match self {
-            Tx::Sqlite(tx) => {
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(json)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            Tx::Postgres(tx) => {
-                sqlx::query(AssertSqlSafe(sql))
-                    .bind(json)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
+        on_tx!(self, |conn| {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(json)
+                .execute(conn)
+                .await?;
+        });
         Ok(())
     }
 
@@ -345,20 +349,10 @@ impl Tx {
         sql: String,
         json: String,
     ) -> Result<Vec<String>, ProjectionError> {
-        Ok(match self {
-            Tx::Sqlite(tx) => {
-                sqlx::query_scalar(AssertSqlSafe(sql))
-                    .bind(json)
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-            Tx::Postgres(tx) => {
-                sqlx::query_scalar(AssertSqlSafe(sql))
-                    .bind(json)
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-        })
+        Ok(on_tx!(self, |conn| sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(json)
+            .fetch_all(conn)
+            .await?))
     }
 
     /// A projection's checkpoint, locked until commit where the database can
@@ -391,26 +385,16 @@ impl Tx {
         checkpoint: Checkpoint,
     ) -> Result<(), ProjectionError> {
         let now = time_text(Utc::now());
-        macro_rules! upsert {
-            ($tx:expr) => {
-                sqlx::query(CHECKPOINT_UPSERT)
-                    .bind(projection.name())
-                    .bind(checkpoint.generation)
-                    .bind(checkpoint.schema_version)
-                    .bind(checkpoint.position)
-                    .bind(now)
-                    .execute(&mut **$tx)
-                    .await?
-            };
-        }
-        match self {
-            Tx::Sqlite(tx) => {
-                upsert!(tx);
-            }
-            Tx::Postgres(tx) => {
-                upsert!(tx);
-            }
-        }
+        on_tx!(self, |conn| {
+            sqlx::query(CHECKPOINT_UPSERT)
+                .bind(projection.name())
+                .bind(checkpoint.generation)
+                .bind(checkpoint.schema_version)
+                .bind(checkpoint.position)
+                .bind(now)
+                .execute(conn)
+                .await?;
+        });
         Ok(())
     }
 
@@ -442,37 +426,31 @@ impl Tx {
         let now = Utc::now();
         let (now_text, until) = (time_text(now), time_text(now + REBUILD_LEASE));
         for projection in projections {
-            macro_rules! claim {
-                ($tx:expr) => {{
-                    sqlx::query(EXPIRED)
+            on_tx!(&mut *self, |conn| {
+                sqlx::query(EXPIRED)
+                    .bind(projection.name())
+                    .bind(&now_text)
+                    .execute(&mut *conn)
+                    .await?;
+                let claimed = sqlx::query(CLAIM)
+                    .bind(projection.name())
+                    .bind(owner)
+                    .bind(&until)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    let (holder, expires_at): (String, String) = sqlx::query_as(HOLDER)
                         .bind(projection.name())
-                        .bind(&now_text)
-                        .execute(&mut **$tx)
+                        .fetch_one(conn)
                         .await?;
-                    let claimed = sqlx::query(CLAIM)
-                        .bind(projection.name())
-                        .bind(owner)
-                        .bind(&until)
-                        .execute(&mut **$tx)
-                        .await?
-                        .rows_affected();
-                    if claimed == 0 {
-                        let (holder, expires_at): (String, String) = sqlx::query_as(HOLDER)
-                            .bind(projection.name())
-                            .fetch_one(&mut **$tx)
-                            .await?;
-                        return Err(ProjectionError::RebuildRunning {
-                            projection: projection.name(),
-                            owner: holder,
-                            expires_at,
-                        });
-                    }
-                }};
-            }
-            match self {
-                Tx::Sqlite(tx) => claim!(tx),
-                Tx::Postgres(tx) => claim!(tx),
-            }
+                    return Err(ProjectionError::RebuildRunning {
+                        projection: projection.name(),
+                        owner: holder,
+                        expires_at,
+                    });
+                }
+            });
         }
         Ok(())
     }
@@ -487,22 +465,13 @@ impl Tx {
             "UPDATE projection_rebuilds SET expires_at = $3 WHERE projection = $1 AND owner = $2";
         let until = time_text(Utc::now() + REBUILD_LEASE);
         for projection in projections {
-            let renewed = match self {
-                Tx::Sqlite(tx) => sqlx::query(RENEW)
-                    .bind(projection.name())
-                    .bind(owner)
-                    .bind(&until)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected(),
-                Tx::Postgres(tx) => sqlx::query(RENEW)
-                    .bind(projection.name())
-                    .bind(owner)
-                    .bind(&until)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected(),
-            };
+            let renewed = on_tx!(&mut *self, |conn| sqlx::query(RENEW)
+                .bind(projection.name())
+                .bind(owner)
+                .bind(&until)
+                .execute(conn)
+                .await?
+                .rows_affected());
             if renewed == 0 {
                 return Err(ProjectionError::RebuildRaced(projection.name()));
             }
@@ -519,22 +488,13 @@ impl Tx {
         const RELEASE: &str =
             "DELETE FROM projection_rebuilds WHERE projection = $1 AND owner = $2";
         for projection in projections {
-            match self {
-                Tx::Sqlite(tx) => {
-                    sqlx::query(RELEASE)
-                        .bind(projection.name())
-                        .bind(owner)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-                Tx::Postgres(tx) => {
-                    sqlx::query(RELEASE)
-                        .bind(projection.name())
-                        .bind(owner)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-            }
+            on_tx!(&mut *self, |conn| {
+                sqlx::query(RELEASE)
+                    .bind(projection.name())
+                    .bind(owner)
+                    .execute(conn)
+                    .await?;
+            });
         }
         Ok(())
     }
