@@ -57,6 +57,7 @@ const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs the projections until Ctrl-C (or SIGTERM).
 pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
+    let stop = shutdown_signal();
     let backend = options.store.backend();
     let store = backend.open().await?;
     let db = ReadDb::open(&backend).await?;
@@ -72,7 +73,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
     tracing::info!(%backend, "projections running; Ctrl-C stops them");
     let statuses = runner.statuses();
     let mut ticks = tokio::time::interval(STATUS_LOG_INTERVAL);
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -96,21 +96,27 @@ pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives
+/// right after start-up (once the address is printed) is not lost to the
+/// default action.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("BUG: SIGTERM handler installs");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).expect("BUG: SIGINT handler installs");
+        let mut terminate = signal(SignalKind::terminate()).expect("BUG: SIGTERM handler installs");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// A bar for replaying the log up to `head`.

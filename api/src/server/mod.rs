@@ -53,11 +53,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr()?;
     tracing::info!(%address, %backend, "ledger serving");
     // One plain line on standard output, for people and for scripts.
+    let stop = crate::read_models::shutdown_signal();
     println!(
         "ledger serving on http://{address} ({backend}); sale progress at http://{address}/v1/progress"
     );
     axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(crate::read_models::shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await?;
     tracing::info!("draining done; stopping projections");
     runner.stop().await;
