@@ -1,10 +1,9 @@
-//! `ledger serve` so far: the public routes answered from the read models,
-//! error bodies, and the real binary starting, answering and shutting down.
+//! `ledger serve`: the public routes answered from the read models, error
+//! bodies, and the real binary starting, answering and shutting down.
 
-use api::server::{AppState, routes};
+use api::server::{Limits, Server};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use projections::{Projection, ReadDb};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::Arc;
@@ -12,12 +11,9 @@ use store::EventStore;
 use store::testing::TestSqlite;
 use tower::ServiceExt;
 
-async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
+async fn get(server: &Server, uri: &str) -> (StatusCode, Value) {
     let request = Request::get(uri).body(Body::empty()).unwrap();
-    let response = routes::router(state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
+    let response = server.router().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
         .await
@@ -40,18 +36,21 @@ async fn public_routes_answer_from_the_read_models() {
     for _ in 0..6 {
         store.append_batch(history.next_batch(200)).await.unwrap();
     }
-    let db = ReadDb::open_sqlite(&database.path).await.unwrap();
-    projections::install(&db).await.unwrap();
-    projections::catch_up(store.as_ref(), &db, &Projection::ALL, None)
+    let backend = store::Backend::Sqlite(database.path.clone());
+    let server = Server::start(&backend, Limits::default(), Default::default())
         .await
         .unwrap();
-    let runner = projections::Runner::start(store.clone(), db.clone(), Default::default());
-    let state = AppState {
-        store,
-        db,
-        statuses: runner.statuses(),
-    };
-    let (status, body) = get(&state, "/v1/progress").await;
+    let head = store.head().await.unwrap();
+    while server
+        .state
+        .statuses
+        .report()
+        .iter()
+        .any(|r| r.position < head)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(&server, "/v1/progress").await;
     assert_eq!(status, StatusCode::OK);
     let products = body["products"].as_array().unwrap();
     assert_eq!(products.len(), 2);
@@ -62,7 +61,7 @@ async fn public_routes_answer_from_the_read_models() {
             .sum::<i64>();
         assert_eq!(Some(sum), product["quota"].as_i64());
     }
-    let (status, one) = get(&state, "/v1/products/bench-0/progress").await;
+    let (status, one) = get(&server, "/v1/products/bench-0/progress").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&one, &products[0]);
     for field in [
@@ -80,32 +79,31 @@ async fn public_routes_answer_from_the_read_models() {
             "API.md field {field} missing: {one}"
         );
     }
-    let (status, body) = get(&state, "/v1/products/no-such/progress").await;
+    let (status, body) = get(&server, "/v1/products/no-such/progress").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
-    let (status, body) = get(&state, "/v1/products/bad%20id%27--/progress").await;
+    let (status, body) = get(&server, "/v1/products/bad%20id%27--/progress").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_request"))
     );
-    let (status, body) = get(&state, "/v1/nowhere").await;
+    let (status, body) = get(&server, "/v1/nowhere").await;
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
     let request = Request::post("/v1/progress").body(Body::empty()).unwrap();
-    let response = routes::router(state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
+    let response = server.router().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
-    let (status, ready) = get(&state, "/readyz").await;
+    assert_eq!(get(&server, "/healthz").await.0, StatusCode::OK);
+    let (status, ready) = get(&server, "/readyz").await;
     assert_eq!(status, StatusCode::OK);
     assert!(ready["head"].as_i64() > Some(0), "{ready}");
-    runner.stop().await;
+    let (status, _) = get(&server, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await;
 }
 
 #[test]

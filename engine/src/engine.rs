@@ -131,6 +131,19 @@ impl Engine {
         self.inner.stats.snapshot()
     }
 
+    /// Purchases queued per product and not yet taken by its writer (for
+    /// metrics: a queue near `queue_max` is about to shed load).
+    pub fn queue_depths(&self) -> Vec<(ProductId, usize)> {
+        let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
+        writers
+            .iter()
+            .map(|(product_id, writer)| {
+                let depth = writer.inbox.max_capacity() - writer.inbox.capacity();
+                (product_id.clone(), depth)
+            })
+            .collect()
+    }
+
     /// Stops every writer at once, as a crash would: queued work is dropped,
     /// committed work stays. Callers still waiting get `Unavailable`.
     pub fn halt(&self) {

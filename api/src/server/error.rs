@@ -2,49 +2,121 @@
 //! of API.md, and internal details never reach a response.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+
+/// The body of every answer other than 2xx.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable snake_case code.
+    pub error: String,
+    /// Human text.
+    pub message: String,
+}
 
 /// An answer other than 2xx.
 #[derive(Debug)]
 pub enum ApiError {
     /// 400 `invalid_request`: malformed input.
     InvalidRequest(String),
+    /// 401 `unauthorized`: missing, malformed, expired or wrong credentials.
+    Unauthorized,
+    /// 403 `forbidden`: the caller's role may not use this route.
+    Forbidden,
     /// 404 `not_found`: no such resource (or not the caller's).
     NotFound,
     /// 405 `method_not_allowed`: the path exists, the method does not.
     MethodNotAllowed,
-    /// 503 `not_ready`: a dependency (the database) is not answering.
-    NotReady(String),
+    /// 409 with a specific code (`sold_out`, `insufficient_quota`,
+    /// `sale_not_open`, `idempotency_key_reused`, `conflict`).
+    Conflict(&'static str, String),
+    /// 409 `conflict` with `Retry-After`: the same idempotency key is still
+    /// being decided.
+    InFlight,
+    /// 413 `payload_too_large`.
+    PayloadTooLarge,
+    /// 422 `insufficient_funds`.
+    InsufficientFunds,
+    /// 429 `rate_limited`, with `Retry-After` seconds.
+    RateLimited(u64),
+    /// 503 `overloaded`: load shed, with `Retry-After` seconds.
+    Overloaded(u64),
+    /// 503 `unavailable`: the store or database is not answering (the
+    /// request may still take effect; retry with the same idempotency key).
+    Unavailable(String),
+    /// 503 `timeout`: the request took longer than its limit; it may still
+    /// take effect (retry with the same idempotency key).
+    Timeout,
     /// 500 `internal`: logged with its details, answered without them.
     Internal(anyhow::Error),
 }
 
 impl ApiError {
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    /// Its status and code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::InvalidRequest(why) => {
-                (StatusCode::BAD_REQUEST, "invalid_request", why.clone())
+            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
+            ApiError::InFlight => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::InsufficientFunds => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::InvalidRequest(why) | ApiError::Conflict(_, why) => why.clone(),
+            ApiError::Unauthorized => "missing, malformed, expired or wrong credentials".into(),
+            ApiError::Forbidden => "your role may not use this route".into(),
+            ApiError::NotFound => "no such resource".into(),
+            ApiError::MethodNotAllowed => "this path does not take this method".into(),
+            ApiError::InFlight => {
+                "a request with this idempotency key is still being decided; retry shortly".into()
             }
-            ApiError::NotFound => (
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such resource".to_owned(),
-            ),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this path does not take this method".to_owned(),
-            ),
-            ApiError::NotReady(what) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "not_ready", what.clone())
+            ApiError::PayloadTooLarge => "the request body is over the limit".into(),
+            ApiError::InsufficientFunds => "the available balance is below the amount".into(),
+            ApiError::RateLimited(_) => "too many requests; slow down".into(),
+            ApiError::Overloaded(_) => "the queue is full; retry shortly".into(),
+            ApiError::Unavailable(what) => {
+                format!("{what} is unavailable; retry with the same idempotency key")
             }
-            ApiError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error; it has been logged".to_owned(),
-            ),
+            ApiError::Timeout => {
+                "the request took too long; retry with the same idempotency key".into()
+            }
+            ApiError::Internal(_) => "internal error; it has been logged".into(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited(seconds) | ApiError::Overloaded(seconds) => Some(*seconds),
+            ApiError::InFlight | ApiError::Unavailable(_) | ApiError::Timeout => Some(1),
+            _ => None,
+        }
+    }
+
+    /// A database error: unavailable when the database cannot be reached,
+    /// internal otherwise.
+    pub fn database(error: sqlx::Error) -> ApiError {
+        match error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => {
+                tracing::warn!(error = %error, "database unavailable");
+                ApiError::Unavailable("the database".into())
+            }
+            other => ApiError::Internal(other.into()),
         }
     }
 }
@@ -54,13 +126,42 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(error) = &self {
             tracing::error!(error = format!("{error:#}"), "request failed");
         }
-        let (status, code, message) = self.parts();
-        (status, Json(json!({ "error": code, "message": message }))).into_response()
+        let (status, code) = self.status_and_code();
+        let body = ErrorBody {
+            error: code.to_owned(),
+            message: self.message(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&seconds.to_string()).expect("BUG: digits are a header"),
+            );
+        }
+        response
     }
 }
 
 impl From<projections::ProjectionError> for ApiError {
     fn from(error: projections::ProjectionError) -> ApiError {
-        ApiError::Internal(error.into())
+        match error {
+            projections::ProjectionError::Database(inner) => ApiError::database(inner),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> ApiError {
+        ApiError::database(error)
+    }
+}
+
+impl From<store::StoreError> for ApiError {
+    fn from(error: store::StoreError) -> ApiError {
+        match error {
+            store::StoreError::Unavailable(_) => ApiError::Unavailable("the event store".into()),
+            other => ApiError::Internal(other.into()),
+        }
     }
 }

@@ -1,53 +1,150 @@
-//! Handlers: thin translations between HTTP and the read models.
+//! Operations and sale-progress handlers: health, readiness, metrics,
+//! OpenAPI, the dashboard page and the progress routes.
 
 use super::AppState;
 use super::error::ApiError;
+use super::model::{HealthResponse, ProgressListResponse, ProgressResponse};
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use domain::ProductId;
-use projections::query::{self, Progress};
-use serde_json::{Value, json};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use projections::query;
+use std::sync::OnceLock;
 
-/// `GET /healthz`: the process is up.
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// The dashboard page: plain HTML and JavaScript, no build step.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("BUG: another metrics recorder was installed")
+    })
 }
 
-/// `GET /readyz`: the database answers; reports the log head and the
+/// `GET /`: the live progress dashboard.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html")))]
+pub async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD_HTML)
+}
+
+/// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, body = HealthResponse)))]
+pub async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".into(),
+        head: None,
+        projection_lag: None,
+    })
+}
+
+/// `GET /readyz`: the databases answer; reports the log head and the
 /// projections' lag.
-pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = HealthResponse), (status = 503, body = super::error::ErrorBody)))]
+pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
     let head = state
         .store
         .head()
         .await
-        .map_err(|e| ApiError::NotReady(format!("event store: {e}")))?;
+        .map_err(|_| ApiError::Unavailable("the event store".into()))?;
     query::all_progress(&state.db)
         .await
-        .map_err(|e| ApiError::NotReady(format!("read models: {e}")))?;
-    Ok(Json(json!({
-        "status": "ready",
-        "head": head,
-        "projection_lag": state.statuses.lag_max(),
-    })))
+        .map_err(|_| ApiError::Unavailable("the read models".into()))?;
+    state
+        .access
+        .user_count()
+        .await
+        .map_err(|_| ApiError::Unavailable("the user database".into()))?;
+    Ok(Json(HealthResponse {
+        status: "ready".into(),
+        head: Some(head),
+        projection_lag: Some(state.statuses.lag_max()),
+    }))
+}
+
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    for (product_id, depth) in state.engine.queue_depths() {
+        metrics::gauge!("ledger_purchase_queue_depth", "product_id" => product_id.as_str().to_owned())
+            .set(depth as f64);
+    }
+    for report in state.statuses.report() {
+        metrics::gauge!("ledger_projection_lag_events", "projection" => report.projection.to_string())
+            .set(report.lag as f64);
+    }
+    let engine = state.engine.stats();
+    metrics::gauge!("ledger_engine_purchases_confirmed").set(engine.purchases_confirmed as f64);
+    metrics::gauge!("ledger_engine_purchases_refused").set(engine.purchases_refused as f64);
+    metrics::gauge!("ledger_engine_product_conflicts").set(engine.product_conflicts as f64);
+    let mut response = prometheus().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// `GET /openapi.json`: the contract, generated from the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document", content_type = "application/json")))]
+pub async fn openapi() -> Response {
+    let mut response = super::openapi::document_json().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// `GET /v1/progress`: every product's sale progress.
-pub async fn all_progress(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/progress", tag = "sales",
+    responses((status = 200, body = ProgressListResponse)))]
+pub async fn all_progress(
+    State(state): State<AppState>,
+) -> Result<Json<ProgressListResponse>, ApiError> {
     let products = query::all_progress(&state.db).await?;
-    Ok(Json(json!({ "products": products })))
+    Ok(Json(ProgressListResponse {
+        products: products.into_iter().map(ProgressResponse::from).collect(),
+    }))
+}
+
+/// `GET /v1/progress/stream`: server-sent events of progress objects.
+#[utoipa::path(get, path = "/v1/progress/stream", tag = "sales",
+    responses((status = 200, description = "Server-sent events: `progress` (a progress object) and `stats`", content_type = "text/event-stream")))]
+pub async fn progress_stream(State(state): State<AppState>) -> impl IntoResponse {
+    Sse::new(state.feed.events()).keep_alive(KeepAlive::default())
 }
 
 /// `GET /v1/products/{product_id}/progress`.
+#[utoipa::path(get, path = "/v1/products/{product_id}/progress", tag = "sales",
+    params(("product_id" = String, Path, description = "The product")),
+    responses((status = 200, body = ProgressResponse), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody)))]
 pub async fn progress(
     State(state): State<AppState>,
     Path(product_id): Path<String>,
-) -> Result<Json<Progress>, ApiError> {
-    let product_id = ProductId::parse(&product_id)
-        .map_err(|_| ApiError::InvalidRequest("product_id is not a valid product id".to_owned()))?;
+) -> Result<Json<ProgressResponse>, ApiError> {
+    let product_id = parse_product_id(&product_id)?;
     query::progress(&state.db, product_id.as_str())
         .await?
-        .map(Json)
+        .map(|p| Json(ProgressResponse::from(p)))
         .ok_or(ApiError::NotFound)
+}
+
+/// A product id from a path or body.
+pub fn parse_product_id(text: &str) -> Result<ProductId, ApiError> {
+    ProductId::parse(text)
+        .map_err(|_| ApiError::InvalidRequest("product_id is not a valid product id".into()))
 }
 
 /// Any path no route serves.
@@ -58,4 +155,9 @@ pub async fn not_found() -> ApiError {
 /// A known path with a method it does not serve.
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// A handler panicked (a bug): logged, answered 500 without details.
+pub fn panicked(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
 }

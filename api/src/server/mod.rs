@@ -1,19 +1,36 @@
 //! `ledger serve`: the HTTP API over the engine and the read models.
-//!
-//! Built so far: start-up on SQLite (default) or PostgreSQL with migrations
-//! and the projection runner, the route table with its policies, health and
-//! readiness, and the public sale-progress routes; graceful shutdown.
 
+pub mod access;
+pub mod auth;
 pub mod error;
+pub mod feed;
+pub mod guard;
 pub mod handlers;
+pub mod metered;
+pub mod model;
+pub mod openapi;
+pub mod orders;
+pub mod products;
 pub mod routes;
+pub mod users;
 
 use crate::cli::StoreArgs;
+use access::AccessDb;
+use auth::{Authenticator, Role};
+use engine::{Engine, EngineSettings, SystemClock};
+use error::ApiError;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use projections::{ReadDb, Runner, RunnerOptions, Statuses};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::process::ExitCode;
 use std::sync::Arc;
-use store::EventStore;
+use std::time::Duration;
+use store::{Backend, EventStore};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+/// How often expired sessions and idle rate-limit entries are swept.
+pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
 
 /// Options of `ledger serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +41,63 @@ pub struct ServeOptions {
     /// Where the log and read models live.
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Limits on clients and requests.
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Purchases queued per product before new ones are refused with 503.
+    #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
+    pub purchase_queue_max: usize,
+}
+
+/// Limits on clients and requests.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Limits {
+    /// Requests per second each client may make (by user, or by address
+    /// before logging in); over it the answer is 429 with `Retry-After`.
+    #[arg(long, env = "LEDGER_RATE_LIMIT", default_value_t = 50)]
+    pub rate_per_second: u32,
+    /// Requests a client may make at once above its rate.
+    #[arg(long, env = "LEDGER_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+    /// Longest a request may take before it is answered 503 `timeout`.
+    #[arg(long, env = "LEDGER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// How long a login's token lasts.
+    #[arg(long, env = "LEDGER_SESSION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            rate_per_second: 50,
+            rate_burst: 100,
+            request_timeout: Duration::from_secs(30),
+            session_ttl: auth::SESSION_TTL_DEFAULT,
+        }
+    }
+}
+
+/// Parses `30s`, `500ms`, `5m`, `24h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m or h"))?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(duration)
 }
 
 /// What every handler may use.
@@ -33,35 +107,215 @@ pub struct AppState {
     pub store: Arc<dyn EventStore>,
     /// The read models.
     pub db: ReadDb,
+    /// Users, sessions, idempotency keys.
+    pub access: AccessDb,
+    /// Logins and tokens.
+    pub auth: Authenticator,
+    /// The command side.
+    pub engine: Engine,
     /// The projections' progress.
     pub statuses: Arc<Statuses>,
+    /// The live progress every dashboard watches.
+    pub feed: feed::ProgressFeed,
+    /// The limits in force.
+    pub limits: Limits,
+    /// Requests per client.
+    pub limiter: Arc<DefaultKeyedRateLimiter<String>>,
+}
+
+impl AppState {
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
+    /// Counts a request against a client's rate.
+    pub fn limit_rate(&self, client: &str) -> Result<(), ApiError> {
+        self.limiter
+            .check_key(&client.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                metrics::counter!("ledger_rate_limited_total").increment(1);
+                ApiError::RateLimited(wait.as_secs().max(1))
+            })
+    }
+}
+
+/// A running API: its state (for tests and benchmarks) and the background
+/// work to stop.
+pub struct Server {
+    /// The state the router serves.
+    pub state: AppState,
+    runner: Runner,
+    housekeeping: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the database, applies migrations, prepares the read models,
+    /// starts the projections, the engine and the progress feed, and creates
+    /// the bootstrap admin when asked to.
+    pub async fn start(
+        backend: &Backend,
+        limits: Limits,
+        settings: EngineSettings,
+    ) -> anyhow::Result<Server> {
+        handlers::prometheus();
+        let store: Arc<dyn EventStore> =
+            Arc::new(metered::MeteredStore::new(backend.open().await?));
+        let db = ReadDb::open(backend).await?;
+        projections::prepare(store.clone(), &db).await?;
+        let access = AccessDb::open(backend).await?;
+        let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
+        let statuses = runner.statuses();
+        let engine = Engine::new(store.clone(), Arc::new(SystemClock), settings);
+        let quota =
+            Quota::per_second(NonZeroU32::new(limits.rate_per_second.max(1)).expect("max(1)"))
+                .allow_burst(NonZeroU32::new(limits.rate_burst.max(1)).expect("max(1)"));
+        let state = AppState {
+            auth: Authenticator::new(access.clone(), limits.session_ttl),
+            feed: feed::ProgressFeed::start(db.clone(), statuses.clone(), engine.clone()),
+            store,
+            db,
+            access,
+            engine,
+            statuses,
+            limits,
+            limiter: Arc::new(RateLimiter::keyed(quota)),
+        };
+        auth::warm_up().await;
+        let housekeeping = tokio::spawn(housekeeping(state.clone()));
+        Ok(Server {
+            state,
+            runner,
+            housekeeping,
+        })
+    }
+
+    /// The HTTP service: the route table plus request ids and panic capture.
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.state.clone())
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                handlers::panicked,
+            ))
+            .layer(
+                tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                    |request: &axum::http::Request<_>| {
+                        let request_id = request
+                            .headers()
+                            .get(guard::REQUEST_ID_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        tracing::info_span!(
+                            "request",
+                            method = %request.method(),
+                            path = %request.uri().path(),
+                            request_id,
+                        )
+                    },
+                ),
+            )
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+    }
+
+    /// Stops the background work and closes the databases.
+    pub async fn stop(self) {
+        self.housekeeping.abort();
+        self.state.feed.stop();
+        self.state.engine.halt();
+        self.runner.stop().await;
+        self.state.db.close().await;
+        self.state.access.close().await;
+    }
+}
+
+/// Creates the admin named by `LEDGER_ADMIN_USER` / `LEDGER_ADMIN_PASSWORD`
+/// when both are set and no user of that name exists.
+async fn bootstrap_admin_from_environment(state: &AppState) -> anyhow::Result<()> {
+    let (Ok(username), Ok(password)) = (
+        std::env::var("LEDGER_ADMIN_USER"),
+        std::env::var("LEDGER_ADMIN_PASSWORD"),
+    ) else {
+        if state.access.user_count().await? == 0 {
+            tracing::warn!(
+                "no users exist; set LEDGER_ADMIN_USER and LEDGER_ADMIN_PASSWORD to create an admin"
+            );
+        }
+        return Ok(());
+    };
+    bootstrap_admin(state, &username, &password).await
+}
+
+/// Creates an admin with these credentials unless a user of that name
+/// exists (then nothing changes, whatever its password).
+pub async fn bootstrap_admin(
+    state: &AppState,
+    username: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    auth::validate_username(username).map_err(|why| anyhow::anyhow!("LEDGER_ADMIN_USER: {why}"))?;
+    auth::validate_password(password)
+        .map_err(|why| anyhow::anyhow!("LEDGER_ADMIN_PASSWORD: {why}"))?;
+    if state.access.user_by_name(username).await?.is_some() {
+        return Ok(());
+    }
+    let created = state
+        .auth
+        .create_user(username, password, Role::Admin, None, state.now_ms())
+        .await?;
+    if created.is_some() {
+        tracing::info!(%username, "created the bootstrap admin");
+    }
+    Ok(())
+}
+
+async fn housekeeping(state: AppState) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_PERIOD);
+    loop {
+        tick.tick().await;
+        state.limiter.retain_recent();
+        state.limiter.shrink_to_fit();
+        match state.access.purge_sessions(state.now_ms()).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired sessions deleted"),
+            Err(error) => tracing::warn!(%error, "could not purge expired sessions"),
+        }
+    }
 }
 
 /// Runs the server until Ctrl-C or SIGTERM, then drains in-flight requests.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
-    let store = backend.open().await?;
-    let db = ReadDb::open(&backend).await?;
-    projections::prepare(store.clone(), &db).await?;
-    let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
-    let state = AppState {
-        store,
-        db: db.clone(),
-        statuses: runner.statuses(),
+    let settings = EngineSettings {
+        queue_max: options.purchase_queue_max.max(1),
+        ..EngineSettings::default()
     };
+    let server = Server::start(&backend, options.limits.clone(), settings).await?;
+    bootstrap_admin_from_environment(&server.state).await?;
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, %backend, "ledger serving");
+    let signal = crate::read_models::shutdown_signal();
+    let feed = server.state.feed.clone();
+    let stop = async move {
+        signal.await;
+        // Dashboards never hang up by themselves: end their streams so
+        // draining finishes.
+        feed.close_streams();
+    };
     // One plain line on standard output, for people and for scripts.
-    let stop = crate::read_models::shutdown_signal();
-    println!(
-        "ledger serving on http://{address} ({backend}); sale progress at http://{address}/v1/progress"
-    );
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(stop)
-        .await?;
+    println!("ledger serving on http://{address} ({backend}); dashboard at http://{address}/");
+    axum::serve(
+        listener,
+        server
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await?;
     tracing::info!("draining done; stopping projections");
-    runner.stop().await;
-    db.close().await;
+    server.stop().await;
     Ok(ExitCode::SUCCESS)
 }

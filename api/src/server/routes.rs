@@ -1,62 +1,227 @@
-//! Every route in one table, each with the policy saying who may call it.
-//! The router is built only from this table, so a route cannot exist
-//! without a declared policy.
+//! Every route in one table, each declaring who may call it and how its
+//! POSTs are made idempotent. The router is built only from this table, so a
+//! route cannot exist without a declared policy, and building refuses a
+//! table that names one method and path twice.
 
 use super::AppState;
-use super::handlers;
+use super::auth::Role::{self, Admin, Auditor, Customer, Operator, Support};
+use super::{guard, handlers, orders, products, users};
 use axum::Router;
-use axum::routing::{MethodRouter, get};
+use axum::http::Method;
+use axum::routing::{MethodRouter, get, post};
+use std::collections::HashMap;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
+pub enum Access {
     /// Anyone, without credentials (API.md names these).
     Public,
+    /// An authenticated caller in one of these roles. A customer on a route
+    /// about accounts or orders is further limited to their own (404
+    /// otherwise, checked by the handler, which knows the owner).
+    Roles(&'static [Role]),
 }
 
-/// One route.
+/// How a POST uses the `Idempotency-Key` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// Not taken (GETs, and login, which has no caller to key on).
+    None,
+    /// Honoured when sent.
+    Optional,
+    /// Refused (400) without it.
+    Required,
+}
+
+/// One route: a method on a path.
 pub struct RouteSpec {
+    /// The method.
+    pub method: Method,
     /// The path, in axum's syntax.
     pub path: &'static str,
     /// Who may call it.
-    pub policy: Policy,
-    /// Its handlers by method.
+    pub access: Access,
+    /// Its idempotency rule.
+    pub idempotency: Idempotency,
+    /// The handler.
     pub handler: MethodRouter<AppState>,
+}
+
+/// Roles that move products and money.
+const OPERATORS: &[Role] = &[Operator, Admin];
+/// Roles that may read any account or order; customers their own.
+const READERS: &[Role] = &[Customer, Support, Operator, Auditor, Admin];
+/// Roles that may read payouts.
+const PAYOUT_READERS: &[Role] = &[Operator, Support, Auditor, Admin];
+
+fn route(
+    method: Method,
+    path: &'static str,
+    access: Access,
+    handler: MethodRouter<AppState>,
+) -> RouteSpec {
+    let idempotency = if method == Method::POST {
+        Idempotency::Optional
+    } else {
+        Idempotency::None
+    };
+    RouteSpec {
+        method,
+        path,
+        access,
+        idempotency,
+        handler,
+    }
 }
 
 /// The route table.
 pub fn table() -> Vec<RouteSpec> {
+    use Access::{Public, Roles};
+    let get_ = Method::GET;
+    let post_ = Method::POST;
     vec![
+        route(get_.clone(), "/", Public, get(handlers::dashboard)),
+        route(get_.clone(), "/healthz", Public, get(handlers::health)),
+        route(get_.clone(), "/readyz", Public, get(handlers::ready)),
+        route(get_.clone(), "/metrics", Public, get(handlers::metrics)),
+        route(
+            get_.clone(),
+            "/openapi.json",
+            Public,
+            get(handlers::openapi),
+        ),
         RouteSpec {
-            path: "/healthz",
-            policy: Policy::Public,
-            handler: get(handlers::health),
+            idempotency: Idempotency::None,
+            ..route(post_.clone(), "/v1/auth/login", Public, post(users::login))
         },
+        route(get_.clone(), "/v1/me", Roles(&Role::ALL), get(users::me)),
+        route(
+            post_.clone(),
+            "/v1/users",
+            Roles(&[Admin]),
+            post(users::create),
+        ),
+        route(
+            get_.clone(),
+            "/v1/accounts/{account_id}",
+            Roles(READERS),
+            get(users::account),
+        ),
+        route(
+            get_.clone(),
+            "/v1/accounts/{account_id}/ledger",
+            Roles(READERS),
+            get(users::ledger),
+        ),
+        route(
+            post_.clone(),
+            "/v1/accounts/{account_id}/deposits",
+            Roles(OPERATORS),
+            post(users::deposit),
+        ),
+        route(
+            post_.clone(),
+            "/v1/products",
+            Roles(OPERATORS),
+            post(products::create),
+        ),
+        route(
+            post_.clone(),
+            "/v1/products/{product_id}/open",
+            Roles(OPERATORS),
+            post(products::open),
+        ),
+        route(
+            post_.clone(),
+            "/v1/products/{product_id}/close",
+            Roles(OPERATORS),
+            post(products::close),
+        ),
         RouteSpec {
-            path: "/readyz",
-            policy: Policy::Public,
-            handler: get(handlers::ready),
+            idempotency: Idempotency::Required,
+            ..route(
+                post_.clone(),
+                "/v1/products/{product_id}/purchases",
+                Roles(&[Customer]),
+                post(products::purchase),
+            )
         },
-        RouteSpec {
-            path: "/v1/progress",
-            policy: Policy::Public,
-            handler: get(handlers::all_progress),
-        },
-        RouteSpec {
-            path: "/v1/products/{product_id}/progress",
-            policy: Policy::Public,
-            handler: get(handlers::progress),
-        },
+        route(
+            get_.clone(),
+            "/v1/progress",
+            Public,
+            get(handlers::all_progress),
+        ),
+        route(
+            get_.clone(),
+            "/v1/progress/stream",
+            Public,
+            get(handlers::progress_stream),
+        ),
+        route(
+            get_.clone(),
+            "/v1/products/{product_id}/progress",
+            Public,
+            get(handlers::progress),
+        ),
+        route(
+            get_.clone(),
+            "/v1/orders/{order_id}",
+            Roles(READERS),
+            get(orders::order),
+        ),
+        route(
+            get_.clone(),
+            "/v1/orders/{order_id}/timeline",
+            Roles(READERS),
+            get(orders::timeline),
+        ),
+        route(
+            get_,
+            "/v1/payouts",
+            Roles(PAYOUT_READERS),
+            get(orders::payouts),
+        ),
     ]
 }
 
-/// The router over the table.
+/// The router over the table, each route behind its guard.
+///
+/// # Panics
+/// When the table names one method on one path twice (a bug in the table).
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new();
+    let mut by_path: HashMap<&'static str, MethodRouter<AppState>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for spec in table() {
-        router = match spec.policy {
-            Policy::Public => router.route(spec.path, spec.handler),
+        assert!(
+            seen.insert((spec.method.clone(), spec.path)),
+            "BUG: the route table names {} {} twice",
+            spec.method,
+            spec.path
+        );
+        let rule = guard::Rule {
+            path: spec.path,
+            access: spec.access,
+            idempotency: spec.idempotency,
         };
+        let guarded = spec
+            .handler
+            .route_layer(axum::middleware::from_fn_with_state(
+                guard::Guarded {
+                    state: state.clone(),
+                    rule,
+                },
+                guard::guard,
+            ));
+        let merged = match by_path.remove(spec.path) {
+            Some(existing) => existing.merge(guarded),
+            None => guarded,
+        };
+        by_path.insert(spec.path, merged);
+    }
+    let mut router = Router::new();
+    for (path, handler) in by_path {
+        router = router.route(path, handler);
     }
     router
         .fallback(handlers::not_found)

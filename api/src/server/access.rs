@@ -1,0 +1,325 @@
+//! The API's own tables (migration 0004): users, sessions and idempotency
+//! keys, in the same database as the log. Every statement is static SQL with
+//! bound parameters; the `$N` placeholders work on SQLite and PostgreSQL.
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use std::time::Duration;
+use store::Backend;
+
+/// Connections the API's tables may hold (per process).
+pub const ACCESS_CONNECTIONS_MAX: u32 = 8;
+/// How long to wait for a connection before answering 503.
+pub const ACCESS_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handle on the API's tables.
+#[derive(Clone, Debug)]
+pub enum AccessDb {
+    /// In the embedded SQLite file.
+    Sqlite(SqlitePool),
+    /// In PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs the same statement code against whichever pool the handle holds.
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            AccessDb::Sqlite($pool) => $body,
+            AccessDb::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A stored user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// Its id.
+    pub user_id: String,
+    /// The login name, exactly as created.
+    pub username: String,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// Its role's name.
+    pub role: String,
+    /// A customer's account.
+    pub account_id: Option<String>,
+}
+
+/// What a session token stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// The user.
+    pub user_id: String,
+    /// Their role's name.
+    pub role: String,
+    /// A customer's account.
+    pub account_id: Option<String>,
+    /// When the session ends.
+    pub expires_at_ms: i64,
+}
+
+/// Where an idempotent request stands after `begin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// This request runs it (first use of the key, or a takeover of an
+    /// abandoned one).
+    Run,
+    /// It ran before: answer what it answered.
+    Replay {
+        /// The stored status code.
+        status: u16,
+        /// The stored body.
+        body: String,
+    },
+    /// Another request with this key is still running.
+    InFlight,
+    /// The key was used for another request.
+    Reused,
+}
+
+type IdempotencyRow = (String, Option<i64>, Option<String>, i64);
+
+const USER_INSERT: &str = "INSERT INTO users \
+     (user_id, username, password_hash, role, account_id, created_at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING";
+const USER_DELETE: &str = "DELETE FROM users WHERE user_id = $1";
+const USER_BY_NAME: &str = "SELECT user_id, username, password_hash, role, account_id \
+     FROM users WHERE username = $1";
+const USER_COUNT: &str = "SELECT COUNT(*) FROM users";
+const SESSION_INSERT: &str = "INSERT INTO sessions \
+     (token_hash, user_id, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4)";
+const SESSION_SELECT: &str = "SELECT u.user_id, u.role, u.account_id, s.expires_at_ms \
+     FROM sessions s JOIN users u ON u.user_id = s.user_id \
+     WHERE s.token_hash = $1 AND s.expires_at_ms > $2";
+const SESSION_PURGE: &str = "DELETE FROM sessions WHERE expires_at_ms <= $1";
+const KEY_INSERT: &str = "INSERT INTO idempotency_keys \
+     (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING";
+const KEY_SELECT: &str = "SELECT request_hash, status, response_body, locked_until_ms \
+     FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2";
+const KEY_TAKE_OVER: &str = "UPDATE idempotency_keys SET locked_until_ms = $3 \
+     WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL AND locked_until_ms = $4";
+const KEY_COMPLETE: &str = "UPDATE idempotency_keys SET status = $3, response_body = $4 \
+     WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL";
+const KEY_ABANDON: &str =
+    "DELETE FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL";
+
+impl AccessDb {
+    /// Connects to the database a backend names. Its migrations must have
+    /// run (opening the read models runs them).
+    pub async fn open(backend: &Backend) -> Result<AccessDb, sqlx::Error> {
+        Ok(match backend {
+            Backend::Sqlite(path) => AccessDb::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(ACCESS_CONNECTIONS_MAX)
+                    .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
+                    .connect_with(store::sqlite::connect_options(path))
+                    .await?,
+            ),
+            Backend::Postgres(url) => AccessDb::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(ACCESS_CONNECTIONS_MAX)
+                    .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
+                    .connect_with(
+                        store::postgres::connect_options(url)
+                            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?,
+                    )
+                    .await?,
+            ),
+        })
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+
+    /// Stores a user; false when the username is taken.
+    pub async fn insert_user(&self, user: &UserRow, now_ms: i64) -> Result<bool, sqlx::Error> {
+        let inserted = on_pool!(self, |pool| sqlx::query(USER_INSERT)
+            .bind(&user.user_id)
+            .bind(&user.username)
+            .bind(&user.password_hash)
+            .bind(&user.role)
+            .bind(&user.account_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(inserted == 1)
+    }
+
+    /// Removes a user that was never usable (its account could not be opened).
+    pub async fn delete_user(&self, user_id: &str) -> Result<(), sqlx::Error> {
+        let _deleted = on_pool!(self, |pool| sqlx::query(USER_DELETE)
+            .bind(user_id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The user with exactly this name.
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let row: Option<(String, String, String, String, Option<String>)> =
+            on_pool!(self, |pool| sqlx::query_as(USER_BY_NAME)
+                .bind(username)
+                .fetch_optional(pool)
+                .await?);
+        Ok(row.map(
+            |(user_id, username, password_hash, role, account_id)| UserRow {
+                user_id,
+                username,
+                password_hash,
+                role,
+                account_id,
+            },
+        ))
+    }
+
+    /// How many users exist.
+    pub async fn user_count(&self) -> Result<i64, sqlx::Error> {
+        let (count,): (i64,) = on_pool!(self, |pool| sqlx::query_as(USER_COUNT)
+            .fetch_one(pool)
+            .await?);
+        Ok(count)
+    }
+
+    /// Stores a session under its token's hash.
+    pub async fn insert_session(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        let _inserted = on_pool!(self, |pool| sqlx::query(SESSION_INSERT)
+            .bind(token_hash)
+            .bind(user_id)
+            .bind(now_ms)
+            .bind(expires_at_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The live session a token hash names.
+    pub async fn session(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<SessionRow>, sqlx::Error> {
+        let row: Option<(String, String, Option<String>, i64)> =
+            on_pool!(self, |pool| sqlx::query_as(SESSION_SELECT)
+                .bind(token_hash)
+                .bind(now_ms)
+                .fetch_optional(pool)
+                .await?);
+        Ok(
+            row.map(|(user_id, role, account_id, expires_at_ms)| SessionRow {
+                user_id,
+                role,
+                account_id,
+                expires_at_ms,
+            }),
+        )
+    }
+
+    /// Deletes expired sessions; returns how many.
+    pub async fn purge_sessions(&self, now_ms: i64) -> Result<u64, sqlx::Error> {
+        Ok(on_pool!(self, |pool| sqlx::query(SESSION_PURGE)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()))
+    }
+
+    /// Claims an idempotency key for a request, or says why not.
+    pub async fn begin(
+        &self,
+        user_id: &str,
+        key: &str,
+        request_hash: &str,
+        now_ms: i64,
+        lock_ms: i64,
+    ) -> Result<Begun, sqlx::Error> {
+        let locked_until_ms = now_ms + lock_ms;
+        let inserted = on_pool!(self, |pool| sqlx::query(KEY_INSERT)
+            .bind(user_id)
+            .bind(key)
+            .bind(request_hash)
+            .bind(locked_until_ms)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if inserted == 1 {
+            return Ok(Begun::Run);
+        }
+        let row: Option<IdempotencyRow> = on_pool!(self, |pool| sqlx::query_as(KEY_SELECT)
+            .bind(user_id)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?);
+        // The row was abandoned and deleted between the two statements.
+        let Some((stored_hash, status, body, stored_lock_ms)) = row else {
+            return Ok(Begun::InFlight);
+        };
+        if stored_hash != request_hash {
+            return Ok(Begun::Reused);
+        }
+        if let (Some(status), Some(body)) = (status, body) {
+            let status = u16::try_from(status).expect("BUG: stored status out of range");
+            return Ok(Begun::Replay { status, body });
+        }
+        if stored_lock_ms > now_ms {
+            return Ok(Begun::InFlight);
+        }
+        let taken = on_pool!(self, |pool| sqlx::query(KEY_TAKE_OVER)
+            .bind(user_id)
+            .bind(key)
+            .bind(locked_until_ms)
+            .bind(stored_lock_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(if taken == 1 {
+            Begun::Run
+        } else {
+            Begun::InFlight
+        })
+    }
+
+    /// Stores the answer of a request that ran.
+    pub async fn complete(
+        &self,
+        user_id: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), sqlx::Error> {
+        let _completed = on_pool!(self, |pool| sqlx::query(KEY_COMPLETE)
+            .bind(user_id)
+            .bind(key)
+            .bind(i64::from(status))
+            .bind(body)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// Releases a key whose request ended without a final answer (overload,
+    /// an unavailable store), so a retry runs it again.
+    pub async fn abandon(&self, user_id: &str, key: &str) -> Result<(), sqlx::Error> {
+        let _released = on_pool!(self, |pool| sqlx::query(KEY_ABANDON)
+            .bind(user_id)
+            .bind(key)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+}

@@ -1,0 +1,309 @@
+//! What stands in front of every handler: the per-client rate limit, the
+//! bearer token, the route's role policy, idempotency keys on POSTs, the
+//! request timeout, and request metrics.
+
+use super::AppState;
+use super::access::Begun;
+use super::auth::{AuthError, Caller, sha256_hex};
+use super::error::ApiError;
+use super::model::BODY_BYTES_MAX;
+use super::routes::{Access, Idempotency};
+use axum::body::{Body, to_bytes};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use engine::RequestContext;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Header carrying the request id (set from the caller's or generated).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header carrying an idempotency key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// Header marking an answer replayed from an earlier request with the key.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
+
+/// A route's rule, as the table declares it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    /// The route's path pattern (a metrics label).
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+    /// Its idempotency rule.
+    pub idempotency: Idempotency,
+}
+
+/// The guard's state: the app and the route's rule.
+#[derive(Clone)]
+pub struct Guarded {
+    /// The app.
+    pub state: AppState,
+    /// The route's rule.
+    pub rule: Rule,
+}
+
+/// Runs before every handler.
+pub async fn guard(State(guarded): State<Guarded>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let Guarded { state, rule } = guarded;
+    let timeout = state.limits.request_timeout;
+    let outcome = tokio::time::timeout(timeout, admit(&state, rule, request, next)).await;
+    let response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => error.into_response(),
+        Err(_elapsed) => {
+            tracing::warn!(route = rule.path, "request timed out");
+            ApiError::Timeout.into_response()
+        }
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(
+        "ledger_http_requests_total",
+        "route" => rule.path, "method" => method.to_string(), "status" => status
+    )
+    .increment(1);
+    metrics::histogram!("ledger_http_request_duration_seconds", "route" => rule.path)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn admit(
+    state: &AppState,
+    rule: Rule,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let roles = match rule.access {
+        Access::Public => {
+            state.limit_rate(&format!("ip:{}", client_ip(&request)))?;
+            return Ok(next.run(request).await);
+        }
+        Access::Roles(roles) => roles,
+    };
+    let token = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
+    let caller = state
+        .auth
+        .authenticate(token, state.now_ms())
+        .await
+        .map_err(|error| match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Database(inner) => ApiError::database(inner),
+        })?;
+    state.limit_rate(&format!("user:{}", caller.user_id))?;
+    if !roles.contains(&caller.role) {
+        return Err(ApiError::Forbidden);
+    }
+    request.extensions_mut().insert(caller.clone());
+    if request.method() != Method::POST || rule.idempotency == Idempotency::None {
+        return Ok(next.run(request).await);
+    }
+    let key = idempotency_key(request.headers())?;
+    match (key, rule.idempotency) {
+        (Some(key), _) => idempotent(state, &caller, key, request, next).await,
+        (None, Idempotency::Required) => Err(ApiError::InvalidRequest(
+            "this route needs an Idempotency-Key header".into(),
+        )),
+        (None, _) => Ok(next.run(request).await),
+    }
+}
+
+/// Runs a POST under its idempotency key: the first request runs, a repeat
+/// with the same request gets the stored answer, another request with the
+/// key is refused.
+async fn idempotent(
+    state: &AppState,
+    caller: &Caller,
+    key: String,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = to_bytes(body, BODY_BYTES_MAX)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge)?;
+    let request_hash = request_hash(&parts.method, parts.uri.path(), &bytes);
+    let lock_ms = i64::try_from(state.limits.request_timeout.as_millis() * 2).unwrap_or(i64::MAX);
+    let begun = state
+        .access
+        .begin(
+            &caller.user_id,
+            &key,
+            &request_hash,
+            state.now_ms(),
+            lock_ms,
+        )
+        .await?;
+    match begun {
+        Begun::Run => {}
+        Begun::Replay { status, body } => return Ok(replay(status, body)),
+        Begun::InFlight => return Err(ApiError::InFlight),
+        Begun::Reused => {
+            return Err(ApiError::Conflict(
+                "idempotency_key_reused",
+                "this idempotency key was used for a different request".into(),
+            ));
+        }
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    let status = response.status();
+    // Answers that say "not decided" leave the key free for a retry.
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        if let Err(error) = state.access.abandon(&caller.user_id, &key).await {
+            tracing::warn!(%error, "could not release an idempotency key; it expires by itself");
+        }
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading a response: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if let Err(error) = state
+        .access
+        .complete(&caller.user_id, &key, status.as_u16(), &text)
+        .await
+    {
+        // The command took effect; a retry after the key's lock runs it
+        // again, and every command behind a POST is idempotent itself.
+        tracing::warn!(%error, "could not store an idempotent answer");
+    }
+    Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+fn replay(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).expect("BUG: a stored status is not a status");
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+/// SHA-256 over the method, path and body: what a key is bound to.
+fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
+    let mut material = Vec::with_capacity(method.as_str().len() + path.len() + body.len() + 2);
+    material.extend_from_slice(method.as_str().as_bytes());
+    material.push(0);
+    material.extend_from_slice(path.as_bytes());
+    material.push(0);
+    material.extend_from_slice(body);
+    sha256_hex(&material)
+}
+
+/// The `Authorization: Bearer <token>` token, if well-formed.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The `Idempotency-Key` header: 1 to 128 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::InvalidRequest(
+            "Idempotency-Key must be 1 to 128 printable ASCII characters".into(),
+        )
+    };
+    let text = value.to_str().map_err(|_| invalid())?;
+    let printable = text.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if text.is_empty() || text.len() > IDEMPOTENCY_KEY_BYTES_MAX || !printable {
+        return Err(invalid());
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// The client's address (`unknown` when served without a socket, in tests).
+fn client_ip(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
+}
+
+/// The authenticated caller (only on routes with a role policy).
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Caller, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// Who asked and within which request: stamped on every event appended.
+pub struct Context(pub RequestContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Context {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Context, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let request_id = parts
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        Ok(Context(RequestContext::user(
+            caller.user_id,
+            caller.role.as_str(),
+            request_id,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer_token(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn request_hashes_bind_method_path_and_body() {
+        let a = request_hash(&Method::POST, "/v1/products/a/purchases", b"{\"amount\":1}");
+        assert_eq!(
+            a,
+            request_hash(&Method::POST, "/v1/products/a/purchases", b"{\"amount\":1}")
+        );
+        assert_ne!(
+            a,
+            request_hash(&Method::POST, "/v1/products/b/purchases", b"{\"amount\":1}")
+        );
+        assert_ne!(
+            a,
+            request_hash(&Method::POST, "/v1/products/a/purchases", b"{\"amount\":2}")
+        );
+    }
+}

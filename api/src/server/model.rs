@@ -1,0 +1,435 @@
+//! The JSON shapes of API.md, as Rust types: requests refuse unknown fields,
+//! responses are what OpenAPI describes. Read-model rows are converted here,
+//! so only the API knows about JSON over HTTP.
+
+use super::auth::Role;
+use super::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// Largest accepted request body.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// A JSON request body: `application/json`, within the size limit, with
+/// exactly the fields of `T`; anything else is a 400 (or 413).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::InvalidRequest(
+                "the body must be JSON (Content-Type: application/json)".into(),
+            ));
+        }
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection| match rejection.status().as_u16() {
+                    413 => ApiError::PayloadTooLarge,
+                    _ => ApiError::InvalidRequest("the body could not be read".into()),
+                })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body into `T`, with serde's description of what is wrong.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        // serde's messages name the field and type, never server internals.
+        ApiError::InvalidRequest(format!("invalid JSON body: {error}"))
+    })
+}
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Exact, case-sensitive.
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
+
+/// A new session.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LoginResponse {
+    /// Bearer token for `Authorization: Bearer <token>`.
+    pub token: String,
+    /// The user's role.
+    pub role: Role,
+    /// The user.
+    pub user_id: String,
+    /// A customer's account; null for staff.
+    pub account_id: Option<String>,
+    /// When the token stops working (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `POST /v1/users`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    /// 1 to 64 characters, no leading or trailing whitespace.
+    pub username: String,
+    /// At least 8 characters.
+    pub password: String,
+    /// The role.
+    pub role: Role,
+}
+
+/// A created user.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateUserResponse {
+    /// The user.
+    pub user_id: String,
+    /// A customer's new account; null for staff.
+    pub account_id: Option<String>,
+}
+
+/// The caller, as `GET /v1/me` shows them.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MeResponse {
+    /// The user.
+    pub user_id: String,
+    /// Their role.
+    pub role: Role,
+    /// A customer's account.
+    pub account_id: Option<String>,
+}
+
+/// `POST /v1/accounts/{account_id}/deposits`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    /// Minor units, positive.
+    pub amount: i64,
+    /// External reference, unique per account: a repeat is not a second
+    /// deposit.
+    pub reference: String,
+}
+
+/// A deposit's effect.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DepositResponse {
+    /// The account.
+    pub account_id: String,
+    /// Its available balance after the deposit.
+    pub available: i64,
+    /// The deposit event's position in the log.
+    pub position: i64,
+}
+
+/// An account's balances.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AccountResponse {
+    /// The account.
+    pub account_id: String,
+    /// Spendable now.
+    pub available: i64,
+    /// Paid for reservations not yet confirmed.
+    pub held: i64,
+    /// Sum of deposits.
+    pub total_deposited: i64,
+    /// Sum of confirmed purchases.
+    pub total_invested: i64,
+    /// Sum of payouts received.
+    pub total_paid_out: i64,
+    /// The account stream's version.
+    pub version: i64,
+}
+
+impl From<projections::query::Balance> for AccountResponse {
+    fn from(b: projections::query::Balance) -> AccountResponse {
+        AccountResponse {
+            account_id: b.account_id,
+            available: b.available,
+            held: b.held,
+            total_deposited: b.total_deposited,
+            total_invested: b.total_invested,
+            total_paid_out: b.total_paid_out,
+            version: b.version,
+        }
+    }
+}
+
+/// One ledger entry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EntryResponse {
+    /// The event's position.
+    pub position: i64,
+    /// The event.
+    pub event_id: String,
+    /// `deposit`, `purchase`, `refund`, `payout`, `withdrawal`.
+    pub kind: String,
+    /// Signed: credits positive.
+    pub amount: i64,
+    /// Available balance after the entry.
+    pub balance_after: i64,
+    /// The order, for purchases and refunds.
+    pub order_id: Option<String>,
+    /// The payout, for payouts.
+    pub payout_id: Option<String>,
+    /// When (RFC 3339).
+    pub occurred_at: String,
+}
+
+/// A page of a ledger, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LedgerResponse {
+    /// The entries.
+    pub entries: Vec<EntryResponse>,
+    /// Pass as `after` for the next page; null at the end.
+    pub next: Option<i64>,
+}
+
+impl From<projections::query::LedgerPage> for LedgerResponse {
+    fn from(page: projections::query::LedgerPage) -> LedgerResponse {
+        LedgerResponse {
+            entries: page
+                .entries
+                .into_iter()
+                .map(|e| EntryResponse {
+                    position: e.position,
+                    event_id: e.event_id,
+                    kind: e.kind,
+                    amount: e.amount,
+                    balance_after: e.balance_after,
+                    order_id: e.order_id,
+                    payout_id: e.payout_id,
+                    occurred_at: e.occurred_at,
+                })
+                .collect(),
+            next: page.next,
+        }
+    }
+}
+
+/// `POST /v1/products`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProductRequest {
+    /// The id to give it; generated when absent.
+    pub product_id: Option<String>,
+    /// Display name.
+    pub name: String,
+    /// Total amount that can be sold, minor units.
+    pub quota: i64,
+    /// Smallest single purchase.
+    pub min_purchase: i64,
+    /// Largest single purchase.
+    pub max_purchase: i64,
+    /// Annual interest rate, basis points.
+    pub annual_rate_bps: u32,
+    /// Term in days.
+    pub term_days: u32,
+    /// ISO 4217 code; CNY when absent.
+    pub currency: Option<String>,
+}
+
+/// A listed product.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateProductResponse {
+    /// Its id.
+    pub product_id: String,
+}
+
+/// A product after open or close.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductStateResponse {
+    /// The product.
+    pub product_id: String,
+    /// `open` or `closed`.
+    pub state: String,
+}
+
+/// `POST /v1/products/{product_id}/purchases`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    /// Minor units, positive.
+    pub amount: i64,
+}
+
+/// A confirmed purchase.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PurchaseResponse {
+    /// The order.
+    pub order_id: String,
+    /// The product.
+    pub product_id: String,
+    /// The buyer's account.
+    pub account_id: String,
+    /// Units bought.
+    pub amount: i64,
+    /// Always `confirmed`.
+    pub status: String,
+}
+
+/// A product's sale progress: `confirmed + reserved + available = quota`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressResponse {
+    /// The product.
+    pub product_id: String,
+    /// Total quota.
+    pub quota: i64,
+    /// Sold.
+    pub confirmed: i64,
+    /// Held for orders awaiting payment.
+    pub reserved: i64,
+    /// Neither.
+    pub available: i64,
+    /// `closed`, `open`, `fully_reserved`, `sold_out`.
+    pub status: String,
+    /// Confirmed orders.
+    pub orders: i64,
+    /// Log position the figures reflect.
+    pub position: i64,
+}
+
+impl From<projections::query::Progress> for ProgressResponse {
+    fn from(p: projections::query::Progress) -> ProgressResponse {
+        ProgressResponse {
+            product_id: p.product_id,
+            quota: p.quota,
+            confirmed: p.confirmed,
+            reserved: p.reserved,
+            available: p.available,
+            status: p.status,
+            orders: p.orders,
+            position: p.position,
+        }
+    }
+}
+
+/// Every product's progress.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProgressListResponse {
+    /// One per listed product.
+    pub products: Vec<ProgressResponse>,
+}
+
+/// An order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderResponse {
+    /// The order.
+    pub order_id: String,
+    /// The product.
+    pub product_id: String,
+    /// The buyer's account.
+    pub account_id: String,
+    /// Units.
+    pub amount: i64,
+    /// `reserved`, `confirmed`, `released`, `refunded` (or `refused`).
+    pub status: String,
+    /// Why it was released or refused.
+    pub reason: Option<String>,
+    /// When it was placed (RFC 3339).
+    pub created_at: String,
+}
+
+impl From<projections::query::Order> for OrderResponse {
+    fn from(o: projections::query::Order) -> OrderResponse {
+        OrderResponse {
+            order_id: o.order_id,
+            product_id: o.product_id,
+            account_id: o.account_id,
+            amount: o.amount,
+            status: o.status,
+            reason: o.reason,
+            created_at: o.created_at,
+        }
+    }
+}
+
+/// One event of an order's story.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TimelineEventResponse {
+    /// Its position in the log.
+    pub position: i64,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// When (RFC 3339).
+    pub occurred_at: String,
+    /// Its data.
+    pub data: Value,
+    /// Who and why: actor, role, request, correlation and causation ids.
+    pub metadata: Value,
+}
+
+/// An order's events, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TimelineResponse {
+    /// The events.
+    pub events: Vec<TimelineEventResponse>,
+}
+
+/// A payout.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PayoutResponse {
+    /// The payout.
+    pub payout_id: String,
+    /// Its product.
+    pub product_id: String,
+    /// The holder.
+    pub account_id: String,
+    /// Minor units.
+    pub amount: i64,
+    /// The period label.
+    pub period: String,
+    /// `interest` or `principal`.
+    pub kind: String,
+    /// `scheduled`, `in_flight`, `unknown`, `succeeded`, `failed`.
+    pub status: String,
+    /// Calls made to the provider.
+    pub attempts: i64,
+    /// The provider's payment id.
+    pub provider_ref: Option<String>,
+}
+
+impl From<projections::query::PayoutView> for PayoutResponse {
+    fn from(p: projections::query::PayoutView) -> PayoutResponse {
+        PayoutResponse {
+            payout_id: p.payout_id,
+            product_id: p.product_id,
+            account_id: p.account_id,
+            amount: p.amount,
+            period: p.period,
+            kind: p.kind,
+            status: p.status,
+            attempts: p.attempts,
+            provider_ref: p.provider_ref,
+        }
+    }
+}
+
+/// Payouts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PayoutListResponse {
+    /// The payouts.
+    pub payouts: Vec<PayoutResponse>,
+}
+
+/// `GET /healthz`, `GET /readyz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok` or `ready`.
+    pub status: String,
+    /// The log's head position (readiness only).
+    pub head: Option<i64>,
+    /// The largest projection lag, in events (readiness only).
+    pub projection_lag: Option<i64>,
+}

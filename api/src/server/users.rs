@@ -1,0 +1,295 @@
+//! Login, users, and the money routes of accounts (balances, ledger,
+//! deposits).
+
+use super::AppState;
+use super::auth::{self, AuthError, Caller, Role};
+use super::error::{ApiError, ErrorBody};
+use super::guard::Context;
+use super::model::{
+    AccountResponse, CreateUserRequest, CreateUserResponse, DepositRequest, DepositResponse,
+    JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse,
+};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use domain::account::{AccountCommand, AccountEvent, CustomerAccount};
+use domain::ids::validate_reference;
+use domain::{AccountId, Amount, Currency};
+use engine::CommandError;
+use projections::query;
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// Ledger entries per page when `limit` is not given.
+pub const LEDGER_PAGE_DEFAULT: u32 = 100;
+
+/// `POST /v1/auth/login`.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn login(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let now_ms = state.now_ms();
+    let session = state
+        .auth
+        .login(&request.username, &request.password, now_ms)
+        .await
+        .map_err(|error| match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Database(inner) => ApiError::database(inner),
+        })?;
+    let role = Role::parse(&session.user.role).expect("BUG: a stored role is not a role");
+    let ttl = chrono::Duration::from_std(state.limits.session_ttl).unwrap_or(chrono::Duration::MAX);
+    let expires_at = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default() + ttl;
+    tracing::info!(user_id = %session.user.user_id, role = role.as_str(), "login");
+    Ok(Json(LoginResponse {
+        token: session.token,
+        role,
+        user_id: session.user.user_id,
+        account_id: session.user.account_id,
+        expires_at: expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    }))
+}
+
+/// `GET /v1/me`: who the token belongs to.
+#[utoipa::path(get, path = "/v1/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody)))]
+pub async fn me(caller: Caller) -> Json<MeResponse> {
+    Json(MeResponse {
+        user_id: caller.user_id,
+        role: caller.role,
+        account_id: caller.account_id,
+    })
+}
+
+/// `POST /v1/users` (admin): a user; a customer also gets an account.
+#[utoipa::path(post, path = "/v1/users", tag = "users", security(("bearer" = [])),
+    request_body = CreateUserRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 201, body = CreateUserResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    Context(context): Context,
+    JsonBody(request): JsonBody<CreateUserRequest>,
+) -> Result<(StatusCode, Json<CreateUserResponse>), ApiError> {
+    auth::validate_username(&request.username)
+        .map_err(|why| ApiError::InvalidRequest(why.into()))?;
+    auth::validate_password(&request.password)
+        .map_err(|why| ApiError::InvalidRequest(why.into()))?;
+    let account_id = (request.role == Role::Customer).then(|| AccountId(Uuid::now_v7()));
+    let created = state
+        .auth
+        .create_user(
+            &request.username,
+            &request.password,
+            request.role,
+            account_id.map(|id| id.to_string()),
+            state.now_ms(),
+        )
+        .await
+        .map_err(|error| match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Database(inner) => ApiError::database(inner),
+        })?
+        .ok_or_else(|| ApiError::Conflict("conflict", "this username is taken".into()))?;
+    if let Some(account_id) = account_id {
+        let open = AccountCommand::Open {
+            account_id,
+            currency: Currency::CNY,
+        };
+        if let Err(error) = state
+            .engine
+            .account_command(account_id, open, context)
+            .await
+        {
+            // Without its account the user could not buy: take it back.
+            state.access.delete_user(&created.user_id).await?;
+            return Err(command_error(error));
+        }
+    }
+    tracing::info!(user_id = %created.user_id, role = request.role.as_str(), "user created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateUserResponse {
+            user_id: created.user_id,
+            account_id: created.account_id,
+        }),
+    ))
+}
+
+/// An account id from a path; a customer may only name their own (another
+/// is answered as if it did not exist).
+fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
+    let account_id = Uuid::parse_str(text)
+        .map(AccountId)
+        .map_err(|_| ApiError::InvalidRequest("account_id is not a UUID".into()))?;
+    if caller.role == Role::Customer
+        && caller.account_id.as_deref() != Some(&account_id.to_string())
+    {
+        return Err(ApiError::NotFound);
+    }
+    Ok(account_id)
+}
+
+/// `GET /v1/accounts/{account_id}`: balances.
+#[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts", security(("bearer" = [])),
+    params(("account_id" = String, Path, description = "The account")),
+    responses((status = 200, body = AccountResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn account(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account_id): Path<String>,
+) -> Result<Json<AccountResponse>, ApiError> {
+    let account_id = visible_account(&caller, &account_id)?;
+    query::balance(&state.db, &account_id.to_string())
+        .await?
+        .map(|b| Json(AccountResponse::from(b)))
+        .ok_or(ApiError::NotFound)
+}
+
+/// Paging of a ledger.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerParams {
+    /// Entries after this position (0: from the start).
+    pub after: Option<i64>,
+    /// 1 to 1000, default 100.
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/accounts/{account_id}/ledger`: entries, oldest first.
+#[utoipa::path(get, path = "/v1/accounts/{account_id}/ledger", tag = "accounts",
+    security(("bearer" = [])),
+    params(("account_id" = String, Path, description = "The account"), LedgerParams),
+    responses((status = 200, body = LedgerResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(account_id): Path<String>,
+    params: Result<Query<LedgerParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<LedgerResponse>, ApiError> {
+    let account_id = visible_account(&caller, &account_id)?;
+    let Query(params) = params
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid query: {}", e.body_text())))?;
+    let limit = params.limit.unwrap_or(LEDGER_PAGE_DEFAULT);
+    if !(1..=query::LEDGER_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::InvalidRequest("limit must be 1 to 1000".into()));
+    }
+    let after = params.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::InvalidRequest(
+            "after must not be negative".into(),
+        ));
+    }
+    let id = account_id.to_string();
+    if query::balance(&state.db, &id).await?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let page = query::ledger(&state.db, &id, after, limit).await?;
+    Ok(Json(LedgerResponse::from(page)))
+}
+
+/// `POST /v1/accounts/{account_id}/deposits` (operator).
+#[utoipa::path(post, path = "/v1/accounts/{account_id}/deposits", tag = "accounts",
+    security(("bearer" = [])), request_body = DepositRequest,
+    params(("account_id" = String, Path, description = "The account"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 201, body = DepositResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn deposit(
+    State(state): State<AppState>,
+    Context(context): Context,
+    caller: Caller,
+    Path(account_id): Path<String>,
+    JsonBody(request): JsonBody<DepositRequest>,
+) -> Result<(StatusCode, Json<DepositResponse>), ApiError> {
+    let account_id = visible_account(&caller, &account_id)?;
+    let amount = positive_amount(request.amount)?;
+    validate_reference(&request.reference).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let command = AccountCommand::Deposit {
+        amount,
+        reference: request.reference.clone(),
+    };
+    let appended = state
+        .engine
+        .account_command(account_id, command, context)
+        .await
+        .map_err(command_error)?;
+    let position = match appended {
+        Some(appended) => appended.last_position,
+        None => deposit_position(&state, account_id, &request.reference).await?,
+    };
+    let (account, _) = state.engine.account(account_id).await?;
+    let account = account
+        .account
+        .expect("BUG: a deposit succeeded on an account that is not open");
+    Ok((
+        StatusCode::CREATED,
+        Json(DepositResponse {
+            account_id: account_id.to_string(),
+            available: account.available.minor(),
+            position,
+        }),
+    ))
+}
+
+/// Where the deposit with this reference was recorded (a repeated deposit
+/// answers with the first one's position).
+async fn deposit_position(
+    state: &AppState,
+    account_id: AccountId,
+    reference: &str,
+) -> Result<i64, ApiError> {
+    let events = state.store.read_stream_to_end(&account_id.stream()).await?;
+    events
+        .iter()
+        .find(|event| {
+            matches!(
+                engine::aggregate::decode::<CustomerAccount>(event),
+                Ok(AccountEvent::FundsDeposited { reference: r, .. }) if r == reference
+            )
+        })
+        .map(|event| event.position)
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a repeated deposit has no event")))
+}
+
+/// A positive amount in minor units.
+pub fn positive_amount(minor: i64) -> Result<Amount, ApiError> {
+    if minor <= 0 {
+        return Err(ApiError::InvalidRequest("amount must be positive".into()));
+    }
+    Amount::new(minor).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+}
+
+/// An engine command's failure as an answer.
+pub fn command_error(error: CommandError) -> ApiError {
+    use domain::account::AccountRejection as A;
+    use domain::product::ProductRejection as P;
+    match error {
+        CommandError::Product(P::NotListed) | CommandError::Account(A::NotOpen) => {
+            ApiError::NotFound
+        }
+        CommandError::Product(P::InvalidTerms(why)) => ApiError::InvalidRequest(why),
+        CommandError::Account(A::NonPositiveAmount | A::InvalidReference) => {
+            ApiError::InvalidRequest(error.to_string())
+        }
+        CommandError::Account(A::InsufficientFunds { .. }) => ApiError::InsufficientFunds,
+        CommandError::Product(rejection) => ApiError::Conflict("conflict", rejection.to_string()),
+        CommandError::Account(rejection) => ApiError::Conflict("conflict", rejection.to_string()),
+        CommandError::Contention(_) => ApiError::Conflict("conflict", error.to_string()),
+        CommandError::ShuttingDown | CommandError::Unavailable => {
+            ApiError::Unavailable("the engine".into())
+        }
+        CommandError::NotAllowed(why) => ApiError::InvalidRequest(why.into()),
+        CommandError::Store(store) => ApiError::from(store),
+    }
+}

@@ -1,0 +1,765 @@
+//! The HTTP API against API.md, on SQLite and PostgreSQL: the walkthrough a
+//! newcomer does, the policy of every route, idempotency keys, limits,
+//! concurrent buyers, metrics, OpenAPI and the progress stream.
+
+mod support;
+
+use api::server::routes::{Access, Idempotency, table};
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashMap};
+use support::{Kind, TestApi, User};
+
+const PRODUCT: &str = "fund-2026-a";
+
+async fn walkthrough(api: &TestApi) {
+    let alice = api.customer("alice", 1_000_000).await;
+    let account = alice.account_id.clone().unwrap();
+    api.open_product(PRODUCT, 100_000, 100, 50_000).await;
+
+    let bought = api.buy(&alice, PRODUCT, 30_000, "alice-1").await;
+    assert_eq!(bought.status, StatusCode::CREATED, "{bought:?}");
+    assert_eq!(bought.body["status"], "confirmed");
+    assert_eq!(bought.body["amount"], 30_000);
+    assert_eq!(bought.body["account_id"], account.as_str());
+    let order_id = bought.body["order_id"].as_str().unwrap().to_owned();
+
+    // The same key and body: the same answer, nothing bought again.
+    let again = api.buy(&alice, PRODUCT, 30_000, "alice-1").await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.body, bought.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    // The same key with another body: refused.
+    let reused = api.buy(&alice, PRODUCT, 20_000, "alice-1").await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+    // No key: refused.
+    let keyless = api
+        .post(
+            &format!("/v1/products/{PRODUCT}/purchases"),
+            &alice.token,
+            json!({"amount": 100}),
+        )
+        .await;
+    assert_eq!(
+        (keyless.status, keyless.code()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+
+    let poor = api.buy(&alice, PRODUCT, 50_000, "alice-2").await;
+    assert_eq!(poor.status, StatusCode::CREATED, "{poor:?}");
+    let broke = api.buy(&alice, PRODUCT, 50_000, "alice-3").await;
+    assert_eq!(
+        (broke.status, broke.code()),
+        (StatusCode::CONFLICT, "insufficient_quota"),
+        "20,000 left of the quota: {broke:?}"
+    );
+    let too_small = api.buy(&alice, PRODUCT, 10, "alice-4").await;
+    assert_eq!(too_small.status, StatusCode::BAD_REQUEST, "{too_small:?}");
+    let no_sale = api.buy(&alice, "no-such-product", 100, "alice-5").await;
+    assert_eq!(no_sale.status, StatusCode::NOT_FOUND, "{no_sale:?}");
+
+    api.settle().await;
+    let balance = api
+        .get(&format!("/v1/accounts/{account}"), &alice.token)
+        .await;
+    assert_eq!(balance.status, StatusCode::OK, "{balance:?}");
+    assert_eq!(balance.body["available"], 1_000_000 - 80_000);
+    assert_eq!(balance.body["total_deposited"], 1_000_000);
+    assert_eq!(balance.body["total_invested"], 80_000);
+    assert_eq!(balance.body["held"], 0);
+    for field in ["account_id", "total_paid_out", "version"] {
+        assert!(balance.body.get(field).is_some(), "{field}: {balance:?}");
+    }
+
+    let ledger = api
+        .get(
+            &format!("/v1/accounts/{account}/ledger?limit=2"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(ledger.status, StatusCode::OK);
+    let entries = ledger.body["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["kind"], "deposit");
+    assert_eq!(entries[0]["amount"], 1_000_000);
+    assert_eq!(entries[1]["amount"], -30_000);
+    assert_eq!(entries[1]["balance_after"], 970_000);
+    assert_eq!(entries[1]["order_id"], order_id.as_str());
+    let next = ledger.body["next"].as_i64().unwrap();
+    let rest = api
+        .get(
+            &format!("/v1/accounts/{account}/ledger?after={next}"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(rest.body["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(rest.body["next"], Value::Null);
+
+    let order = api
+        .get(&format!("/v1/orders/{order_id}"), &alice.token)
+        .await;
+    assert_eq!(order.status, StatusCode::OK);
+    assert_eq!(order.body["status"], "confirmed");
+    assert_eq!(order.body["product_id"], PRODUCT);
+    let timeline = api
+        .get(&format!("/v1/orders/{order_id}/timeline"), &alice.token)
+        .await;
+    let events = timeline.body["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(
+        types.contains(&"quota_reserved") || types.len() >= 3,
+        "{types:?}"
+    );
+    // Every event the purchase caused carries the buyer and the request.
+    for event in events {
+        assert_eq!(
+            event["metadata"]["actor_id"],
+            alice.user_id.as_str(),
+            "{event}"
+        );
+        assert_eq!(event["metadata"]["actor_role"], "customer", "{event}");
+        assert!(
+            event["metadata"]["request_id"].as_str().is_some(),
+            "{event}"
+        );
+    }
+
+    let progress = api
+        .get(&format!("/v1/products/{PRODUCT}/progress"), &alice.token)
+        .await;
+    assert_eq!(progress.body["confirmed"], 80_000);
+    assert_eq!(progress.body["orders"], 2);
+    assert_eq!(progress.body["status"], "open");
+    let sum: i64 = ["confirmed", "reserved", "available"]
+        .iter()
+        .map(|f| progress.body[f].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, 100_000);
+
+    // A repeated deposit reference is not a second deposit.
+    let deposits = format!("/v1/accounts/{account}/deposits");
+    let deposit = |reference: &str, amount: i64| {
+        api.post(
+            &deposits,
+            &api.admin,
+            json!({"amount": amount, "reference": reference}),
+        )
+    };
+    let first = deposit("wire-77", 5_000).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let repeat = deposit("wire-77", 5_000).await;
+    assert_eq!(repeat.status, StatusCode::CREATED);
+    assert_eq!(repeat.body["position"], first.body["position"]);
+    assert_eq!(repeat.body["available"], first.body["available"]);
+    let changed = deposit("wire-77", 6_000).await;
+    assert_eq!(changed.status, StatusCode::CONFLICT, "{changed:?}");
+}
+
+on_both_backends!(walkthrough_on_sqlite, walkthrough_on_postgres, walkthrough);
+
+/// Fills a route's path parameters with ids that exist nowhere.
+fn concrete(path: &str) -> String {
+    path.replace("{account_id}", "0195f3a0-0000-7000-8000-000000000001")
+        .replace("{order_id}", "0195f3a0-0000-7000-8000-000000000002")
+        .replace("{product_id}", "no-such-product")
+}
+
+async fn every_route_enforces_its_policy(api: &TestApi) {
+    let carol = api.customer("carol", 10_000).await;
+    let support = api.user("sam", "support").await;
+    let routes = table();
+    assert!(routes.len() >= 20);
+    let mut public = BTreeSet::new();
+    for route in &routes {
+        let uri = concrete(route.path);
+        let body = (route.method == Method::POST).then(|| json!({}));
+        let key = (route.method == Method::POST).then_some("policy-walk");
+        match route.access {
+            Access::Public => {
+                public.insert(route.path);
+                if route.path == "/v1/progress/stream" {
+                    continue; // An endless stream; tested on its own.
+                }
+                let reply = api.call(route.method.clone(), &uri, None, key, body).await;
+                assert_ne!(
+                    reply.status,
+                    StatusCode::UNAUTHORIZED,
+                    "{} {uri}",
+                    route.method
+                );
+                assert_ne!(
+                    reply.status,
+                    StatusCode::FORBIDDEN,
+                    "{} {uri}",
+                    route.method
+                );
+            }
+            Access::Roles(roles) => {
+                let anonymous = api
+                    .call(route.method.clone(), &uri, None, key, body.clone())
+                    .await;
+                assert_eq!(
+                    (anonymous.status, anonymous.code()),
+                    (StatusCode::UNAUTHORIZED, "unauthorized"),
+                    "anonymous {} {uri}",
+                    route.method
+                );
+                let forged = api
+                    .call(
+                        route.method.clone(),
+                        &uri,
+                        Some(&"ab".repeat(32)),
+                        key,
+                        body.clone(),
+                    )
+                    .await;
+                assert_eq!(
+                    forged.status,
+                    StatusCode::UNAUTHORIZED,
+                    "forged {} {uri}",
+                    route.method
+                );
+                let as_customer = api
+                    .call(
+                        route.method.clone(),
+                        &uri,
+                        Some(&carol.token),
+                        key,
+                        body.clone(),
+                    )
+                    .await;
+                if roles.contains(&api::server::auth::Role::Customer) {
+                    assert_ne!(
+                        as_customer.status,
+                        StatusCode::FORBIDDEN,
+                        "{} {uri}",
+                        route.method
+                    );
+                    assert_ne!(as_customer.status, StatusCode::UNAUTHORIZED);
+                } else {
+                    assert_eq!(
+                        (as_customer.status, as_customer.code()),
+                        (StatusCode::FORBIDDEN, "forbidden"),
+                        "customer on {} {uri}",
+                        route.method
+                    );
+                }
+            }
+        }
+        if route.method == Method::POST && route.access != Access::Public {
+            assert_ne!(route.idempotency, Idempotency::None, "{}", route.path);
+        }
+    }
+    // API.md's public routes, and no others.
+    let expected: BTreeSet<&str> = [
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/v1/auth/login",
+        "/v1/progress",
+        "/v1/progress/stream",
+        "/v1/products/{product_id}/progress",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(public, expected);
+
+    // A customer asking for another customer's account or order gets 404;
+    // staff see it.
+    let dave = api.customer("dave", 10_000).await;
+    api.open_product("policy-product", 1_000, 1, 1_000).await;
+    let bought = api.buy(&dave, "policy-product", 10, "dave-1").await;
+    assert_eq!(bought.status, StatusCode::CREATED, "{bought:?}");
+    api.settle().await;
+    let order_id = bought.body["order_id"].as_str().unwrap();
+    let dave_account = dave.account_id.as_deref().unwrap();
+    for uri in [
+        format!("/v1/accounts/{dave_account}"),
+        format!("/v1/accounts/{dave_account}/ledger"),
+        format!("/v1/orders/{order_id}"),
+        format!("/v1/orders/{order_id}/timeline"),
+    ] {
+        let theirs = api.get(&uri, &carol.token).await;
+        assert_eq!(
+            (theirs.status, theirs.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{uri}"
+        );
+        assert_eq!(
+            api.get(&uri, &dave.token).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+        assert_eq!(
+            api.get(&uri, &support.token).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    // Support reads but moves no money.
+    let deposit = api
+        .post(
+            &format!("/v1/accounts/{dave_account}/deposits"),
+            &support.token,
+            json!({"amount": 5, "reference": "support-try"}),
+        )
+        .await;
+    assert_eq!(deposit.status, StatusCode::FORBIDDEN);
+    // Malformed credentials.
+    for header in [
+        "Bearer",
+        "Basic YWRtaW46YWRtaW4=",
+        "Bearer ' OR 1=1 --",
+        "bearer",
+    ] {
+        let request = Request::get("/v1/me")
+            .header("authorization", header)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            api.send(request).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{header}"
+        );
+    }
+}
+
+on_both_backends!(
+    every_route_enforces_its_policy_on_sqlite,
+    every_route_enforces_its_policy_on_postgres,
+    every_route_enforces_its_policy
+);
+
+async fn bad_input_is_refused_and_changes_nothing(api: &TestApi) {
+    let erin = api.customer("erin", 50_000).await;
+    api.open_product("input-product", 10_000, 1, 10_000).await;
+    let purchases = "/v1/products/input-product/purchases";
+    let mut cases: Vec<(&str, Body, &str, StatusCode)> = vec![
+        (
+            "unknown field",
+            Body::from(r#"{"amount":5,"price":1}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "zero",
+            Body::from(r#"{"amount":0}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "negative",
+            Body::from(r#"{"amount":-5}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "huge",
+            Body::from(r#"{"amount":99999999999999999999999}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "float",
+            Body::from(r#"{"amount":1.5}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "string",
+            Body::from(r#"{"amount":"5"}"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "malformed",
+            Body::from(r#"{"amount":"#),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "form",
+            Body::from("amount=5"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "nested",
+            Body::from(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "oversized",
+            Body::from(format!(r#"{{"amount":5,"pad":"{}"}}"#, "x".repeat(70_000))),
+            "application/json",
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (index, (name, body, content_type, expected)) in cases.drain(..).enumerate() {
+        let request = Request::post(purchases)
+            .header("authorization", format!("Bearer {}", erin.token))
+            .header("idempotency-key", format!("bad-{index}"))
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap();
+        let reply = api.send(request).await;
+        assert_eq!(reply.status, expected, "{name}: {reply:?}");
+        assert!(
+            reply.body["message"].as_str().is_some(),
+            "{name}: error body {reply:?}"
+        );
+        assert!(
+            !reply.body.to_string().contains("sqlx"),
+            "{name}: leaks internals"
+        );
+    }
+    for key in ["", &"k".repeat(200), "tab\there"] {
+        let request = Request::post(purchases)
+            .header("authorization", format!("Bearer {}", erin.token))
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"amount":5}"#))
+            .unwrap();
+        assert_eq!(
+            api.send(request).await.status,
+            StatusCode::BAD_REQUEST,
+            "key {key:?}"
+        );
+    }
+    let products = [
+        "x'%3B%20DROP%20TABLE%20events%3B%20--",
+        "..%2F..%2Fetc",
+        "%E2%80%AEevil",
+        "%00",
+    ];
+    for (index, product) in products.into_iter().enumerate() {
+        let reply = api.buy(&erin, product, 5, &format!("inject-{index}")).await;
+        assert!(
+            reply.status == StatusCode::BAD_REQUEST || reply.status == StatusCode::NOT_FOUND,
+            "{product}: {reply:?}"
+        );
+    }
+    let users = [
+        json!({"username": " padded", "password": "long-enough-1", "role": "support"}),
+        json!({"username": "x", "password": "short", "role": "support"}),
+        json!({"username": "x", "password": "long-enough-1", "role": "root"}),
+        json!({"username": "x", "password": "long-enough-1", "role": "support", "admin": true}),
+    ];
+    for user in users {
+        let reply = api.post("/v1/users", &api.admin, user.clone()).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{user}: {reply:?}");
+    }
+    let taken = api
+        .post(
+            "/v1/users",
+            &api.admin,
+            json!({"username": "erin", "password": "long-enough-1", "role": "customer"}),
+        )
+        .await;
+    assert_eq!(taken.status, StatusCode::CONFLICT);
+    let ledger = api
+        .get(
+            &format!(
+                "/v1/accounts/{}/ledger?limit=0",
+                erin.account_id.as_deref().unwrap()
+            ),
+            &erin.token,
+        )
+        .await;
+    assert_eq!(ledger.status, StatusCode::BAD_REQUEST);
+    let payouts = api.get("/v1/payouts?status=paid", &api.admin).await;
+    assert_eq!(payouts.status, StatusCode::BAD_REQUEST);
+    let unknown = api
+        .call(Method::DELETE, "/v1/progress", None, None, None)
+        .await;
+    assert_eq!(unknown.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // Nothing moved.
+    api.settle().await;
+    let balance = api
+        .get(
+            &format!("/v1/accounts/{}", erin.account_id.as_deref().unwrap()),
+            &erin.token,
+        )
+        .await;
+    assert_eq!(balance.body["available"], 50_000);
+    let progress = api
+        .get("/v1/products/input-product/progress", &erin.token)
+        .await;
+    assert_eq!(progress.body["available"], 10_000);
+}
+
+on_both_backends!(
+    bad_input_is_refused_on_sqlite,
+    bad_input_is_refused_on_postgres,
+    bad_input_is_refused_and_changes_nothing
+);
+
+/// Many buyers at once, each retrying every purchase with its key: no
+/// over-booking, no purchase twice, money and quota add up.
+async fn concurrent_buyers_never_overbook(api: &TestApi) {
+    const BUYERS: usize = 24;
+    const PURCHASES: usize = 6;
+    const QUOTA: i64 = 10_000;
+    api.open_product("hot", QUOTA, 100, 1_000).await;
+    let mut buyers = Vec::new();
+    for index in 0..BUYERS {
+        buyers.push(api.customer(&format!("buyer{index}"), 5_000).await);
+    }
+    let api = std::sync::Arc::new(api);
+    let results = futures::future::join_all(buyers.iter().enumerate().map(|(index, buyer)| {
+        let api = api.clone();
+        async move {
+            let mut confirmed: HashMap<String, i64> = HashMap::new();
+            for purchase in 0..PURCHASES {
+                let key = format!("b{index}-p{purchase}");
+                let amount = 100 * (1 + ((index + purchase) % 10) as i64);
+                let (first, second) = futures::join!(
+                    api.buy(buyer, "hot", amount, &key),
+                    api.buy(buyer, "hot", amount, &key)
+                );
+                for reply in [first, second] {
+                    match reply.status {
+                        StatusCode::CREATED => {
+                            confirmed
+                                .insert(reply.body["order_id"].as_str().unwrap().into(), amount);
+                        }
+                        StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY => {}
+                        other => panic!("unexpected {other}: {reply:?}"),
+                    }
+                }
+            }
+            confirmed
+        }
+    }))
+    .await;
+    api.settle().await;
+    let progress = api.get("/v1/products/hot/progress", &api.admin).await;
+    let confirmed_total: i64 = results.iter().flat_map(|r| r.values()).sum();
+    let orders: usize = results.iter().map(HashMap::len).sum();
+    assert_eq!(progress.body["confirmed"], confirmed_total, "{progress:?}");
+    assert_eq!(progress.body["orders"], orders as i64);
+    assert!(confirmed_total <= QUOTA);
+    let sum: i64 = ["confirmed", "reserved", "available"]
+        .iter()
+        .map(|f| progress.body[f].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, QUOTA);
+    for (buyer, mine) in buyers.iter().zip(&results) {
+        let account = buyer.account_id.as_deref().unwrap();
+        let balance = api
+            .get(&format!("/v1/accounts/{account}"), &buyer.token)
+            .await;
+        let spent: i64 = mine.values().sum();
+        assert_eq!(balance.body["total_invested"], spent, "{balance:?}");
+        assert_eq!(balance.body["available"], 5_000 - spent);
+        assert!(balance.body["available"].as_i64().unwrap() >= 0);
+    }
+}
+
+on_both_backends!(
+    concurrent_buyers_on_sqlite,
+    concurrent_buyers_on_postgres,
+    concurrent_buyers_never_overbook
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let limits = api::server::Limits {
+        rate_per_second: 1,
+        rate_burst: 3,
+        ..api::server::Limits::default()
+    };
+    let api = TestApi::start_with(Kind::Sqlite, "rate_limits", limits)
+        .await
+        .unwrap();
+    let mut limited = None;
+    for _ in 0..10 {
+        let reply = api.get("/v1/me", &api.admin).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(reply);
+            break;
+        }
+    }
+    let reply = limited.expect("the tenth request within a second is over a 1/s rate");
+    assert_eq!(reply.code(), "rate_limited");
+    let retry: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_sheds_load_with_503() {
+    let settings = engine::EngineSettings {
+        queue_max: 1,
+        ..engine::EngineSettings::default()
+    };
+    let api = TestApi::start_full(Kind::Sqlite, "load_shedding", support::generous(), settings)
+        .await
+        .unwrap();
+    api.open_product("crowded", 1_000_000, 1, 1_000).await;
+    let mut buyers: Vec<User> = Vec::new();
+    for index in 0..40 {
+        buyers.push(api.customer(&format!("crowd{index}"), 10_000).await);
+    }
+    let replies = futures::future::join_all(buyers.iter().enumerate().map(|(i, b)| {
+        let api = &api;
+        async move { api.buy(b, "crowded", 10, &format!("c{i}")).await }
+    }))
+    .await;
+    let shed: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    let bought = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(shed.len() + bought, buyers.len(), "{replies:?}");
+    assert!(!shed.is_empty(), "40 buyers at once overflow a queue of 1");
+    for reply in &shed {
+        assert_eq!(reply.code(), "overloaded");
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    // A shed purchase did not keep its key: retried, it goes through.
+    let (index, _) = replies
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .unwrap();
+    let retried = api
+        .buy(&buyers[index], "crowded", 10, &format!("c{index}"))
+        .await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    api.settle().await;
+    let progress = api.get("/v1/products/crowded/progress", &api.admin).await;
+    assert_eq!(progress.body["orders"], (bought + 1) as i64);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_names_exactly_the_route_table() {
+    let api = TestApi::start(Kind::Sqlite, "openapi").await.unwrap();
+    let reply = api
+        .call(Method::GET, "/openapi.json", None, None, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let paths = reply.body["paths"].as_object().unwrap();
+    let documented: BTreeSet<(String, String)> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> = table()
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_owned()))
+        .collect();
+    assert_eq!(documented, routed);
+    // Protected routes declare the bearer scheme; public ones do not.
+    for route in table() {
+        let operation = &paths[route.path][route.method.as_str().to_lowercase()];
+        let secured = operation.get("security").is_some();
+        assert_eq!(
+            secured,
+            route.access != Access::Public,
+            "{} {}",
+            route.method,
+            route.path
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_purchases_and_report_queues_and_lag() {
+    let api = TestApi::start(Kind::Sqlite, "metrics").await.unwrap();
+    let frank = api.customer("frank", 10_000).await;
+    api.open_product("metered", 1_000, 1, 1_000).await;
+    assert_eq!(
+        api.buy(&frank, "metered", 10, "m1").await.status,
+        StatusCode::CREATED
+    );
+    let refused = api.buy(&frank, "metered", 100_000, "m2").await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let request = Request::get("/metrics").body(Body::empty()).unwrap();
+    let response = tower::ServiceExt::oneshot(api.server.router(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    for needle in [
+        "ledger_purchases_total{outcome=\"confirmed\"}",
+        "ledger_purchases_total{outcome=\"amount_out_of_range\"}",
+        "ledger_purchase_queue_depth{product_id=\"metered\"}",
+        "ledger_projection_lag_events{projection=\"sale_progress\"}",
+        "ledger_append_seconds",
+        "ledger_http_requests_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_stream_sends_progress_objects() {
+    use futures::StreamExt;
+    let api = TestApi::start(Kind::Sqlite, "stream").await.unwrap();
+    api.open_product("streamed", 5_000, 1, 5_000).await;
+    let request = Request::get("/v1/progress/stream")
+        .body(Body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(api.server.router(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body().into_data_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !text.contains("event: progress") || !text.contains("\"product_id\":\"streamed\"") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("a progress event within 20 s")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let data = text
+        .lines()
+        .find(|l| l.starts_with("data:") && l.contains("streamed"))
+        .unwrap();
+    let progress: Value = serde_json::from_str(data.trim_start_matches("data:").trim()).unwrap();
+    assert_eq!(progress["quota"], 5_000);
+    assert_eq!(progress["available"], 5_000);
+    // Shutting the feed down ends the stream, so draining never waits on it.
+    api.server.state.feed.close_streams();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            chunk.unwrap();
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ends when the feed closes");
+    api.stop().await;
+}

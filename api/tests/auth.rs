@@ -1,0 +1,228 @@
+//! Passwords, tokens and idempotency keys. One test per backend walks every
+//! password case, so the global count of argon2 verifications is not
+//! disturbed by another test's logins.
+
+mod support;
+
+use api::server::access::{AccessDb, Begun};
+use api::server::auth::VERIFICATIONS;
+use api::server::{Limits, Server, bootstrap_admin};
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use store::Backend;
+use store::testing::TestPostgres;
+use support::TestApi;
+
+/// Held by every test of this file that verifies passwords, so counts of
+/// verifications see only their own.
+static VERIFYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn login(api: &TestApi, username: &str, password: &str) -> support::Reply {
+    api.call(
+        Method::POST,
+        "/v1/auth/login",
+        None,
+        None,
+        Some(json!({"username": username, "password": password})),
+    )
+    .await
+}
+
+async fn passwords(api: &TestApi) {
+    api.user("Grace", "operator").await;
+    let good = "Grace-password";
+    let reply = login(api, "Grace", good).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body["role"], "operator");
+    assert_eq!(reply.body["account_id"], serde_json::Value::Null);
+    let token = reply.body["token"].as_str().unwrap();
+    assert_eq!(token.len(), 64, "256 random bits, hex");
+
+    let wrong = [
+        ("Grace", ""),
+        ("Grace", "Grace-passwor"),
+        ("Grace", "grace-password"),
+        ("Grace", "GRACE-PASSWORD"),
+        ("Grace", "Grace-password "),
+        ("Grace", "' OR '1'='1"),
+        ("Grace", "Grace-password' --"),
+        ("grace", good),
+        ("Grace ", good),
+        ("' OR 1=1 --", good),
+        ("nobody", good),
+    ];
+    for (username, password) in wrong {
+        let before = VERIFICATIONS.load(Ordering::SeqCst);
+        let reply = login(api, username, password).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "{username:?} / {password:?}"
+        );
+        // A known and an unknown user both cost exactly one argon2
+        // verification with the same parameters.
+        assert_eq!(
+            VERIFICATIONS.load(Ordering::SeqCst) - before,
+            1,
+            "{username:?}"
+        );
+        assert!(reply.body.get("token").is_none());
+    }
+    let malformed = api
+        .call(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            None,
+            Some(json!({"username": "Grace"})),
+        )
+        .await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_exact_password_logs_in() {
+    let _verifying = VERIFYING.lock().await;
+    let api = TestApi::start(support::Kind::Sqlite, "passwords")
+        .await
+        .unwrap();
+    passwords(&api).await;
+    if let Some(postgres) = TestApi::start(support::Kind::Postgres, "passwords").await {
+        passwords(&postgres).await;
+        postgres.stop().await;
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_survive_a_restart_and_expire() {
+    let _verifying = VERIFYING.lock().await;
+    let folder = tempfile::tempdir().unwrap();
+    let backend = Backend::Sqlite(folder.path().join("ledger.db"));
+    let limits = Limits {
+        session_ttl: Duration::from_secs(3),
+        ..support::generous()
+    };
+    let server = Server::start(&backend, limits.clone(), Default::default())
+        .await
+        .unwrap();
+    bootstrap_admin(&server.state, "root", "root-password")
+        .await
+        .unwrap();
+    // A second bootstrap with another password changes nothing.
+    bootstrap_admin(&server.state, "root", "other-password")
+        .await
+        .unwrap();
+    let session = server
+        .state
+        .auth
+        .login("root", "root-password", server.state.now_ms())
+        .await
+        .unwrap();
+    assert!(
+        server
+            .state
+            .auth
+            .login("root", "other-password", server.state.now_ms())
+            .await
+            .is_err()
+    );
+    server.stop().await;
+
+    let server = Server::start(&backend, limits, Default::default())
+        .await
+        .unwrap();
+    let now = server.state.now_ms();
+    let caller = server
+        .state
+        .auth
+        .authenticate(&session.token, now)
+        .await
+        .unwrap();
+    assert_eq!(caller.user_id, session.user.user_id);
+    // The stored form is a hash: the token itself is nowhere in the table.
+    let AccessDb::Sqlite(pool) = &server.state.access else {
+        unreachable!()
+    };
+    let stored: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM sessions")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert!(stored.iter().all(|(hash,)| hash != &session.token));
+    assert!(
+        server
+            .state
+            .auth
+            .authenticate(&session.token, now + 4_000)
+            .await
+            .is_err()
+    );
+    server.stop().await;
+}
+
+async fn idempotency_keys(db: &AccessDb) {
+    let (user, key) = ("user-1", "key-1");
+    assert_eq!(
+        db.begin(user, key, "hash-a", 1_000, 500).await.unwrap(),
+        Begun::Run
+    );
+    assert_eq!(
+        db.begin(user, key, "hash-a", 1_100, 500).await.unwrap(),
+        Begun::InFlight
+    );
+    assert_eq!(
+        db.begin(user, key, "hash-b", 1_100, 500).await.unwrap(),
+        Begun::Reused
+    );
+    // Another caller's key of the same name is theirs.
+    assert_eq!(
+        db.begin("user-2", key, "hash-b", 1_100, 500).await.unwrap(),
+        Begun::Run
+    );
+    // Abandoned by a crash: after its lock, one retry takes it over.
+    assert_eq!(
+        db.begin(user, key, "hash-a", 1_600, 500).await.unwrap(),
+        Begun::Run
+    );
+    assert_eq!(
+        db.begin(user, key, "hash-a", 1_700, 500).await.unwrap(),
+        Begun::InFlight
+    );
+    db.complete(user, key, 201, "{\"ok\":true}").await.unwrap();
+    assert_eq!(
+        db.begin(user, key, "hash-a", 9_000, 500).await.unwrap(),
+        Begun::Replay {
+            status: 201,
+            body: "{\"ok\":true}".into()
+        }
+    );
+    assert_eq!(
+        db.begin(user, key, "hash-b", 9_000, 500).await.unwrap(),
+        Begun::Reused
+    );
+    // A released key runs again.
+    assert_eq!(
+        db.begin(user, "key-2", "hash-c", 1_000, 500).await.unwrap(),
+        Begun::Run
+    );
+    db.abandon(user, "key-2").await.unwrap();
+    assert_eq!(
+        db.begin(user, "key-2", "hash-d", 1_000, 500).await.unwrap(),
+        Begun::Run
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_run_once_replay_and_refuse_reuse() {
+    let folder = tempfile::tempdir().unwrap();
+    let backend = Backend::Sqlite(folder.path().join("ledger.db"));
+    store::migrate(&backend).await.unwrap();
+    idempotency_keys(&AccessDb::open(&backend).await.unwrap()).await;
+    if let Some(database) = TestPostgres::create("idempotency_keys").await {
+        let backend = Backend::Postgres(database.url.clone());
+        store::migrate(&backend).await.unwrap();
+        idempotency_keys(&AccessDb::open(&backend).await.unwrap()).await;
+    }
+}
