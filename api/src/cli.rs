@@ -96,6 +96,9 @@ pub enum BenchCommand {
     Purchases(bench::purchases::PurchaseOptions),
     /// Generate a realistic history, then rebuild every read model from it.
     Rebuild(bench::rebuild::RebuildBenchOptions),
+    /// Many concurrent clients buying one hot product over HTTP, through
+    /// the whole API; checks the log and read models afterwards.
+    Http(bench::http::HttpBenchOptions),
 }
 
 /// Runs a parsed command line.
@@ -106,6 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
+        Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
         Command::Projections(ProjectionsCommand::Status(options)) => {
             read_models::status(options).await

@@ -279,6 +279,36 @@ fn rebuild_benchmark_reports_figures_and_checks_as_json() {
     assert_eq!(report["checks"]["drift_differences"], 0, "{report}");
 }
 
+#[test]
+fn http_benchmark_sells_out_over_http_and_verifies_on_both_backends() {
+    let mut backends = vec![vec![]];
+    match std::env::var("DATABASE_URL") {
+        Ok(url) => backends.push(vec![
+            "--backend".to_owned(),
+            "postgres".to_owned(),
+            "--database-url".to_owned(),
+            url,
+        ]),
+        Err(_) => eprintln!("skipped bench http on PostgreSQL: DATABASE_URL is not set"),
+    }
+    for backend in backends {
+        let printed = run(ledger()
+            .args(["bench", "http", "--clients", "40", "--quota", "30000"])
+            .args(["--amount", "100", "--seconds", "60", "--json"])
+            .args(&backend));
+        let report = json(&printed);
+        assert_eq!(report["benchmark"], "http");
+        assert_eq!(report["sold_out"], true, "{report}");
+        assert_eq!(report["confirmed_purchases"], 300, "{report}");
+        assert_eq!(report["answers"]["201"], 300, "{report}");
+        assert!(
+            report["confirmed_per_second"].as_f64() > Some(0.0),
+            "{report}"
+        );
+        assert_eq!(report["checks"]["ok"], true, "{report}");
+    }
+}
+
 fn lag(data_dir: &str) -> i64 {
     let status = json(&run(ledger().args([
         "projections",

@@ -54,7 +54,7 @@ pub struct ServeOptions {
 pub struct Limits {
     /// Requests per second each client may make (by user, or by address
     /// before logging in); over it the answer is 429 with `Retry-After`.
-    #[arg(long, env = "LEDGER_RATE_LIMIT", default_value_t = 50)]
+    #[arg(long = "rate-limit", env = "LEDGER_RATE_LIMIT", default_value_t = 50)]
     pub rate_per_second: u32,
     /// Requests a client may make at once above its rate.
     #[arg(long, env = "LEDGER_RATE_BURST", default_value_t = 100)]
