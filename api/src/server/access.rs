@@ -236,7 +236,9 @@ impl AccessDb {
             .rows_affected()))
     }
 
-    /// Claims an idempotency key for a request, or says why not.
+    /// Claims an idempotency key for a request, or says why not (one
+    /// operation in its own transaction; the API batches them with
+    /// `apply_key_ops`).
     pub async fn begin(
         &self,
         user_id: &str,
@@ -245,25 +247,194 @@ impl AccessDb {
         now_ms: i64,
         lock_ms: i64,
     ) -> Result<Begun, sqlx::Error> {
+        let op = KeyOp::Begin {
+            user_id: user_id.to_owned(),
+            key: key.to_owned(),
+            request_hash: request_hash.to_owned(),
+            now_ms,
+            lock_ms,
+        };
+        self.apply_one(op).await
+    }
+
+    /// Stores the answer of a request that ran.
+    pub async fn complete(
+        &self,
+        user_id: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), sqlx::Error> {
+        let op = KeyOp::Complete {
+            user_id: user_id.to_owned(),
+            key: key.to_owned(),
+            status,
+            body: body.to_owned(),
+        };
+        self.apply_one(op).await.map(|_| ())
+    }
+
+    /// Releases a key whose request ended without a final answer (overload,
+    /// an unavailable store), so a retry runs it again.
+    pub async fn abandon(&self, user_id: &str, key: &str) -> Result<(), sqlx::Error> {
+        let op = KeyOp::Abandon {
+            user_id: user_id.to_owned(),
+            key: key.to_owned(),
+        };
+        self.apply_one(op).await.map(|_| ())
+    }
+
+    async fn apply_one(&self, op: KeyOp) -> Result<Begun, sqlx::Error> {
+        let mut results = self.apply_key_ops(std::slice::from_ref(&op)).await?;
+        Ok(results.pop().expect("BUG: one result per operation"))
+    }
+
+    /// Applies idempotency-key operations in order, in one transaction (one
+    /// commit for a whole batch of requests); `Begun::Run` stands for done
+    /// for `Complete` and `Abandon`.
+    pub async fn apply_key_ops(&self, ops: &[KeyOp]) -> Result<Vec<Begun>, sqlx::Error> {
+        let mut tx = match self {
+            AccessDb::Sqlite(pool) => KeyTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            AccessDb::Postgres(pool) => KeyTx::Postgres(pool.begin().await?),
+        };
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(tx.apply(op).await?);
+        }
+        match tx {
+            KeyTx::Sqlite(tx) => tx.commit().await?,
+            KeyTx::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(results)
+    }
+}
+
+/// One change to the idempotency keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOp {
+    /// Claim a key for a request.
+    Begin {
+        /// The caller.
+        user_id: String,
+        /// The key.
+        key: String,
+        /// What the key is bound to.
+        request_hash: String,
+        /// Now.
+        now_ms: i64,
+        /// How long the claim holds before another request may take it over.
+        lock_ms: i64,
+    },
+    /// Store a request's answer.
+    Complete {
+        /// The caller.
+        user_id: String,
+        /// The key.
+        key: String,
+        /// The status.
+        status: u16,
+        /// The body.
+        body: String,
+    },
+    /// Free a key whose request decided nothing.
+    Abandon {
+        /// The caller.
+        user_id: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// A transaction over the API's tables.
+enum KeyTx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// Runs the same statement code on whichever transaction is open.
+macro_rules! on_tx {
+    ($tx:expr, |$connection:ident| $body:expr) => {
+        match $tx {
+            KeyTx::Sqlite(tx) => {
+                let $connection = &mut **tx;
+                $body
+            }
+            KeyTx::Postgres(tx) => {
+                let $connection = &mut **tx;
+                $body
+            }
+        }
+    };
+}
+
+impl KeyTx {
+    async fn apply(&mut self, op: &KeyOp) -> Result<Begun, sqlx::Error> {
+        match op {
+            KeyOp::Begin {
+                user_id,
+                key,
+                request_hash,
+                now_ms,
+                lock_ms,
+            } => {
+                self.begin(user_id, key, request_hash, *now_ms, *lock_ms)
+                    .await
+            }
+            KeyOp::Complete {
+                user_id,
+                key,
+                status,
+                body,
+            } => {
+                let _completed = on_tx!(self, |connection| sqlx::query(KEY_COMPLETE)
+                    .bind(user_id)
+                    .bind(key)
+                    .bind(i64::from(*status))
+                    .bind(body)
+                    .execute(connection)
+                    .await?
+                    .rows_affected());
+                Ok(Begun::Run)
+            }
+            KeyOp::Abandon { user_id, key } => {
+                let _released = on_tx!(self, |connection| sqlx::query(KEY_ABANDON)
+                    .bind(user_id)
+                    .bind(key)
+                    .execute(connection)
+                    .await?
+                    .rows_affected());
+                Ok(Begun::Run)
+            }
+        }
+    }
+
+    async fn begin(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        request_hash: &str,
+        now_ms: i64,
+        lock_ms: i64,
+    ) -> Result<Begun, sqlx::Error> {
         let locked_until_ms = now_ms + lock_ms;
-        let inserted = on_pool!(self, |pool| sqlx::query(KEY_INSERT)
+        let inserted = on_tx!(self, |connection| sqlx::query(KEY_INSERT)
             .bind(user_id)
             .bind(key)
             .bind(request_hash)
             .bind(locked_until_ms)
             .bind(now_ms)
-            .execute(pool)
+            .execute(connection)
             .await?
             .rows_affected());
         if inserted == 1 {
             return Ok(Begun::Run);
         }
-        let row: Option<IdempotencyRow> = on_pool!(self, |pool| sqlx::query_as(KEY_SELECT)
+        let row: Option<IdempotencyRow> = on_tx!(self, |connection| sqlx::query_as(KEY_SELECT)
             .bind(user_id)
             .bind(key)
-            .fetch_optional(pool)
+            .fetch_optional(connection)
             .await?);
-        // The row was abandoned and deleted between the two statements.
+        // Deleted (abandoned) between the statements on another node.
         let Some((stored_hash, status, body, stored_lock_ms)) = row else {
             return Ok(Begun::InFlight);
         };
@@ -277,12 +448,12 @@ impl AccessDb {
         if stored_lock_ms > now_ms {
             return Ok(Begun::InFlight);
         }
-        let taken = on_pool!(self, |pool| sqlx::query(KEY_TAKE_OVER)
+        let taken = on_tx!(self, |connection| sqlx::query(KEY_TAKE_OVER)
             .bind(user_id)
             .bind(key)
             .bind(locked_until_ms)
             .bind(stored_lock_ms)
-            .execute(pool)
+            .execute(connection)
             .await?
             .rows_affected());
         Ok(if taken == 1 {
@@ -290,36 +461,5 @@ impl AccessDb {
         } else {
             Begun::InFlight
         })
-    }
-
-    /// Stores the answer of a request that ran.
-    pub async fn complete(
-        &self,
-        user_id: &str,
-        key: &str,
-        status: u16,
-        body: &str,
-    ) -> Result<(), sqlx::Error> {
-        let _completed = on_pool!(self, |pool| sqlx::query(KEY_COMPLETE)
-            .bind(user_id)
-            .bind(key)
-            .bind(i64::from(status))
-            .bind(body)
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(())
-    }
-
-    /// Releases a key whose request ended without a final answer (overload,
-    /// an unavailable store), so a retry runs it again.
-    pub async fn abandon(&self, user_id: &str, key: &str) -> Result<(), sqlx::Error> {
-        let _released = on_pool!(self, |pool| sqlx::query(KEY_ABANDON)
-            .bind(user_id)
-            .bind(key)
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(())
     }
 }

@@ -3,9 +3,10 @@
 //! request timeout, and request metrics.
 
 use super::AppState;
-use super::access::Begun;
+use super::access::{Begun, KeyOp};
 use super::auth::{AuthError, Caller, sha256_hex};
 use super::error::ApiError;
+use super::keys::KeyError;
 use super::model::BODY_BYTES_MAX;
 use super::routes::{Access, Idempotency};
 use axum::body::{Body, to_bytes};
@@ -130,15 +131,16 @@ async fn idempotent(
     let request_hash = request_hash(&parts.method, parts.uri.path(), &bytes);
     let lock_ms = i64::try_from(state.limits.request_timeout.as_millis() * 2).unwrap_or(i64::MAX);
     let begun = state
-        .access
-        .begin(
-            &caller.user_id,
-            &key,
-            &request_hash,
-            state.now_ms(),
+        .keys
+        .apply(KeyOp::Begin {
+            user_id: caller.user_id.clone(),
+            key: key.clone(),
+            request_hash,
+            now_ms: state.now_ms(),
             lock_ms,
-        )
-        .await?;
+        })
+        .await
+        .map_err(key_error)?;
     match begun {
         Begun::Run => {}
         Begun::Replay { status, body } => return Ok(replay(status, body)),
@@ -156,7 +158,11 @@ async fn idempotent(
     let status = response.status();
     // Answers that say "not decided" leave the key free for a retry.
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        if let Err(error) = state.access.abandon(&caller.user_id, &key).await {
+        let abandon = KeyOp::Abandon {
+            user_id: caller.user_id.clone(),
+            key,
+        };
+        if let Err(error) = state.keys.apply(abandon).await {
             tracing::warn!(%error, "could not release an idempotency key; it expires by itself");
         }
         return Ok(response);
@@ -166,16 +172,25 @@ async fn idempotent(
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading a response: {e}")))?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    if let Err(error) = state
-        .access
-        .complete(&caller.user_id, &key, status.as_u16(), &text)
-        .await
-    {
+    let complete = KeyOp::Complete {
+        user_id: caller.user_id.clone(),
+        key,
+        status: status.as_u16(),
+        body: text,
+    };
+    if let Err(error) = state.keys.apply(complete).await {
         // The command took effect; a retry after the key's lock runs it
         // again, and every command behind a POST is idempotent itself.
         tracing::warn!(%error, "could not store an idempotent answer");
     }
     Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+fn key_error(error: KeyError) -> ApiError {
+    match error {
+        KeyError::Unavailable(_) => ApiError::Unavailable("the database".into()),
+        KeyError::Failed(why) => ApiError::Internal(anyhow::anyhow!(why)),
+    }
 }
 
 fn replay(status: u16, body: String) -> Response {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod feed;
 pub mod guard;
 pub mod handlers;
+pub mod keys;
 pub mod metered;
 pub mod model;
 pub mod openapi;
@@ -111,6 +112,8 @@ pub struct AppState {
     pub access: AccessDb,
     /// Logins and tokens.
     pub auth: Authenticator,
+    /// Idempotency keys, written in batches.
+    pub keys: keys::KeyLog,
     /// The command side.
     pub engine: Engine,
     /// The projections' progress.
@@ -175,6 +178,7 @@ impl Server {
                 .allow_burst(NonZeroU32::new(limits.rate_burst.max(1)).expect("max(1)"));
         let state = AppState {
             auth: Authenticator::new(access.clone(), limits.session_ttl),
+            keys: keys::KeyLog::start(access.clone()),
             feed: feed::ProgressFeed::start(db.clone(), statuses.clone(), engine.clone()),
             store,
             db,
