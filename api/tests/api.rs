@@ -438,6 +438,8 @@ async fn bad_input_is_refused_and_changes_nothing(api: &TestApi) {
         "..%2F..%2Fetc",
         "%E2%80%AEevil",
         "%00",
+        "%FF",
+        "%C3%28",
     ];
     for (index, product) in products.into_iter().enumerate() {
         let reply = api.buy(&erin, product, 5, &format!("inject-{index}")).await;
@@ -445,6 +447,41 @@ async fn bad_input_is_refused_and_changes_nothing(api: &TestApi) {
             reply.status == StatusCode::BAD_REQUEST || reply.status == StatusCode::NOT_FOUND,
             "{product}: {reply:?}"
         );
+        assert!(!reply.code().is_empty(), "{product}: error body {reply:?}");
+    }
+    // Path segments that are not UTF-8 get the usual JSON error body too.
+    for path in [
+        "/v1/accounts/%FF",
+        "/v1/accounts/%FF/ledger",
+        "/v1/orders/%C3%28/timeline",
+        "/v1/products/%FF/progress",
+    ] {
+        let reply = api.get(path, &api.admin).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{path}: {reply:?}");
+        assert_eq!(reply.code(), "invalid_request", "{path}: {reply:?}");
+    }
+    // The body limit holds whether or not an Idempotency-Key is sent.
+    let padding = "x".repeat(70_000);
+    for (path, token) in [
+        ("/v1/auth/login", None),
+        ("/v1/users", Some(api.admin.as_str())),
+        ("/v1/products", Some(api.admin.as_str())),
+    ] {
+        let reply = api
+            .call(
+                Method::POST,
+                path,
+                token,
+                None,
+                Some(json!({"name": padding, "username": padding})),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{path}: {reply:?}"
+        );
+        assert_eq!(reply.code(), "payload_too_large", "{path}: {reply:?}");
     }
     let users = [
         json!({"username": " padded", "password": "long-enough-1", "role": "support"}),
@@ -681,6 +718,34 @@ async fn openapi_names_exactly_the_route_table() {
             route.method,
             route.path
         );
+        // Every status the guard can answer is listed, with the error body.
+        let responses = operation["responses"].as_object().unwrap();
+        let mut guarded = vec!["429", "503"];
+        if secured {
+            guarded.push("401");
+        }
+        if route.method == Method::POST {
+            guarded.extend(["400", "413"]);
+        }
+        for status in guarded {
+            assert_eq!(
+                responses[status]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/ErrorBody",
+                "{} {} {status}",
+                route.method,
+                route.path
+            );
+        }
+        for (status, response) in responses {
+            assert!(
+                response["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.is_empty()),
+                "{} {} {status} has no description",
+                route.method,
+                route.path
+            );
+        }
     }
     api.stop().await;
 }

@@ -3,9 +3,9 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::model::{HealthResponse, ProgressListResponse, ProgressResponse};
+use super::model::{HealthResponse, PathText, ProgressListResponse, ProgressResponse};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -127,12 +127,13 @@ pub async fn progress_stream(State(state): State<AppState>) -> impl IntoResponse
 
 /// `GET /v1/products/{product_id}/progress`.
 #[utoipa::path(get, path = "/v1/products/{product_id}/progress", tag = "sales",
-    params(("product_id" = String, Path, description = "The product")),
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, body = ProgressResponse), (status = 400, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody)))]
 pub async fn progress(
     State(state): State<AppState>,
-    Path(product_id): Path<String>,
+    PathText(product_id): PathText,
 ) -> Result<Json<ProgressResponse>, ApiError> {
     let product_id = parse_product_id(&product_id)?;
     query::progress(&state.db, product_id.as_str())

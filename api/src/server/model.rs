@@ -5,8 +5,9 @@
 use super::auth::Role;
 use super::error::ApiError;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,6 +43,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     _ => ApiError::InvalidRequest("the body could not be read".into()),
                 })?;
         parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// A route's one path parameter, as text. A segment that is not UTF-8 once
+/// percent-decoded is a 400 with the usual JSON error body (axum's own
+/// rejection is plain text); the handler validates the text itself.
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(text)) => Ok(PathText(text)),
+            Err(rejection) if rejection.status().is_client_error() => Err(
+                ApiError::InvalidRequest(format!("invalid path: {}", rejection.body_text())),
+            ),
+            Err(rejection) => Err(ApiError::Internal(anyhow::anyhow!(
+                "path parameters: {}",
+                rejection.body_text()
+            ))),
+        }
     }
 }
 
@@ -82,9 +105,17 @@ pub struct LoginResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
-    /// 1 to 64 characters, no leading or trailing whitespace.
+    /// 1 to 64 characters, no leading or trailing whitespace, no control
+    /// characters.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]([^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+    )]
     pub username: String,
-    /// At least 8 characters.
+    /// At least 8 characters and at most 1024 bytes (256 characters always
+    /// fit).
+    #[schema(min_length = 8, max_length = 256)]
     pub password: String,
     /// The role.
     pub role: Role,
@@ -115,9 +146,16 @@ pub struct MeResponse {
 #[serde(deny_unknown_fields)]
 pub struct DepositRequest {
     /// Minor units, positive.
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// External reference, unique per account: a repeat is not a second
-    /// deposit.
+    /// deposit. 1 to 128 characters, no leading or trailing whitespace, no
+    /// control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]([^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+    )]
     pub reference: String,
 }
 
@@ -221,21 +259,34 @@ impl From<projections::query::LedgerPage> for LedgerResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProductRequest {
-    /// The id to give it; generated when absent.
+    /// The id to give it (1 to 64 of `A-Z a-z 0-9 - _ .`); generated when
+    /// absent.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     pub product_id: Option<String>,
-    /// Display name.
+    /// Display name: 1 to 200 characters once trimmed, no control
+    /// characters.
+    #[schema(
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: String,
     /// Total amount that can be sold, minor units.
+    #[schema(minimum = 1)]
     pub quota: i64,
-    /// Smallest single purchase.
+    /// Smallest single purchase (at most `max_purchase`).
+    #[schema(minimum = 1)]
     pub min_purchase: i64,
-    /// Largest single purchase.
+    /// Largest single purchase (at most `quota`).
+    #[schema(minimum = 1)]
     pub max_purchase: i64,
     /// Annual interest rate, basis points.
+    #[schema(maximum = 10_000)]
     pub annual_rate_bps: u32,
     /// Term in days.
+    #[schema(minimum = 1, maximum = 10_950)]
     pub term_days: u32,
     /// ISO 4217 code; CNY when absent.
+    #[schema(pattern = r"^[A-Z]{3}$")]
     pub currency: Option<String>,
 }
 
@@ -260,6 +311,7 @@ pub struct ProductStateResponse {
 #[serde(deny_unknown_fields)]
 pub struct PurchaseRequest {
     /// Minor units, positive.
+    #[schema(minimum = 1)]
     pub amount: i64,
 }
 

@@ -4,11 +4,12 @@ use super::AppState;
 use super::auth::{Caller, Role};
 use super::error::{ApiError, ErrorBody};
 use super::model::{
-    OrderResponse, PayoutListResponse, PayoutResponse, TimelineEventResponse, TimelineResponse,
+    OrderResponse, PathText, PayoutListResponse, PayoutResponse, TimelineEventResponse,
+    TimelineResponse,
 };
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use projections::query;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -36,14 +37,15 @@ async fn visible_order(
 
 /// `GET /v1/orders/{order_id}`.
 #[utoipa::path(get, path = "/v1/orders/{order_id}", tag = "orders", security(("bearer" = [])),
-    params(("order_id" = String, Path, description = "The order")),
+    params(("order_id" = String, Path, description = "The order",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")),
     responses((status = 200, body = OrderResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn order(
     State(state): State<AppState>,
     caller: Caller,
-    Path(order_id): Path<String>,
+    PathText(order_id): PathText,
 ) -> Result<Json<OrderResponse>, ApiError> {
     let order = visible_order(&state, &caller, &order_id).await?;
     Ok(Json(OrderResponse::from(order)))
@@ -53,14 +55,15 @@ pub async fn order(
 /// caused it.
 #[utoipa::path(get, path = "/v1/orders/{order_id}/timeline", tag = "orders",
     security(("bearer" = [])),
-    params(("order_id" = String, Path, description = "The order")),
+    params(("order_id" = String, Path, description = "The order",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")),
     responses((status = 200, body = TimelineResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn timeline(
     State(state): State<AppState>,
     caller: Caller,
-    Path(order_id): Path<String>,
+    PathText(order_id): PathText,
 ) -> Result<Json<TimelineResponse>, ApiError> {
     let order = visible_order(&state, &caller, &order_id).await?;
     let events = query::timeline(&state.db, state.store.as_ref(), &order.order_id).await?;
@@ -80,11 +83,15 @@ pub async fn timeline(
 
 /// Filters of the payout list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PayoutParams {
-    /// Only this product's.
+    /// Only this product's (empty: any).
+    #[param(pattern = r"^([A-Za-z0-9._-]{1,64})?$")]
     pub product_id: Option<String>,
-    /// Only in this status.
+    /// Only in this status: `scheduled`, `in_flight`, `unknown`,
+    /// `succeeded` or `failed` (empty: any).
+    #[param(pattern = r"^(scheduled|in_flight|unknown|succeeded|failed)?$")]
     pub status: Option<String>,
 }
 

@@ -6,12 +6,12 @@ use super::error::{ApiError, ErrorBody};
 use super::guard::{Context, IDEMPOTENCY_KEY_HEADER};
 use super::handlers::parse_product_id;
 use super::model::{
-    CreateProductRequest, CreateProductResponse, JsonBody, ProductStateResponse, PurchaseRequest,
-    PurchaseResponse,
+    CreateProductRequest, CreateProductResponse, JsonBody, PathText, ProductStateResponse,
+    PurchaseRequest, PurchaseResponse,
 };
 use super::users::{command_error, positive_amount};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use domain::product::{ProductCommand, ProductTerms};
 use domain::{AccountId, Amount, Currency, ProductId};
@@ -25,7 +25,8 @@ const PRODUCT_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d70_726f_6475_
 /// `POST /v1/products` (operator): lists a product; it starts closed.
 #[utoipa::path(post, path = "/v1/products", tag = "products", security(("bearer" = [])),
     request_body = CreateProductRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 201, body = CreateProductResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
@@ -100,15 +101,17 @@ fn terms(request: &CreateProductRequest) -> Result<ProductTerms, ApiError> {
 /// `POST /v1/products/{product_id}/open` (operator).
 #[utoipa::path(post, path = "/v1/products/{product_id}/open", tag = "products",
     security(("bearer" = [])),
-    params(("product_id" = String, Path, description = "The product"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 200, body = ProductStateResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn open(
     state: State<AppState>,
     context: Context,
-    product_id: Path<String>,
+    product_id: PathText,
 ) -> Result<Json<ProductStateResponse>, ApiError> {
     switch(state, context, product_id, ProductCommand::Open, "open").await
 }
@@ -116,15 +119,17 @@ pub async fn open(
 /// `POST /v1/products/{product_id}/close` (operator).
 #[utoipa::path(post, path = "/v1/products/{product_id}/close", tag = "products",
     security(("bearer" = [])),
-    params(("product_id" = String, Path, description = "The product"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 200, body = ProductStateResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn close(
     state: State<AppState>,
     context: Context,
-    product_id: Path<String>,
+    product_id: PathText,
 ) -> Result<Json<ProductStateResponse>, ApiError> {
     switch(state, context, product_id, ProductCommand::Close, "closed").await
 }
@@ -132,7 +137,7 @@ pub async fn close(
 async fn switch(
     State(state): State<AppState>,
     Context(context): Context,
-    Path(product_id): Path<String>,
+    PathText(product_id): PathText,
     command: ProductCommand,
     result: &str,
 ) -> Result<Json<ProductStateResponse>, ApiError> {
@@ -157,8 +162,10 @@ async fn switch(
 /// required): reserve, pay from the buyer's balance, confirm.
 #[utoipa::path(post, path = "/v1/products/{product_id}/purchases", tag = "products",
     security(("bearer" = [])), request_body = PurchaseRequest,
-    params(("product_id" = String, Path, description = "The product"),
-        ("Idempotency-Key" = String, Header, description = "Required: the same key never buys twice")),
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$"),
+        ("Idempotency-Key" = String, Header, description = "Required: the same key never buys twice",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 201, body = PurchaseResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
@@ -169,7 +176,7 @@ pub async fn purchase(
     Context(context): Context,
     caller: Caller,
     headers: HeaderMap,
-    Path(product_id): Path<String>,
+    PathText(product_id): PathText,
     JsonBody(request): JsonBody<PurchaseRequest>,
 ) -> Result<(StatusCode, Json<PurchaseResponse>), ApiError> {
     let product_id = parse_product_id(&product_id)?;

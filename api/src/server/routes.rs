@@ -7,6 +7,7 @@ use super::AppState;
 use super::auth::Role::{self, Admin, Auditor, Customer, Operator, Support};
 use super::{guard, handlers, orders, products, users};
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::Method;
 use axum::routing::{MethodRouter, get, post};
 use std::collections::HashMap;
@@ -224,6 +225,9 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, handler);
     }
     router
+        // JSON bodies are read under API.md's limit whether or not the
+        // guard buffered them for an idempotency key.
+        .layer(DefaultBodyLimit::max(super::model::BODY_BYTES_MAX))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)

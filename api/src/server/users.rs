@@ -7,10 +7,10 @@ use super::error::{ApiError, ErrorBody};
 use super::guard::Context;
 use super::model::{
     AccountResponse, CreateUserRequest, CreateUserResponse, DepositRequest, DepositResponse,
-    JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse,
+    JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse, PathText,
 };
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use domain::account::{AccountCommand, AccountEvent, CustomerAccount};
 use domain::ids::validate_reference;
@@ -67,7 +67,8 @@ pub async fn me(caller: Caller) -> Json<MeResponse> {
 /// `POST /v1/users` (admin): a user; a customer also gets an account.
 #[utoipa::path(post, path = "/v1/users", tag = "users", security(("bearer" = [])),
     request_body = CreateUserRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 201, body = CreateUserResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
@@ -137,14 +138,15 @@ fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
 
 /// `GET /v1/accounts/{account_id}`: balances.
 #[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts", security(("bearer" = [])),
-    params(("account_id" = String, Path, description = "The account")),
+    params(("account_id" = String, Path, description = "The account",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")),
     responses((status = 200, body = AccountResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn account(
     State(state): State<AppState>,
     caller: Caller,
-    Path(account_id): Path<String>,
+    PathText(account_id): PathText,
 ) -> Result<Json<AccountResponse>, ApiError> {
     let account_id = visible_account(&caller, &account_id)?;
     query::balance(&state.db, &account_id.to_string())
@@ -155,25 +157,29 @@ pub async fn account(
 
 /// Paging of a ledger.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerParams {
     /// Entries after this position (0: from the start).
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// 1 to 1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
 /// `GET /v1/accounts/{account_id}/ledger`: entries, oldest first.
 #[utoipa::path(get, path = "/v1/accounts/{account_id}/ledger", tag = "accounts",
     security(("bearer" = [])),
-    params(("account_id" = String, Path, description = "The account"), LedgerParams),
+    params(("account_id" = String, Path, description = "The account",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), LedgerParams),
     responses((status = 200, body = LedgerResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn ledger(
     State(state): State<AppState>,
     caller: Caller,
-    Path(account_id): Path<String>,
+    PathText(account_id): PathText,
     params: Result<Query<LedgerParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<LedgerResponse>, ApiError> {
     let account_id = visible_account(&caller, &account_id)?;
@@ -200,8 +206,10 @@ pub async fn ledger(
 /// `POST /v1/accounts/{account_id}/deposits` (operator).
 #[utoipa::path(post, path = "/v1/accounts/{account_id}/deposits", tag = "accounts",
     security(("bearer" = [])), request_body = DepositRequest,
-    params(("account_id" = String, Path, description = "The account"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    params(("account_id" = String, Path, description = "The account",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 201, body = DepositResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -209,7 +217,7 @@ pub async fn deposit(
     State(state): State<AppState>,
     Context(context): Context,
     caller: Caller,
-    Path(account_id): Path<String>,
+    PathText(account_id): PathText,
     JsonBody(request): JsonBody<DepositRequest>,
 ) -> Result<(StatusCode, Json<DepositResponse>), ApiError> {
     let account_id = visible_account(&caller, &account_id)?;
