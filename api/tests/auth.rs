@@ -4,7 +4,7 @@
 
 mod support;
 
-use api::server::access::{AccessDb, Begun};
+use api::server::access::{AccessDb, Begun, KeyOp};
 use api::server::auth::VERIFICATIONS;
 use api::server::{Limits, Server, bootstrap_admin};
 use axum::http::{Method, StatusCode};
@@ -201,6 +201,57 @@ async fn idempotency_keys(db: &AccessDb) {
     assert_eq!(
         db.begin(user, key, "hash-b", 9_000, 500).await.unwrap(),
         Begun::Reused
+    );
+    // One batch, as the API's writer sends it: new claims, a second claim
+    // of a key claimed earlier in the batch, a replay and a reuse.
+    let claim = |key: &str, hash: &str| KeyOp::Begin {
+        user_id: user.to_owned(),
+        key: key.to_owned(),
+        request_hash: hash.to_owned(),
+        now_ms: 9_000,
+        lock_ms: 500,
+    };
+    let results = db
+        .apply_key_ops(&[
+            claim("batch-1", "h1"),
+            claim("batch-2", "h2"),
+            claim("batch-1", "h1"),
+            claim(key, "hash-a"),
+            claim("batch-2", "other"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        results,
+        vec![
+            Begun::Run,
+            Begun::Run,
+            Begun::InFlight,
+            Begun::Replay {
+                status: 201,
+                body: "{\"ok\":true}".into()
+            },
+            Begun::Reused,
+        ]
+    );
+    let answers = db
+        .apply_key_ops(&[
+            KeyOp::Complete {
+                user_id: user.to_owned(),
+                key: "batch-1".to_owned(),
+                status: 409,
+                body: "{}".to_owned(),
+            },
+            claim("batch-1", "h1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers[1],
+        Begun::Replay {
+            status: 409,
+            body: "{}".into()
+        }
     );
     // A released key runs again.
     assert_eq!(

@@ -100,8 +100,6 @@ const KEY_SELECT: &str = "SELECT request_hash, status, response_body, locked_unt
      FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2";
 const KEY_TAKE_OVER: &str = "UPDATE idempotency_keys SET locked_until_ms = $3 \
      WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL AND locked_until_ms = $4";
-const KEY_COMPLETE: &str = "UPDATE idempotency_keys SET status = $3, response_body = $4 \
-     WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL";
 const KEY_ABANDON: &str =
     "DELETE FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL";
 
@@ -289,17 +287,60 @@ impl AccessDb {
         Ok(results.pop().expect("BUG: one result per operation"))
     }
 
-    /// Applies idempotency-key operations in order, in one transaction (one
-    /// commit for a whole batch of requests); `Begun::Run` stands for done
-    /// for `Complete` and `Abandon`.
+    /// Applies a batch of idempotency-key operations in one transaction
+    /// and answers each (`Begun::Run` stands for done for `Complete` and
+    /// `Abandon`). Answers and releases apply first, then claims: a claim
+    /// never shares a batch with its own request's answer, and one that
+    /// races another request's answer sees it. New claims, answers and
+    /// releases are one set-based statement each; a claim that meets an
+    /// existing key (a retry) is then looked at on its own.
     pub async fn apply_key_ops(&self, ops: &[KeyOp]) -> Result<Vec<Begun>, sqlx::Error> {
         let mut tx = match self {
             AccessDb::Sqlite(pool) => KeyTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             AccessDb::Postgres(pool) => KeyTx::Postgres(pool.begin().await?),
         };
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            results.push(tx.apply(op).await?);
+        let mut results = vec![Begun::Run; ops.len()];
+        let completes: Vec<&KeyOp> = ops
+            .iter()
+            .filter(|op| matches!(op, KeyOp::Complete { .. }))
+            .collect();
+        tx.complete_all(&completes).await?;
+        let abandons: Vec<&KeyOp> = ops
+            .iter()
+            .filter(|op| matches!(op, KeyOp::Abandon { .. }))
+            .collect();
+        tx.abandon_all(&abandons).await?;
+        // The first claim of each key in the batch goes into the bulk insert;
+        // a second claim of the same key waits for the slow path.
+        let mut first_claims = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (index, op) in ops.iter().enumerate() {
+            if let KeyOp::Begin { user_id, key, .. } = op
+                && seen.insert((user_id.as_str(), key.as_str()))
+            {
+                first_claims.push(index);
+            }
+        }
+        let claims: Vec<&KeyOp> = first_claims.iter().map(|&i| &ops[i]).collect();
+        let inserted = tx.insert_all(&claims).await?;
+        for (index, op) in ops.iter().enumerate() {
+            let KeyOp::Begin {
+                user_id,
+                key,
+                request_hash,
+                now_ms,
+                lock_ms,
+            } = op
+            else {
+                continue;
+            };
+            let first = first_claims.binary_search(&index).is_ok();
+            if first && inserted.contains(&(user_id.clone(), key.clone())) {
+                continue; // Run
+            }
+            results[index] = tx
+                .existing(user_id, key, request_hash, *now_ms, *lock_ms)
+                .await?;
         }
         match tx {
             KeyTx::Sqlite(tx) => tx.commit().await?,
@@ -367,48 +408,172 @@ macro_rules! on_tx {
     };
 }
 
+/// Columns of key operations, one vector per column (PostgreSQL binds
+/// them as arrays; SQLite gets them as one JSON array of rows).
+#[derive(Default)]
+struct Columns {
+    user_ids: Vec<String>,
+    keys: Vec<String>,
+    hashes: Vec<String>,
+    numbers: Vec<i64>,
+    more_numbers: Vec<i64>,
+    bodies: Vec<String>,
+}
+
+impl Columns {
+    fn rows_json(&self) -> String {
+        let rows: Vec<serde_json::Value> = (0..self.user_ids.len())
+            .map(|i| {
+                serde_json::json!([
+                    self.user_ids[i],
+                    self.keys[i],
+                    self.hashes.get(i),
+                    self.numbers.get(i),
+                    self.more_numbers.get(i),
+                    self.bodies.get(i),
+                ])
+            })
+            .collect();
+        serde_json::Value::Array(rows).to_string()
+    }
+}
+
+const KEY_INSERT_ALL_SQLITE: &str = "INSERT INTO idempotency_keys \
+     (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 \
+     FROM json_each($1) WHERE true \
+     ON CONFLICT (user_id, idempotency_key) DO NOTHING \
+     RETURNING user_id, idempotency_key";
+const KEY_INSERT_ALL_POSTGRES: &str = "INSERT INTO idempotency_keys \
+     (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) \
+     ON CONFLICT (user_id, idempotency_key) DO NOTHING \
+     RETURNING user_id, idempotency_key";
+const KEY_COMPLETE_ALL_SQLITE: &str = "UPDATE idempotency_keys \
+     SET status = answer.status, response_body = answer.body \
+     FROM (SELECT value ->> 0 AS user_id, value ->> 1 AS idempotency_key, \
+                  value ->> 3 AS status, value ->> 5 AS body FROM json_each($1)) AS answer \
+     WHERE idempotency_keys.user_id = answer.user_id \
+       AND idempotency_keys.idempotency_key = answer.idempotency_key \
+       AND idempotency_keys.status IS NULL";
+const KEY_COMPLETE_ALL_POSTGRES: &str = "UPDATE idempotency_keys \
+     SET status = answer.status, response_body = answer.body \
+     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+          AS answer (user_id, idempotency_key, status, body) \
+     WHERE idempotency_keys.user_id = answer.user_id \
+       AND idempotency_keys.idempotency_key = answer.idempotency_key \
+       AND idempotency_keys.status IS NULL";
+
 impl KeyTx {
-    async fn apply(&mut self, op: &KeyOp) -> Result<Begun, sqlx::Error> {
-        match op {
-            KeyOp::Begin {
+    /// Inserts every claim whose key is new; returns the keys inserted.
+    async fn insert_all(
+        &mut self,
+        claims: &[&KeyOp],
+    ) -> Result<std::collections::HashSet<(String, String)>, sqlx::Error> {
+        if claims.is_empty() {
+            return Ok(Default::default());
+        }
+        let mut columns = Columns::default();
+        for op in claims {
+            let KeyOp::Begin {
                 user_id,
                 key,
                 request_hash,
                 now_ms,
                 lock_ms,
-            } => {
-                self.begin(user_id, key, request_hash, *now_ms, *lock_ms)
-                    .await
+            } = op
+            else {
+                unreachable!("BUG: only claims are inserted");
+            };
+            columns.user_ids.push(user_id.clone());
+            columns.keys.push(key.clone());
+            columns.hashes.push(request_hash.clone());
+            columns.numbers.push(now_ms + lock_ms);
+            columns.more_numbers.push(*now_ms);
+        }
+        let rows: Vec<(String, String)> = match self {
+            KeyTx::Sqlite(tx) => {
+                sqlx::query_as(KEY_INSERT_ALL_SQLITE)
+                    .bind(columns.rows_json())
+                    .fetch_all(&mut **tx)
+                    .await?
             }
-            KeyOp::Complete {
+            KeyTx::Postgres(tx) => {
+                sqlx::query_as(KEY_INSERT_ALL_POSTGRES)
+                    .bind(&columns.user_ids)
+                    .bind(&columns.keys)
+                    .bind(&columns.hashes)
+                    .bind(&columns.numbers)
+                    .bind(&columns.more_numbers)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+        };
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Stores the answers.
+    async fn complete_all(&mut self, completes: &[&KeyOp]) -> Result<(), sqlx::Error> {
+        if completes.is_empty() {
+            return Ok(());
+        }
+        let mut columns = Columns::default();
+        for op in completes {
+            let KeyOp::Complete {
                 user_id,
                 key,
                 status,
                 body,
-            } => {
-                let _completed = on_tx!(self, |connection| sqlx::query(KEY_COMPLETE)
-                    .bind(user_id)
-                    .bind(key)
-                    .bind(i64::from(*status))
-                    .bind(body)
-                    .execute(connection)
-                    .await?
-                    .rows_affected());
-                Ok(Begun::Run)
+            } = op
+            else {
+                unreachable!("BUG: only answers are completed");
+            };
+            columns.user_ids.push(user_id.clone());
+            columns.keys.push(key.clone());
+            columns.hashes.push(String::new());
+            columns.numbers.push(i64::from(*status));
+            columns.more_numbers.push(0);
+            columns.bodies.push(body.clone());
+        }
+        match self {
+            KeyTx::Sqlite(tx) => {
+                sqlx::query(KEY_COMPLETE_ALL_SQLITE)
+                    .bind(columns.rows_json())
+                    .execute(&mut **tx)
+                    .await?;
             }
-            KeyOp::Abandon { user_id, key } => {
-                let _released = on_tx!(self, |connection| sqlx::query(KEY_ABANDON)
-                    .bind(user_id)
-                    .bind(key)
-                    .execute(connection)
-                    .await?
-                    .rows_affected());
-                Ok(Begun::Run)
+            KeyTx::Postgres(tx) => {
+                sqlx::query(KEY_COMPLETE_ALL_POSTGRES)
+                    .bind(&columns.user_ids)
+                    .bind(&columns.keys)
+                    .bind(&columns.numbers)
+                    .bind(&columns.bodies)
+                    .execute(&mut **tx)
+                    .await?;
             }
         }
+        Ok(())
     }
 
-    async fn begin(
+    /// Frees keys whose requests decided nothing (rare: one at a time).
+    async fn abandon_all(&mut self, abandons: &[&KeyOp]) -> Result<(), sqlx::Error> {
+        for op in abandons {
+            let KeyOp::Abandon { user_id, key } = op else {
+                unreachable!("BUG: only releases are abandoned");
+            };
+            let _released = on_tx!(self, |connection| sqlx::query(KEY_ABANDON)
+                .bind(user_id)
+                .bind(key)
+                .execute(connection)
+                .await?
+                .rows_affected());
+        }
+        Ok(())
+    }
+
+    /// A claim of a key that exists (or was claimed earlier in the batch):
+    /// replay, refuse, wait, or take over an abandoned claim.
+    async fn existing(
         &mut self,
         user_id: &str,
         key: &str,
@@ -416,27 +581,23 @@ impl KeyTx {
         now_ms: i64,
         lock_ms: i64,
     ) -> Result<Begun, sqlx::Error> {
-        let locked_until_ms = now_ms + lock_ms;
-        let inserted = on_tx!(self, |connection| sqlx::query(KEY_INSERT)
-            .bind(user_id)
-            .bind(key)
-            .bind(request_hash)
-            .bind(locked_until_ms)
-            .bind(now_ms)
-            .execute(connection)
-            .await?
-            .rows_affected());
-        if inserted == 1 {
-            return Ok(Begun::Run);
-        }
         let row: Option<IdempotencyRow> = on_tx!(self, |connection| sqlx::query_as(KEY_SELECT)
             .bind(user_id)
             .bind(key)
             .fetch_optional(connection)
             .await?);
-        // Deleted (abandoned) between the statements on another node.
         let Some((stored_hash, status, body, stored_lock_ms)) = row else {
-            return Ok(Begun::InFlight);
+            // Released by an earlier operation of this batch: claim it now.
+            let _inserted = on_tx!(self, |connection| sqlx::query(KEY_INSERT)
+                .bind(user_id)
+                .bind(key)
+                .bind(request_hash)
+                .bind(now_ms + lock_ms)
+                .bind(now_ms)
+                .execute(connection)
+                .await?
+                .rows_affected());
+            return Ok(Begun::Run);
         };
         if stored_hash != request_hash {
             return Ok(Begun::Reused);
@@ -451,7 +612,7 @@ impl KeyTx {
         let taken = on_tx!(self, |connection| sqlx::query(KEY_TAKE_OVER)
             .bind(user_id)
             .bind(key)
-            .bind(locked_until_ms)
+            .bind(now_ms + lock_ms)
             .bind(stored_lock_ms)
             .execute(connection)
             .await?
