@@ -128,6 +128,28 @@ impl AccessDb {
         })
     }
 
+    /// Connects the writer of idempotency keys: one connection. On SQLite
+    /// its commits skip the fsync (`synchronous=NORMAL`, still atomic and
+    /// safe against a crash of the process; an operating-system crash may
+    /// undo the last batches): it shares the file's one write lock with the
+    /// log, and a lost key only means a retry runs its command again, which
+    /// every command behind a POST tolerates.
+    pub async fn open_key_writer(backend: &Backend) -> Result<AccessDb, sqlx::Error> {
+        Ok(match backend {
+            Backend::Sqlite(path) => AccessDb::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
+                    .connect_with(
+                        store::sqlite::connect_options(path)
+                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal),
+                    )
+                    .await?,
+            ),
+            Backend::Postgres(_) => AccessDb::open(backend).await?,
+        })
+    }
+
     /// Closes the pools.
     pub async fn close(&self) {
         on_pool!(self, |pool| pool.close().await)

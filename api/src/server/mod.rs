@@ -178,7 +178,7 @@ impl Server {
                 .allow_burst(NonZeroU32::new(limits.rate_burst.max(1)).expect("max(1)"));
         let state = AppState {
             auth: Authenticator::new(access.clone(), limits.session_ttl),
-            keys: keys::KeyLog::start(access.clone()),
+            keys: keys::KeyLog::start(AccessDb::open_key_writer(backend).await?),
             feed: feed::ProgressFeed::start(db.clone(), statuses.clone(), engine.clone()),
             store,
             db,
