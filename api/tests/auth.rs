@@ -143,7 +143,7 @@ async fn tokens_survive_a_restart_and_expire() {
         .unwrap();
     assert_eq!(caller.user_id, session.user.user_id);
     // The stored form is a hash: the token itself is nowhere in the table.
-    let AccessDb::Sqlite(pool) = &server.state.access else {
+    let AccessDb::Sqlite(pool, _) = &server.state.access else {
         unreachable!()
     };
     let stored: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM sessions")

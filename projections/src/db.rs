@@ -59,6 +59,8 @@ pub enum ReadDb {
         write: SqlitePool,
         /// Readers.
         read: SqlitePool,
+        /// Taken for every write transaction (see `store::sqlite::write_gate`).
+        gate: store::sqlite::WriteGate,
     },
     /// PostgreSQL.
     Postgres {
@@ -71,8 +73,12 @@ pub enum ReadDb {
 
 /// An open write transaction on the read-model database.
 pub enum Tx {
-    /// On SQLite (begun `IMMEDIATE`: it holds the write lock from the start).
-    Sqlite(Transaction<'static, Sqlite>),
+    /// On SQLite (begun `IMMEDIATE`: it holds the write lock from the
+    /// start), with the file's write gate held until it ends.
+    Sqlite(
+        Transaction<'static, Sqlite>,
+        tokio::sync::OwnedMutexGuard<()>,
+    ),
     /// On PostgreSQL.
     Postgres(Transaction<'static, Postgres>),
 }
@@ -129,7 +135,11 @@ impl ReadDb {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(ReadDb::Sqlite { write, read })
+        Ok(ReadDb::Sqlite {
+            write,
+            read,
+            gate: store::sqlite::write_gate(path),
+        })
     }
 
     /// Opens a PostgreSQL database.
@@ -168,7 +178,10 @@ impl ReadDb {
     /// Begins a write transaction.
     pub async fn begin(&self) -> Result<Tx, ProjectionError> {
         Ok(match self {
-            ReadDb::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
+            ReadDb::Sqlite { write, gate, .. } => {
+                let guard = gate.clone().lock_owned().await;
+                Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?, guard)
+            }
             ReadDb::Postgres { write, .. } => {
                 let mut tx = write.begin().await?;
                 // Derived data: a crash may lose the last commits, rows and
@@ -222,7 +235,7 @@ impl ReadDb {
     /// Closes the pools.
     pub async fn close(&self) {
         match self {
-            ReadDb::Sqlite { write, read } => {
+            ReadDb::Sqlite { write, read, .. } => {
                 write.close().await;
                 read.close().await;
             }
@@ -247,7 +260,7 @@ fn checkpoint_of((generation, schema_version, position): (i64, i64, i64)) -> Che
 macro_rules! on_tx {
     ($tx:expr, |$conn:ident| $body:expr) => {
         match $tx {
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 let $conn = &mut **tx;
                 $body
             }
@@ -263,7 +276,7 @@ impl Tx {
     /// Its SQL dialect.
     pub fn dialect(&self) -> Dialect {
         match self {
-            Tx::Sqlite(_) => Dialect::Sqlite,
+            Tx::Sqlite(..) => Dialect::Sqlite,
             Tx::Postgres(_) => Dialect::Postgres,
         }
     }
@@ -312,7 +325,7 @@ impl Tx {
                 }
                 query.execute(&mut **tx).await?;
             }
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 let mut rest = rows;
                 while !rest.is_empty() {
                     let mut size = table.values_rows_max();
@@ -362,7 +375,7 @@ impl Tx {
         projection: Projection,
     ) -> Result<Option<Checkpoint>, ProjectionError> {
         let row: Option<(i64, i64, i64)> = match self {
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 sqlx::query_as(CHECKPOINT_SELECT)
                     .bind(projection.name())
                     .fetch_optional(&mut **tx)
@@ -586,7 +599,7 @@ impl Tx {
     /// Commits.
     pub async fn commit(self) -> Result<(), ProjectionError> {
         match self {
-            Tx::Sqlite(tx) => tx.commit().await?,
+            Tx::Sqlite(tx, _) => tx.commit().await?,
             Tx::Postgres(tx) => tx.commit().await?,
         }
         Ok(())

@@ -14,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -35,6 +35,28 @@ pub struct SqliteEventStore {
     read: SqlitePool,
     commits: Arc<watch::Sender<Position>>,
     hook: Option<Arc<dyn AppendHook>>,
+    gate: WriteGate,
+}
+
+/// The write gate of one SQLite file in this process.
+pub type WriteGate = Arc<tokio::sync::Mutex<()>>;
+
+/// The gate every writer of this file in this process takes before
+/// `BEGIN IMMEDIATE`: the log's appends, the projections and the API's own
+/// tables. SQLite has one writer at a time; without the gate, writers of one
+/// process meet in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
+/// between tries and leaves the lock idle while everyone sleeps. With it they
+/// queue in order and the lock passes straight on. (Other processes still
+/// meet in the busy handler.)
+pub fn write_gate(path: &Path) -> WriteGate {
+    static GATES: std::sync::OnceLock<std::sync::Mutex<HashMap<PathBuf, WriteGate>>> =
+        std::sync::OnceLock::new();
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut gates = GATES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("BUG: write gates poisoned");
+    gates.entry(key).or_default().clone()
 }
 
 /// Connection options for the ledger's SQLite file: WAL, full sync, foreign keys.
@@ -70,6 +92,7 @@ impl SqliteEventStore {
             read,
             commits: Arc::new(sender),
             hook: None,
+            gate: write_gate(path),
         })
     }
 
@@ -212,6 +235,7 @@ impl SqliteEventStore {
     ) -> Result<Vec<StreamOutcome>, StoreError> {
         let started = std::time::Instant::now();
         let recorded_at = Utc::now();
+        let _gate = self.gate.lock().await;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let began = started.elapsed();
         let versions = Self::current_versions(&mut tx, appends).await?;

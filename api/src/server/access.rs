@@ -15,8 +15,9 @@ pub const ACCESS_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handle on the API's tables.
 #[derive(Clone, Debug)]
 pub enum AccessDb {
-    /// In the embedded SQLite file.
-    Sqlite(SqlitePool),
+    /// In the embedded SQLite file, with the file's write gate (see
+    /// `store::sqlite::write_gate`).
+    Sqlite(SqlitePool, store::sqlite::WriteGate),
     /// In PostgreSQL.
     Postgres(PgPool),
 }
@@ -25,7 +26,7 @@ pub enum AccessDb {
 macro_rules! on_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
-            AccessDb::Sqlite($pool) => $body,
+            AccessDb::Sqlite($pool, _) => $body,
             AccessDb::Postgres($pool) => $body,
         }
     };
@@ -114,6 +115,7 @@ impl AccessDb {
                     .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
                     .connect_with(store::sqlite::connect_options(path))
                     .await?,
+                store::sqlite::write_gate(path),
             ),
             Backend::Postgres(url) => AccessDb::Postgres(
                 PgPoolOptions::new()
@@ -145,6 +147,7 @@ impl AccessDb {
                             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal),
                     )
                     .await?,
+                store::sqlite::write_gate(path),
             ),
             Backend::Postgres(_) => AccessDb::open(backend).await?,
         })
@@ -317,8 +320,12 @@ impl AccessDb {
     /// releases are one set-based statement each; a claim that meets an
     /// existing key (a retry) is then looked at on its own.
     pub async fn apply_key_ops(&self, ops: &[KeyOp]) -> Result<Vec<Begun>, sqlx::Error> {
+        let _gate = match self {
+            AccessDb::Sqlite(_, gate) => Some(gate.clone().lock_owned().await),
+            AccessDb::Postgres(_) => None,
+        };
         let mut tx = match self {
-            AccessDb::Sqlite(pool) => KeyTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            AccessDb::Sqlite(pool, _) => KeyTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             AccessDb::Postgres(pool) => KeyTx::Postgres(pool.begin().await?),
         };
         let mut results = vec![Begun::Run; ops.len()];
