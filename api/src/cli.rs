@@ -126,5 +126,17 @@ async fn migrate(args: &StoreArgs) -> anyhow::Result<ExitCode> {
     for (version, description) in applied {
         println!("  {version:04} {description}");
     }
+    // The API's tables (users, sessions, idempotency keys): on SQLite in
+    // their own file beside the log's.
+    crate::server::access::AccessDb::open(&backend)
+        .await?
+        .close()
+        .await;
+    if let Backend::Sqlite(path) = &backend {
+        println!(
+            "API tables are up to date in {}",
+            crate::server::access::sqlite_path(path).display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,10 @@ pub const RUNNER_BATCH_DEFAULT: usize = 1_000;
 /// How often an idle runner looks at the log without being woken (another
 /// process's appends on SQLite cannot wake it).
 pub const RUNNER_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest time between the starts of two steps that found the runner
+/// caught up: appends arriving meanwhile are applied together. It bounds the
+/// projections' lag behind a busy log at about this much.
+pub const RUNNER_GATHER: Duration = Duration::from_millis(100);
 /// Pause after a failed step, doubled up to `RUNNER_BACKOFF_MAX`.
 pub const RUNNER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest pause after failed steps.
@@ -309,6 +313,7 @@ impl RunnerTask {
         };
         let mut logged = Instant::now();
         while !*self.stop.borrow() {
+            let started = Instant::now();
             let result = step(
                 self.store.as_ref(),
                 &self.db,
@@ -321,6 +326,7 @@ impl RunnerTask {
             match result {
                 Ok(Step::Applied(counts)) => {
                     backoff = RUNNER_BACKOFF_MIN;
+                    let caught_up = counts.iter().all(|(_, count)| *count < self.options.batch);
                     for (projection, count) in counts {
                         let status = self.statuses.of(projection);
                         status.applied.fetch_add(count as u64, Ordering::Relaxed);
@@ -338,6 +344,17 @@ impl RunnerTask {
                                 events_per_second = report.events_per_second,
                                 "projection progress"
                             );
+                        }
+                    }
+                    // Caught up under a steady stream of appends: let the
+                    // next events gather for a moment, so the projections
+                    // write them in one larger transaction instead of
+                    // taking the database's write lock for every commit.
+                    if caught_up {
+                        let resume = started + RUNNER_GATHER;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(resume.into()) => {}
+                            _ = self.stop.changed() => {}
                         }
                     }
                 }

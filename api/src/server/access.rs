@@ -4,6 +4,7 @@
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use store::Backend;
 
@@ -104,19 +105,34 @@ const KEY_TAKE_OVER: &str = "UPDATE idempotency_keys SET locked_until_ms = $3 \
 const KEY_ABANDON: &str =
     "DELETE FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2 AND status IS NULL";
 
+/// The API's tables on SQLite, in their own file.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite-access");
+
+/// The SQLite file of the API's tables: `access.db` beside the log's file.
+pub fn sqlite_path(ledger: &Path) -> PathBuf {
+    ledger.with_file_name("access.db")
+}
+
 impl AccessDb {
-    /// Connects to the database a backend names. Its migrations must have
-    /// run (opening the read models runs them).
+    /// Connects to the database a backend names and applies the API
+    /// tables' migrations: on SQLite, its own file beside the log's (see
+    /// `sqlite_path`); on PostgreSQL, the ledger's database, whose migrations
+    /// must have run (opening the read models runs them).
     pub async fn open(backend: &Backend) -> Result<AccessDb, sqlx::Error> {
         Ok(match backend {
-            Backend::Sqlite(path) => AccessDb::Sqlite(
-                SqlitePoolOptions::new()
+            Backend::Sqlite(ledger) => {
+                let path = sqlite_path(ledger);
+                let pool = SqlitePoolOptions::new()
                     .max_connections(ACCESS_CONNECTIONS_MAX)
                     .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
-                    .connect_with(store::sqlite::connect_options(path))
-                    .await?,
-                store::sqlite::write_gate(path),
-            ),
+                    .connect_with(store::sqlite::connect_options(&path))
+                    .await?;
+                SQLITE_MIGRATOR
+                    .run(&pool)
+                    .await
+                    .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+                AccessDb::Sqlite(pool, store::sqlite::write_gate(&path))
+            }
             Backend::Postgres(url) => AccessDb::Postgres(
                 PgPoolOptions::new()
                     .max_connections(ACCESS_CONNECTIONS_MAX)
@@ -133,22 +149,26 @@ impl AccessDb {
     /// Connects the writer of idempotency keys: one connection. On SQLite
     /// its commits skip the fsync (`synchronous=NORMAL`, still atomic and
     /// safe against a crash of the process; an operating-system crash may
-    /// undo the last batches): it shares the file's one write lock with the
-    /// log, and a lost key only means a retry runs its command again, which
-    /// every command behind a POST tolerates.
+    /// undo the last batches): a lost key only means a retry runs its
+    /// command again, which every command behind a POST tolerates.
     pub async fn open_key_writer(backend: &Backend) -> Result<AccessDb, sqlx::Error> {
         Ok(match backend {
-            Backend::Sqlite(path) => AccessDb::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
-                    .connect_with(
-                        store::sqlite::connect_options(path)
-                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal),
-                    )
-                    .await?,
-                store::sqlite::write_gate(path),
-            ),
+            Backend::Sqlite(ledger) => {
+                // `open` first: it creates the file and its tables.
+                AccessDb::open(backend).await?.close().await;
+                let path = sqlite_path(ledger);
+                AccessDb::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
+                        .connect_with(
+                            store::sqlite::connect_options(&path)
+                                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal),
+                        )
+                        .await?,
+                    store::sqlite::write_gate(&path),
+                )
+            }
             Backend::Postgres(_) => AccessDb::open(backend).await?,
         })
     }

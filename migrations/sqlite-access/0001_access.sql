@@ -2,6 +2,11 @@
 -- idempotent requests. This is operational state of the API, not ledger
 -- truth: money moves only through events in the log. Times are Unix
 -- milliseconds (UTC).
+--
+-- On SQLite these tables live in their own file (`access.db` beside
+-- `ledger.db`), so writing idempotency keys never waits for SQLite's one
+-- write lock behind the log's appends. On PostgreSQL they are migration 0004
+-- of the ledger's database.
 
 -- Users. Usernames are case-sensitive and unique as stored. Passwords are
 -- kept only as argon2id PHC strings. A customer has an account in the log.
