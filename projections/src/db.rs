@@ -119,6 +119,8 @@ impl ReadDb {
             .clone()
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
             .pragma("cache_size", format!("-{SQLITE_WRITE_CACHE_KIB}"))
+            // The event store's task checkpoints the WAL (store::sqlite).
+            .pragma("wal_autocheckpoint", "0")
             .log_slow_statements(log::LevelFilter::Warn, SLOW_WRITE);
         let options = options.log_slow_statements(log::LevelFilter::Debug, SLOW_READ);
         let write = SqlitePoolOptions::new()

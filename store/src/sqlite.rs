@@ -36,6 +36,16 @@ pub struct SqliteEventStore {
     commits: Arc<watch::Sender<Position>>,
     hook: Option<Arc<dyn AppendHook>>,
     gate: WriteGate,
+    _checkpointer: Arc<Checkpointer>,
+}
+
+/// The checkpoint task, stopped when the last handle on the store goes.
+struct Checkpointer(tokio::task::AbortHandle);
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The write gate of one SQLite file in this process.
@@ -59,6 +69,30 @@ pub fn write_gate(path: &Path) -> WriteGate {
     gates.entry(key).or_default().clone()
 }
 
+/// How often the WAL is copied back into the database file.
+pub const SQLITE_CHECKPOINT_PERIOD: Duration = Duration::from_millis(500);
+
+/// Copies the WAL back into the database file every
+/// `SQLITE_CHECKPOINT_PERIOD` (a passive checkpoint: it never waits for or
+/// blocks writers), until the pool closes. The log's and the projections'
+/// write connections turn SQLite's automatic checkpoint off, which otherwise
+/// runs inside the commit that makes the WAL cross 1,000 pages and holds the
+/// write lock meanwhile: in a flash sale that landed on the log's appends.
+async fn checkpoint_periodically(pool: SqlitePool) {
+    loop {
+        tokio::time::sleep(SQLITE_CHECKPOINT_PERIOD).await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(%error, "WAL checkpoint failed; trying again later");
+        }
+    }
+}
+
 /// Connection options for the ledger's SQLite file: WAL, full sync, foreign keys.
 pub fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -74,9 +108,11 @@ impl SqliteEventStore {
     /// Opens (creating if needed) the file and applies pending migrations.
     pub async fn open(path: &Path) -> Result<SqliteEventStore, StoreError> {
         let options = connect_options(path);
+        // Checkpoints run beside the writers (see `checkpoint_periodically`),
+        // not inside whichever commit happens to cross the WAL's size.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         MIGRATOR
             .run(&write)
@@ -86,6 +122,9 @@ impl SqliteEventStore {
             .max_connections(SQLITE_READ_CONNECTIONS_MAX)
             .connect_with(options)
             .await?;
+        let checkpointer = Arc::new(Checkpointer(
+            tokio::spawn(checkpoint_periodically(read.clone())).abort_handle(),
+        ));
         let (sender, _) = watch::channel(0);
         Ok(SqliteEventStore {
             write,
@@ -93,6 +132,7 @@ impl SqliteEventStore {
             commits: Arc::new(sender),
             hook: None,
             gate: write_gate(path),
+            _checkpointer: checkpointer,
         })
     }
 
