@@ -49,6 +49,10 @@ pub enum Command {
     /// Measure throughput and latency; every benchmark verifies its invariants.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A payment provider for development and tests: speaks the provider
+    /// contract, does not de-duplicate, lists every payment it made, and
+    /// injects faults (timeouts, 5xx after paying, refusals).
+    FakeGateway(crate::gateway::fake::FakeGatewayOptions),
 }
 
 /// The projection commands.
@@ -106,6 +110,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(options) => crate::server::serve(options).await,
         Command::Migrate(args) => migrate(&args).await,
+        Command::FakeGateway(options) => crate::gateway::fake::run(options).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod gateway;
 pub mod read_models;
 pub mod server;
 pub mod telemetry;

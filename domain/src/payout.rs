@@ -14,6 +14,69 @@ use serde::{Deserialize, Serialize};
 /// Most attempts a payout may make before an operator must step in.
 pub const PAYOUT_ATTEMPTS_MAX: u32 = 8;
 
+/// Interest is computed in units of 1/`INTEREST_DENOMINATOR` of a minor
+/// unit: principal × annual_rate_bps × days over 365 days × 10,000 bps.
+pub const INTEREST_DENOMINATOR: u128 = 365 * 10_000;
+/// Longest interest period accepted, in days.
+pub const INTEREST_DAYS_MAX: u32 = 3_660;
+
+/// A holder's interest for a period, rounded down to a whole minor unit,
+/// and the remainder left behind, in 1/`INTEREST_DENOMINATOR` of a minor
+/// unit. The rule: each holder is paid the floor of their exact interest;
+/// the remainders stay with the product's interest account (no posting moves
+/// them) and a run records their sum, so paid + remainders / denominator is
+/// exactly the interest owed.
+pub fn interest_for(principal: Amount, annual_rate_bps: u32, days: u32) -> (Amount, u128) {
+    let exact = u128::from(principal.minor().unsigned_abs())
+        * u128::from(annual_rate_bps)
+        * u128::from(days);
+    let paid = exact / INTEREST_DENOMINATOR;
+    let paid = i64::try_from(paid).expect("BUG: interest above i64 for a bounded principal");
+    (
+        Amount::new(paid).expect("BUG: floor of a non-negative value is non-negative"),
+        exact % INTEREST_DENOMINATOR,
+    )
+}
+
+/// The record of one scheduling run for a product, period and kind: what
+/// was owed and what was scheduled (stream `payrun-{id}`, created once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum PayoutRunEvent {
+    /// The payouts of a period were scheduled.
+    PayoutRunScheduled {
+        /// The product paying.
+        product_id: ProductId,
+        /// The period label.
+        period: String,
+        /// Interest or principal.
+        kind: PayoutKind,
+        /// Days of interest (interest runs only).
+        days: Option<u32>,
+        /// Holders of confirmed orders.
+        holders: u32,
+        /// Payouts (holders whose amount rounds to zero get none).
+        payouts: u32,
+        /// Sum of the holders' principal.
+        principal_total: Amount,
+        /// Sum of the payouts' amounts.
+        paid_total: Amount,
+        /// Sum of the rounding remainders, in 1/`denominator` of a minor
+        /// unit (interest runs; zero for principal).
+        remainder_total: u64,
+        /// `INTEREST_DENOMINATOR`.
+        denominator: u64,
+    },
+}
+
+impl EventType for PayoutRunEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            PayoutRunEvent::PayoutRunScheduled { .. } => "payout_run_scheduled",
+        }
+    }
+}
+
 /// What a payout pays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

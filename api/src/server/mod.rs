@@ -48,6 +48,13 @@ pub struct ServeOptions {
     /// Purchases queued per product before new ones are refused with 503.
     #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
     pub purchase_queue_max: usize,
+    /// The payment provider (`http://...`); without it payouts stay
+    /// `scheduled`.
+    #[arg(long, env = "LEDGER_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+    /// Payout workers this node runs when a gateway is set.
+    #[arg(long, env = "LEDGER_PAYOUT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub payout_workers: u32,
 }
 
 /// Limits on clients and requests.
@@ -153,6 +160,8 @@ pub struct Server {
     pub state: AppState,
     runner: Runner,
     housekeeping: tokio::task::JoinHandle<()>,
+    payout_stop: tokio::sync::watch::Sender<bool>,
+    payout_workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -194,7 +203,32 @@ impl Server {
             state,
             runner,
             housekeeping,
+            payout_stop: tokio::sync::watch::channel(false).0,
+            payout_workers: Vec::new(),
         })
+    }
+
+    /// Starts `count` payout workers paying through `provider`.
+    pub fn start_payout_workers(
+        &mut self,
+        provider: Arc<dyn engine::payouts::PaymentProvider>,
+        count: u32,
+        settings: engine::payouts::WorkerSettings,
+    ) {
+        for index in 0..count {
+            let worker = engine::payouts::PayoutWorker::new(
+                self.state.store.clone(),
+                self.state.engine.clone(),
+                provider.clone(),
+                Arc::new(SystemClock),
+                engine::payouts::WorkerSettings {
+                    name: format!("{}-{index}", settings.name),
+                    ..settings.clone()
+                },
+            );
+            let stop = self.payout_stop.subscribe();
+            self.payout_workers.push(tokio::spawn(worker.run(stop)));
+        }
     }
 
     /// The HTTP service: the route table plus request ids and panic capture.
@@ -224,8 +258,20 @@ impl Server {
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
     }
 
+    /// Aborts every payout worker at once, as a crash would: claims stay in
+    /// flight and provider calls are abandoned mid-way (tests).
+    pub fn kill_payout_workers(&mut self) {
+        for worker in self.payout_workers.drain(..) {
+            worker.abort();
+        }
+    }
+
     /// Stops the background work and closes the databases.
     pub async fn stop(self) {
+        self.payout_stop.send_replace(true);
+        for worker in self.payout_workers {
+            let _ = worker.await;
+        }
         self.housekeeping.abort();
         self.state.feed.stop();
         self.state.engine.halt();
@@ -296,8 +342,22 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         queue_max: options.purchase_queue_max.max(1),
         ..EngineSettings::default()
     };
-    let server = Server::start(&backend, options.limits.clone(), settings).await?;
+    let mut server = Server::start(&backend, options.limits.clone(), settings).await?;
     bootstrap_admin_from_environment(&server.state).await?;
+    match &options.gateway_url {
+        Some(url) => {
+            let provider =
+                crate::gateway::HttpProvider::new(url, crate::gateway::GATEWAY_TIMEOUT_DEFAULT)?;
+            let name = format!("payout-worker-{}", std::process::id());
+            let settings = engine::payouts::WorkerSettings {
+                name,
+                ..Default::default()
+            };
+            server.start_payout_workers(Arc::new(provider), options.payout_workers, settings);
+            tracing::info!(gateway = %url, workers = options.payout_workers, "paying out through the gateway");
+        }
+        None => tracing::warn!("no --gateway-url: payouts stay scheduled"),
+    }
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, %backend, "ledger serving");

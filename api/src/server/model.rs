@@ -306,6 +306,38 @@ pub struct ProductStateResponse {
     pub state: String,
 }
 
+/// `POST /v1/products/{product_id}/payouts`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulePayoutsRequest {
+    /// The period label (1 to 128 printable characters), e.g. `2026-Q4`.
+    #[schema(min_length = 1, max_length = 128)]
+    pub period: String,
+    /// `interest` or `principal`.
+    pub kind: PayoutKindName,
+    /// Days of interest (interest only), 1 to 3660.
+    #[schema(minimum = 1, maximum = 3660)]
+    pub days: Option<u32>,
+}
+
+/// What a payout pays.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PayoutKindName {
+    /// Interest for a number of days.
+    Interest,
+    /// The principal, once the sale is closed.
+    Principal,
+}
+
+/// What scheduling did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SchedulePayoutsResponse {
+    /// Payouts this call created (0 when an earlier or concurrent call
+    /// created them).
+    pub scheduled: usize,
+}
+
 /// `POST /v1/products/{product_id}/purchases`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -45,6 +45,7 @@ use utoipa::{Modify, OpenApi};
         products::open,
         products::close,
         products::purchase,
+        products::schedule_payouts,
         orders::order,
         orders::timeline,
         orders::payouts,

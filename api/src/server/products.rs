@@ -6,8 +6,9 @@ use super::error::{ApiError, ErrorBody};
 use super::guard::{Context, IDEMPOTENCY_KEY_HEADER};
 use super::handlers::parse_product_id;
 use super::model::{
-    CreateProductRequest, CreateProductResponse, JsonBody, PathText, ProductStateResponse,
-    PurchaseRequest, PurchaseResponse,
+    CreateProductRequest, CreateProductResponse, JsonBody, PathText, PayoutKindName,
+    ProductStateResponse, PurchaseRequest, PurchaseResponse, SchedulePayoutsRequest,
+    SchedulePayoutsResponse,
 };
 use super::users::{command_error, positive_amount};
 use axum::Json;
@@ -283,4 +284,58 @@ fn purchase_error(error: PurchaseError) -> ApiError {
         PurchaseError::Overloaded => ApiError::Overloaded(1),
         PurchaseError::Unavailable(_) => ApiError::Unavailable("the event store".into()),
     }
+}
+
+/// `POST /v1/products/{product_id}/payouts` (operator): one payout per
+/// holder of confirmed orders; calling it again, or concurrently, schedules
+/// nothing twice.
+#[utoipa::path(post, path = "/v1/products/{product_id}/payouts", tag = "payouts",
+    security(("bearer" = [])), request_body = SchedulePayoutsRequest,
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe",
+        min_length = 1, max_length = 128, pattern = r"^[!-~]([ -~]*[!-~])?$")),
+    responses((status = 202, body = SchedulePayoutsResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn schedule_payouts(
+    State(state): State<AppState>,
+    Context(context): Context,
+    PathText(product_id): PathText,
+    JsonBody(request): JsonBody<SchedulePayoutsRequest>,
+) -> Result<(StatusCode, Json<SchedulePayoutsResponse>), ApiError> {
+    use engine::payouts::{ScheduleError, ScheduleRequest};
+    let product_id = parse_product_id(&product_id)?;
+    let kind = match request.kind {
+        PayoutKindName::Interest => domain::payout::PayoutKind::Interest,
+        PayoutKindName::Principal => domain::payout::PayoutKind::Principal,
+    };
+    let request = ScheduleRequest {
+        product_id,
+        period: request.period,
+        kind,
+        days: request.days,
+        context,
+    };
+    let report = engine::payouts::schedule(state.store.as_ref(), &request)
+        .await
+        .map_err(|error| match error {
+            ScheduleError::Invalid(why) => ApiError::InvalidRequest(why),
+            ScheduleError::UnknownProduct => ApiError::NotFound,
+            ScheduleError::SaleOpen => ApiError::Conflict("conflict", error.to_string()),
+            ScheduleError::Store(store) => ApiError::from(store),
+        })?;
+    tracing::info!(
+        product_id = request.product_id.as_str(),
+        period = %request.period,
+        scheduled = report.scheduled,
+        existing = report.existing,
+        "payouts scheduled"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SchedulePayoutsResponse {
+            scheduled: report.scheduled,
+        }),
+    ))
 }

@@ -148,6 +148,12 @@ pub fn table() -> Vec<RouteSpec> {
             )
         },
         route(
+            post_.clone(),
+            "/v1/products/{product_id}/payouts",
+            Roles(OPERATORS),
+            post(products::schedule_payouts),
+        ),
+        route(
             get_.clone(),
             "/v1/progress",
             Public,

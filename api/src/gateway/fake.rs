@@ -1,0 +1,246 @@
+//! `ledger fake-gateway`: a payment provider for development, demos and
+//! tests. It speaks the provider contract of API.md and, like the real ones
+//! the ledger must survive, does **not** de-duplicate: every call that pays
+//! makes a new payment, whatever its key. It records every payment, lists
+//! them (`GET /payments`), and injects faults drawn from a seeded generator:
+//! latency, timeouts (it hangs, then answers 504 without paying), 5xx after
+//! paying, and definitive refusals.
+
+use super::{PaymentAnswer, PaymentBody};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Options of `ledger fake-gateway`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FakeGatewayOptions {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Delay before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of payment calls that hang for `--hang-ms`, then answer 504
+    /// without paying (the caller times out first).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    pub timeout_rate: f64,
+    /// Share of payment calls that pay, then answer 500.
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    pub error_after_pay_rate: f64,
+    /// Share of payment calls refused definitively (422).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    pub fail_rate: f64,
+    /// How long a timed-out call hangs, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub hang_ms: u64,
+    /// Seed of the fault generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err("a rate is between 0 and 1".into());
+    }
+    Ok(value)
+}
+
+/// A payment the gateway made (or refused).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Payment {
+    /// Its id.
+    pub payment_id: String,
+    /// The key it was asked with.
+    pub idempotency_key: String,
+    /// The payee.
+    pub account_id: String,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217.
+    pub currency: String,
+    /// `succeeded` or `failed`.
+    pub status: String,
+}
+
+/// Every payment, in order.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PaymentList {
+    /// The payments.
+    pub payments: Vec<Payment>,
+}
+
+struct Book {
+    payments: Vec<Payment>,
+    random: StdRng,
+}
+
+#[derive(Clone)]
+struct Gateway {
+    book: Arc<Mutex<Book>>,
+    options: FakeGatewayOptions,
+}
+
+enum Fault {
+    None,
+    Refuse,
+    Hang,
+    ErrorAfterPay,
+}
+
+impl Gateway {
+    fn fault(&self) -> Fault {
+        let roll: f64 = self.book.lock().expect("BUG: poisoned").random.random();
+        let o = &self.options;
+        if roll < o.fail_rate {
+            Fault::Refuse
+        } else if roll < o.fail_rate + o.timeout_rate {
+            Fault::Hang
+        } else if roll < o.fail_rate + o.timeout_rate + o.error_after_pay_rate {
+            Fault::ErrorAfterPay
+        } else {
+            Fault::None
+        }
+    }
+
+    fn record(&self, body: &PaymentBody, status: &str) -> String {
+        let mut book = self.book.lock().expect("BUG: poisoned");
+        let payment_id = format!("pay-{}", book.payments.len() + 1);
+        book.payments.push(Payment {
+            payment_id: payment_id.clone(),
+            idempotency_key: body.idempotency_key.clone(),
+            account_id: body.account_id.clone(),
+            amount: body.amount,
+            currency: body.currency.clone(),
+            status: status.to_owned(),
+        });
+        payment_id
+    }
+}
+
+async fn pay(State(gateway): State<Gateway>, Json(body): Json<PaymentBody>) -> Response {
+    tokio::time::sleep(Duration::from_millis(gateway.options.latency_ms)).await;
+    if body.amount <= 0 || body.idempotency_key.is_empty() {
+        let answer = PaymentAnswer {
+            status: "failed".into(),
+            reason: Some("invalid payment".into()),
+            ..PaymentAnswer::default()
+        };
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(answer)).into_response();
+    }
+    match gateway.fault() {
+        Fault::Refuse => {
+            gateway.record(&body, "failed");
+            let answer = PaymentAnswer {
+                status: "failed".into(),
+                reason: Some("declined by the fake gateway".into()),
+                ..PaymentAnswer::default()
+            };
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(answer)).into_response()
+        }
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_millis(gateway.options.hang_ms)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        Fault::ErrorAfterPay => {
+            gateway.record(&body, "succeeded");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Fault::None => {
+            let payment_id = gateway.record(&body, "succeeded");
+            let answer = PaymentAnswer {
+                status: "succeeded".into(),
+                payment_id: Some(payment_id),
+                reason: None,
+            };
+            (StatusCode::OK, Json(answer)).into_response()
+        }
+    }
+}
+
+async fn lookup(State(gateway): State<Gateway>, Path(key): Path<String>) -> Response {
+    tokio::time::sleep(Duration::from_millis(gateway.options.latency_ms)).await;
+    let book = gateway.book.lock().expect("BUG: poisoned");
+    let with_key: Vec<&Payment> = book
+        .payments
+        .iter()
+        .filter(|p| p.idempotency_key == key)
+        .collect();
+    let answer = if let Some(paid) = with_key.iter().find(|p| p.status == "succeeded") {
+        PaymentAnswer {
+            status: "succeeded".into(),
+            payment_id: Some(paid.payment_id.clone()),
+            reason: None,
+        }
+    } else if with_key.is_empty() {
+        return StatusCode::NOT_FOUND.into_response();
+    } else {
+        PaymentAnswer {
+            status: "failed".into(),
+            payment_id: None,
+            reason: Some("declined by the fake gateway".into()),
+        }
+    };
+    (StatusCode::OK, Json(answer)).into_response()
+}
+
+async fn list(State(gateway): State<Gateway>) -> Json<PaymentList> {
+    let book = gateway.book.lock().expect("BUG: poisoned");
+    Json(PaymentList {
+        payments: book.payments.clone(),
+    })
+}
+
+/// The gateway's routes.
+pub fn router(options: FakeGatewayOptions) -> Router {
+    let gateway = Gateway {
+        book: Arc::new(Mutex::new(Book {
+            payments: Vec::new(),
+            random: StdRng::seed_from_u64(options.seed),
+        })),
+        options,
+    };
+    Router::new()
+        .route("/payments", post(pay).get(list))
+        .route("/payments/{key}", get(lookup))
+        .with_state(gateway)
+}
+
+/// Starts the gateway on a bound listener in this process (tests).
+pub fn spawn(
+    options: FakeGatewayOptions,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let app = router(options);
+    tokio::spawn(async move { axum::serve(listener, app).await })
+}
+
+/// Runs `ledger fake-gateway` until Ctrl-C or SIGTERM.
+pub async fn run(options: FakeGatewayOptions) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    let address = listener.local_addr()?;
+    let stop = crate::read_models::shutdown_signal();
+    println!(
+        "fake gateway on http://{address} (timeouts {}, 5xx after paying {}, refusals {}, latency {} ms, seed {}); it does not de-duplicate",
+        options.timeout_rate,
+        options.error_after_pay_rate,
+        options.fail_rate,
+        options.latency_ms,
+        options.seed
+    );
+    axum::serve(listener, router(options))
+        .with_graceful_shutdown(stop)
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

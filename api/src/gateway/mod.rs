@@ -1,0 +1,146 @@
+//! The payment provider over HTTP (the contract in API.md, "Payment
+//! provider"), and `ledger fake-gateway`, a real server speaking it.
+
+pub mod fake;
+
+use async_trait::async_trait;
+use domain::payout::ProviderFinding;
+use engine::payouts::{LookupOutcome, PaymentOutcome, PaymentProvider, PaymentRequest};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How long a call to the provider may take before its outcome is unknown.
+pub const GATEWAY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+/// `POST {gateway}/payments`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentBody {
+    /// The payout's key, the same on every attempt.
+    pub idempotency_key: String,
+    /// The holder.
+    pub account_id: String,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217.
+    pub currency: String,
+}
+
+/// What the provider answers about a payment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PaymentAnswer {
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// The provider's payment id (succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    /// Why it failed (failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The provider at a base URL.
+pub struct HttpProvider {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl HttpProvider {
+    /// A provider at `base` (`http://host:port`), each call bounded by `timeout`.
+    pub fn new(base: &str, timeout: Duration) -> anyhow::Result<HttpProvider> {
+        let base = base.trim_end_matches('/').to_owned();
+        anyhow::ensure!(
+            base.starts_with("http://") || base.starts_with("https://"),
+            "the gateway URL must start with http:// or https://"
+        );
+        Ok(HttpProvider {
+            base,
+            client: reqwest::Client::builder().timeout(timeout).build()?,
+        })
+    }
+}
+
+#[async_trait]
+impl PaymentProvider for HttpProvider {
+    async fn pay(&self, request: &PaymentRequest) -> PaymentOutcome {
+        let body = PaymentBody {
+            idempotency_key: request.idempotency_key.clone(),
+            account_id: request.account_id.to_string(),
+            amount: request.amount.minor(),
+            currency: request.currency.to_string(),
+        };
+        let sent = self
+            .client
+            .post(format!("{}/payments", self.base))
+            .json(&body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                return PaymentOutcome::Unknown {
+                    detail: format!("no answer: {error}"),
+                };
+            }
+        };
+        let status = response.status();
+        let answer: Option<PaymentAnswer> = response.json().await.ok();
+        match (status.as_u16(), answer) {
+            (
+                200,
+                Some(PaymentAnswer {
+                    status,
+                    payment_id: Some(payment_id),
+                    ..
+                }),
+            ) if status == "succeeded" => PaymentOutcome::Paid { payment_id },
+            (400..=499, Some(answer)) if answer.status == "failed" => PaymentOutcome::Refused {
+                reason: answer.reason.unwrap_or_else(|| "refused".into()),
+            },
+            (code, _) => PaymentOutcome::Unknown {
+                detail: format!("answer {code} without a definite outcome"),
+            },
+        }
+    }
+
+    async fn lookup(&self, idempotency_key: &str) -> LookupOutcome {
+        let sent = self
+            .client
+            .get(format!("{}/payments/{idempotency_key}", self.base))
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                return LookupOutcome::Unknown {
+                    detail: format!("no answer: {error}"),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        if status == 404 {
+            return LookupOutcome::Found(ProviderFinding::NotFound);
+        }
+        let answer: Option<PaymentAnswer> = response.json().await.ok();
+        match (status, answer) {
+            (
+                200,
+                Some(PaymentAnswer {
+                    status,
+                    payment_id: Some(payment_id),
+                    ..
+                }),
+            ) if status == "succeeded" => LookupOutcome::Found(ProviderFinding::Paid {
+                provider_ref: payment_id,
+            }),
+            (200, Some(answer)) if answer.status == "failed" => {
+                LookupOutcome::Found(ProviderFinding::Refused {
+                    reason: answer.reason.unwrap_or_else(|| "refused".into()),
+                })
+            }
+            (code, _) => LookupOutcome::Unknown {
+                detail: format!("lookup answered {code} without a definite outcome"),
+            },
+        }
+    }
+}

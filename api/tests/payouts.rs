@@ -1,0 +1,249 @@
+//! Payouts exactly once against `ledger fake-gateway` lying 30% of the time
+//! (half of the lies after paying): three workers and concurrent scheduling,
+//! then the same with every worker killed mid-run and new ones started.
+//! The gateway's own record must show one payment per holder per period,
+//! matching the ledger.
+
+mod support;
+
+use api::gateway::HttpProvider;
+use api::gateway::fake::{FakeGatewayOptions, PaymentList};
+use axum::http::StatusCode;
+use engine::payouts::WorkerSettings;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::{Kind, TestApi, User};
+
+const PRODUCT: &str = "yield-2026";
+const HOLDERS: usize = 24;
+const RATE_BPS: i64 = 450;
+const DAYS: i64 = 90;
+
+struct Gateway {
+    url: String,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn lying_gateway(seed: u64) -> Gateway {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let options = FakeGatewayOptions {
+        listen: listener.local_addr().unwrap(),
+        latency_ms: 2,
+        timeout_rate: 0.15,
+        error_after_pay_rate: 0.15,
+        fail_rate: 0.0,
+        hang_ms: 1_500,
+        seed,
+    };
+    let task = api::gateway::fake::spawn(options, listener);
+    Gateway { url, task }
+}
+
+fn settings(name: &str) -> WorkerSettings {
+    WorkerSettings {
+        name: name.into(),
+        lease: chrono::Duration::seconds(2),
+        idle_pause: Duration::from_millis(50),
+        retry_pause: chrono::Duration::milliseconds(100),
+    }
+}
+
+fn provider(gateway: &Gateway) -> Arc<HttpProvider> {
+    // Shorter than the gateway's hang: a hung call is an unknown outcome.
+    Arc::new(HttpProvider::new(&gateway.url, Duration::from_millis(400)).unwrap())
+}
+
+/// Holders with confirmed orders of different sizes, the sale closed.
+async fn holders(api: &TestApi) -> Vec<(User, i64)> {
+    api.open_product(PRODUCT, 20_000_000, 1, 1_000_000).await;
+    let mut holders = Vec::new();
+    for index in 0..HOLDERS {
+        let customer = api.customer(&format!("holder{index}"), 1_000_000).await;
+        // Amounts whose interest leaves rounding remainders.
+        let amount = 1_000 + 37_123 * index as i64;
+        let bought = api.buy(&customer, PRODUCT, amount, "first").await;
+        assert_eq!(bought.status, StatusCode::CREATED, "{bought:?}");
+        holders.push((customer, amount));
+    }
+    let closed = api
+        .post(
+            &format!("/v1/products/{PRODUCT}/close"),
+            &api.admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(closed.status, StatusCode::OK);
+    holders
+}
+
+async fn schedule(api: &TestApi, period: &str) -> usize {
+    let reply = api
+        .post(
+            &format!("/v1/products/{PRODUCT}/payouts"),
+            &api.admin,
+            json!({"period": period, "kind": "interest", "days": DAYS}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    reply.body["scheduled"].as_u64().unwrap() as usize
+}
+
+async fn wait_until_all_succeeded(api: &TestApi, expected: usize) {
+    for _ in 0..600 {
+        api.settle().await;
+        let reply = api
+            .get(&format!("/v1/payouts?product_id={PRODUCT}"), &api.admin)
+            .await;
+        let payouts = reply.body["payouts"].as_array().unwrap();
+        let done = payouts
+            .iter()
+            .filter(|p| p["status"] == "succeeded")
+            .count();
+        if payouts.len() == expected && done == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = api.get("/v1/payouts", &api.admin).await;
+    panic!("payouts did not all succeed: {}", reply.body);
+}
+
+/// The gateway's record and the ledger agree: one payment per payout key,
+/// each holder credited exactly its interest once.
+async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, i64)]) {
+    let list: PaymentList = reqwest::get(format!("{}/payments", gateway.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut paid_per_key: HashMap<&str, Vec<i64>> = HashMap::new();
+    for payment in list.payments.iter().filter(|p| p.status == "succeeded") {
+        paid_per_key
+            .entry(payment.idempotency_key.as_str())
+            .or_default()
+            .push(payment.amount);
+    }
+    let payouts = api
+        .get(&format!("/v1/payouts?product_id={PRODUCT}"), &api.admin)
+        .await;
+    let payouts = payouts.body["payouts"].as_array().unwrap().clone();
+    assert_eq!(paid_per_key.len(), payouts.len(), "one paid key per payout");
+    let mut ambiguous = 0;
+    for payout in &payouts {
+        let key = payout["payout_id"].as_str().unwrap();
+        let paid = &paid_per_key[key];
+        assert_eq!(paid.len(), 1, "payout {key} paid {} times", paid.len());
+        assert_eq!(Some(paid[0]), payout["amount"].as_i64());
+        if payout["attempts"].as_i64() > Some(1) {
+            ambiguous += 1;
+        }
+    }
+    let timelines_unknown = count_events(api, "payout_outcome_unknown").await;
+    eprintln!(
+        "{} payouts; gateway calls recorded {}; attempts {}, unknown outcomes {}, reconciliations {}",
+        payouts.len(),
+        list.payments.len(),
+        count_events(api, "payout_attempted").await,
+        timelines_unknown,
+        count_events(api, "payout_reconciled").await,
+    );
+    assert!(
+        timelines_unknown > 0 || ambiguous > 0,
+        "the gateway lied 30% of the time, so some outcomes were unknown"
+    );
+    for (holder, principal) in holders {
+        let interest = principal * RATE_BPS * DAYS / 3_650_000;
+        let account = holder.account_id.as_deref().unwrap();
+        let balance = api
+            .get(&format!("/v1/accounts/{account}"), &holder.token)
+            .await;
+        assert_eq!(balance.body["total_paid_out"], interest, "{balance:?}");
+        let ledger = api
+            .get(
+                &format!("/v1/accounts/{account}/ledger?limit=1000"),
+                &holder.token,
+            )
+            .await;
+        let payouts: Vec<_> = ledger.body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "payout")
+            .collect();
+        if interest == 0 {
+            assert!(payouts.is_empty());
+        } else {
+            assert_eq!(payouts.len(), 1, "{ledger:?}");
+            assert_eq!(payouts[0]["amount"], interest);
+        }
+    }
+}
+
+async fn count_events(api: &TestApi, event_type: &str) -> usize {
+    let mut count = 0;
+    let mut after = 0;
+    loop {
+        let page = api
+            .server
+            .state
+            .store
+            .read_all(after, 10_000)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else {
+            return count;
+        };
+        after = last.position;
+        count += page.iter().filter(|e| e.event_type == event_type).count();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_and_concurrent_schedulers_pay_each_holder_once() {
+    let mut api = TestApi::start(Kind::Sqlite, "payouts").await.unwrap();
+    let holders = holders(&api).await;
+    let gateway = lying_gateway(7).await;
+    api.server
+        .start_payout_workers(provider(&gateway), 3, settings("w"));
+    let (first, second) = futures::join!(schedule(&api, "2026-Q4"), schedule(&api, "2026-Q4"));
+    assert_eq!(
+        first + second,
+        HOLDERS,
+        "concurrent schedulers create each payout once"
+    );
+    assert_eq!(
+        schedule(&api, "2026-Q4").await,
+        0,
+        "a repeat schedules nothing"
+    );
+    wait_until_all_succeeded(&api, HOLDERS).await;
+    check_exactly_once(&api, &gateway, &holders).await;
+    gateway.task.abort();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_mid_run_leave_nothing_paid_twice() {
+    let mut api = TestApi::start(Kind::Sqlite, "payouts_crash").await.unwrap();
+    let holders = holders(&api).await;
+    let gateway = lying_gateway(11).await;
+    assert_eq!(schedule(&api, "2026-Q4").await, HOLDERS);
+    api.server
+        .start_payout_workers(provider(&gateway), 3, settings("first"));
+    // Kill every worker mid-run, as a crash would: claims stay in flight,
+    // provider calls are abandoned half-way.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    api.server.kill_payout_workers();
+    let attempted = count_events(&api, "payout_attempted").await;
+    assert!(attempted > 0, "the first workers got going");
+    api.server
+        .start_payout_workers(provider(&gateway), 3, settings("second"));
+    wait_until_all_succeeded(&api, HOLDERS).await;
+    check_exactly_once(&api, &gateway, &holders).await;
+    gateway.task.abort();
+    api.stop().await;
+}
