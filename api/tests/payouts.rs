@@ -203,8 +203,19 @@ async fn count_events(api: &TestApi, event_type: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_and_concurrent_schedulers_pay_each_holder_once() {
-    let mut api = TestApi::start(Kind::Sqlite, "payouts").await.unwrap();
+async fn three_workers_and_concurrent_schedulers_pay_each_holder_once_on_sqlite() {
+    three_workers_and_concurrent_schedulers(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_and_concurrent_schedulers_pay_each_holder_once_on_postgres() {
+    three_workers_and_concurrent_schedulers(Kind::Postgres).await;
+}
+
+async fn three_workers_and_concurrent_schedulers(kind: Kind) {
+    let Some(mut api) = TestApi::start(kind, "payouts").await else {
+        return;
+    };
     let holders = holders(&api).await;
     let gateway = lying_gateway(7).await;
     api.server

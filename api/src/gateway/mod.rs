@@ -9,9 +9,6 @@ use engine::payouts::{LookupOutcome, PaymentOutcome, PaymentProvider, PaymentReq
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// How long a call to the provider may take before its outcome is unknown.
-pub const GATEWAY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-
 /// `POST {gateway}/payments`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

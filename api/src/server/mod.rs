@@ -52,6 +52,14 @@ pub struct ServeOptions {
     /// `scheduled`.
     #[arg(long, env = "LEDGER_GATEWAY_URL")]
     pub gateway_url: Option<String>,
+    /// How long a call to the gateway may take before its outcome is
+    /// unknown (then resolved by asking the gateway).
+    #[arg(long, env = "LEDGER_GATEWAY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub gateway_timeout: Duration,
+    /// How long a payout attempt's claim holds before another worker may
+    /// expire it (a worker that died mid-call).
+    #[arg(long, env = "LEDGER_PAYOUT_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub payout_lease: Duration,
     /// Payout workers this node runs when a gateway is set.
     #[arg(long, env = "LEDGER_PAYOUT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub payout_workers: u32,
@@ -346,11 +354,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     bootstrap_admin_from_environment(&server.state).await?;
     match &options.gateway_url {
         Some(url) => {
-            let provider =
-                crate::gateway::HttpProvider::new(url, crate::gateway::GATEWAY_TIMEOUT_DEFAULT)?;
-            let name = format!("payout-worker-{}", std::process::id());
+            anyhow::ensure!(
+                options.payout_lease > options.gateway_timeout,
+                "--payout-lease must be longer than --gateway-timeout, or a live call's claim could be expired"
+            );
+            let provider = crate::gateway::HttpProvider::new(url, options.gateway_timeout)?;
             let settings = engine::payouts::WorkerSettings {
-                name,
+                name: format!("payout-worker-{}", std::process::id()),
+                lease: chrono::Duration::from_std(options.payout_lease)?,
                 ..Default::default()
             };
             server.start_payout_workers(Arc::new(provider), options.payout_workers, settings);
