@@ -32,8 +32,11 @@ async fn lying_gateway(seed: u64) -> Gateway {
     let options = FakeGatewayOptions {
         listen: listener.local_addr().unwrap(),
         latency_ms: 2,
+        // 30% ambiguous, half of it after paying: 15% hang without paying,
+        // 5% hang and pay while the caller has given up, 10% pay and 500.
         timeout_rate: 0.15,
-        error_after_pay_rate: 0.15,
+        late_pay_rate: 0.05,
+        error_after_pay_rate: 0.10,
         fail_rate: 0.0,
         hang_ms: 1_500,
         seed,
@@ -143,13 +146,20 @@ async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, 
         }
     }
     let timelines_unknown = count_events(api, "payout_outcome_unknown").await;
+    let found_paid = count_reconciled(api, "paid").await;
+    let found_missing = count_reconciled(api, "not_found").await;
+    assert!(
+        found_paid > 0,
+        "some ambiguous calls had paid, and lookups found them"
+    );
     eprintln!(
-        "{} payouts; gateway calls recorded {}; attempts {}, unknown outcomes {}, reconciliations {}",
+        "{} payouts; gateway calls recorded {}; attempts {}, unknown outcomes {}, lookups found {} paid and {} missing",
         payouts.len(),
         list.payments.len(),
         count_events(api, "payout_attempted").await,
         timelines_unknown,
-        count_events(api, "payout_reconciled").await,
+        found_paid,
+        found_missing,
     );
     assert!(
         timelines_unknown > 0 || ambiguous > 0,
@@ -180,6 +190,31 @@ async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, 
             assert_eq!(payouts.len(), 1, "{ledger:?}");
             assert_eq!(payouts[0]["amount"], interest);
         }
+    }
+}
+
+/// Reconciliations whose lookup found this outcome (`paid`, `not_found`).
+async fn count_reconciled(api: &TestApi, outcome: &str) -> usize {
+    let mut count = 0;
+    let mut after = 0;
+    loop {
+        let page = api
+            .server
+            .state
+            .store
+            .read_all(after, 10_000)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else {
+            return count;
+        };
+        after = last.position;
+        count += page
+            .iter()
+            .filter(|e| {
+                e.event_type == "payout_reconciled" && e.data["finding"]["outcome"] == outcome
+            })
+            .count();
     }
 }
 

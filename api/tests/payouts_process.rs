@@ -207,8 +207,10 @@ async fn serve_killed_mid_payout_run_pays_each_holder_once_after_restart() {
             "127.0.0.1:0",
             "--timeout-rate",
             "0.15",
+            "--late-pay-rate",
+            "0.05",
             "--error-after-pay-rate",
-            "0.15",
+            "0.10",
             "--hang-ms",
             "1500",
             "--latency-ms",
@@ -243,6 +245,10 @@ async fn serve_killed_mid_payout_run_pays_each_holder_once_after_restart() {
         .filter(|p| p["status"] == "succeeded")
         .count();
     eprintln!("killed with {settled} of {HOLDERS} payouts succeeded (as the read model saw it)");
+    assert!(
+        at_kill.iter().any(|p| p["status"] != "scheduled") && settled < HOLDERS,
+        "killed mid-run: {at_kill:?}"
+    );
 
     let second = serve(&data, &gateway.url);
     let client = Client {

@@ -142,6 +142,11 @@ pub struct ScheduledPayout {
     pub attempts: u32,
     /// Until when the current attempt's claim holds.
     pub lease_until: Option<DateTime<Utc>>,
+    /// Until when the last attempt's claim held (kept after it ended): a
+    /// lookup may call a payment missing only after it, so a payment the
+    /// provider was still committing when the caller gave up is not taken
+    /// for absent.
+    pub last_lease_until: Option<DateTime<Utc>>,
     /// The provider's payment id, once paid.
     pub provider_ref: Option<String>,
 }
@@ -185,16 +190,22 @@ pub enum PayoutCommand {
     },
     /// The provider paid.
     RecordSucceeded {
+        /// The attempt whose call this answers.
+        attempt: u32,
         /// The provider's payment id.
         provider_ref: String,
     },
     /// The provider definitively refused.
     RecordFailed {
+        /// The attempt whose call this answers.
+        attempt: u32,
         /// The provider's reason.
         reason: String,
     },
     /// The provider's answer was ambiguous (timeout, 5xx, reset).
     RecordUnknown {
+        /// The attempt whose call this answers.
+        attempt: u32,
         /// What was seen.
         detail: String,
     },
@@ -231,6 +242,15 @@ pub enum PayoutRejection {
     /// The lease has not run out.
     #[error("attempt is leased until {0}")]
     LeaseHeld(DateTime<Utc>),
+    /// An outcome for another attempt than the one in flight (a stale
+    /// worker's).
+    #[error("outcome of attempt {got}, but attempt {current} is the latest")]
+    StaleAttempt {
+        /// The attempt the outcome names.
+        got: u32,
+        /// The latest attempt.
+        current: u32,
+    },
 }
 
 /// What happened to a payout.
@@ -330,15 +350,26 @@ impl Decider for Payout {
                     lease_until: *lease_until,
                 }
             }
-            (InFlight, PayoutCommand::RecordSucceeded { provider_ref }) => {
+            (
+                InFlight,
+                PayoutCommand::RecordSucceeded { attempt, .. }
+                | PayoutCommand::RecordFailed { attempt, .. }
+                | PayoutCommand::RecordUnknown { attempt, .. },
+            ) if *attempt != payout.attempts => {
+                return Err(PayoutRejection::StaleAttempt {
+                    got: *attempt,
+                    current: payout.attempts,
+                });
+            }
+            (InFlight, PayoutCommand::RecordSucceeded { provider_ref, .. }) => {
                 PayoutEvent::PayoutSucceeded {
                     provider_ref: provider_ref.clone(),
                 }
             }
-            (InFlight, PayoutCommand::RecordFailed { reason }) => PayoutEvent::PayoutFailed {
+            (InFlight, PayoutCommand::RecordFailed { reason, .. }) => PayoutEvent::PayoutFailed {
                 reason: reason.clone(),
             },
-            (InFlight, PayoutCommand::RecordUnknown { detail }) => {
+            (InFlight, PayoutCommand::RecordUnknown { detail, .. }) => {
                 PayoutEvent::PayoutOutcomeUnknown {
                     detail: detail.clone(),
                 }
@@ -352,9 +383,18 @@ impl Decider for Payout {
                     detail: "lease expired without an outcome".to_owned(),
                 }
             }
-            (Unknown, PayoutCommand::Reconcile { finding }) => PayoutEvent::PayoutReconciled {
-                finding: finding.clone(),
-            },
+            (Unknown, PayoutCommand::Reconcile { finding }) => {
+                // "No such payment" counts only once the last claim's lease
+                // is over: until then the call may still be landing.
+                if let (ProviderFinding::NotFound, Some(until)) = (finding, payout.last_lease_until)
+                    && now < until
+                {
+                    return Err(PayoutRejection::LeaseHeld(until));
+                }
+                PayoutEvent::PayoutReconciled {
+                    finding: finding.clone(),
+                }
+            }
             (status, _) => return Err(PayoutRejection::WrongStatus(status)),
         };
         Ok(vec![event])
@@ -381,6 +421,7 @@ impl Decider for Payout {
                 status: PayoutStatus::Scheduled,
                 attempts: 0,
                 lease_until: None,
+                last_lease_until: None,
                 provider_ref: None,
             });
             return state;
@@ -439,6 +480,7 @@ fn evolve_scheduled(payout: &mut ScheduledPayout, event: &PayoutEvent) {
             );
             payout.attempts = *attempt;
             payout.lease_until = Some(*lease_until);
+            payout.last_lease_until = Some(*lease_until);
             payout.status = PayoutStatus::InFlight;
         }
         PayoutEvent::PayoutSucceeded { provider_ref } => {

@@ -497,6 +497,7 @@ fn a_finished_payout_takes_no_further_outcome() {
             lease_until: at(90),
         },
         PayoutCommand::RecordSucceeded {
+            attempt: 1,
             provider_ref: "pay-2".into(),
         },
         PayoutCommand::ExpireLease,

@@ -19,8 +19,16 @@ enum Step {
     /// A worker tries to claim an attempt and, if it gets it, calls the
     /// provider: `pays` says whether the provider pays, `answer` what the
     /// worker hears (0: the truth, 1: a timeout, 2: a 5xx, 3: nothing,
-    /// because it crashed before recording anything).
-    Attempt { pays: bool, answer: u8 },
+    /// because it crashed before recording anything). A payment behind an
+    /// ambiguous answer lands `lands_after` seconds later, within the
+    /// claim's 30 s lease.
+    Attempt {
+        pays: bool,
+        answer: u8,
+        lands_after: i64,
+    },
+    /// Time passes.
+    Wait { seconds: i64 },
     /// A worker asks the provider about the key and records the truth.
     Reconcile,
     /// A stale worker records an outcome it thinks it saw.
@@ -33,7 +41,12 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        (any::<bool>(), 0u8..4).prop_map(|(pays, answer)| Step::Attempt { pays, answer }),
+        (any::<bool>(), 0u8..4, 0i64..=30).prop_map(|(pays, answer, lands_after)| Step::Attempt {
+            pays,
+            answer,
+            lands_after
+        }),
+        (0i64..40).prop_map(|seconds| Step::Wait { seconds }),
         Just(Step::Reconcile),
         Just(Step::StaleSucceeded),
         Just(Step::StaleUnknown),
@@ -44,6 +57,8 @@ fn step() -> impl Strategy<Value = Step> {
 struct World {
     state: PayoutState,
     now: DateTime<Utc>,
+    /// When each payment the provider made becomes visible to lookups.
+    payments_landing: Vec<DateTime<Utc>>,
     payments: u32,
     events: Vec<PayoutEvent>,
 }
@@ -62,8 +77,13 @@ impl World {
         }
     }
 
+    fn attempt(&self) -> u32 {
+        self.state.payout.as_ref().unwrap().attempts
+    }
+
+    /// What a lookup answers now: a payment still landing is not seen yet.
     fn truth(&self) -> ProviderFinding {
-        if self.payments > 0 {
+        if self.payments_landing.iter().any(|t| *t <= self.now) {
             ProviderFinding::Paid {
                 provider_ref: "pay-1".into(),
             }
@@ -81,6 +101,7 @@ fn scheduled_world() -> World {
     let mut world = World {
         state: PayoutState::default(),
         now: Utc.with_ymd_and_hms(2026, 11, 27, 0, 0, 0).unwrap(),
+        payments_landing: Vec::new(),
         payments: 0,
         events: Vec::new(),
     };
@@ -105,23 +126,27 @@ proptest! {
         let mut world = scheduled_world();
         for step in steps {
             match step {
-                Step::Attempt { pays, answer } => {
+                Step::Attempt { pays, answer, lands_after } => {
                     let lease_until = world.now + Duration::seconds(30);
                     if world.apply(PayoutCommand::Attempt { lease_until }) {
                         // Only a claimed attempt reaches the provider.
+                        let attempt = world.attempt();
                         if pays {
                             world.payments += 1;
+                            let delay = if answer == 0 { 0 } else { lands_after };
+                            world.payments_landing.push(world.now + Duration::seconds(delay));
                         }
                         let heard = match (answer, pays) {
-                            (0, true) => PayoutCommand::RecordSucceeded { provider_ref: "pay-1".into() },
-                            (0, false) => PayoutCommand::RecordFailed { reason: "declined".into() },
-                            (1, _) => PayoutCommand::RecordUnknown { detail: "timeout".into() },
-                            (2, _) => PayoutCommand::RecordUnknown { detail: "500".into() },
+                            (0, true) => PayoutCommand::RecordSucceeded { attempt, provider_ref: "pay-1".into() },
+                            (0, false) => PayoutCommand::RecordFailed { attempt, reason: "declined".into() },
+                            (1, _) => PayoutCommand::RecordUnknown { attempt, detail: "timeout".into() },
+                            (2, _) => PayoutCommand::RecordUnknown { attempt, detail: "500".into() },
                             _ => continue, // Crashed: the claim stays in flight.
                         };
                         world.apply(heard);
                     }
                 }
+                Step::Wait { seconds } => world.now += Duration::seconds(seconds),
                 Step::Reconcile => {
                     let finding = world.truth();
                     world.apply(PayoutCommand::Reconcile { finding });
@@ -131,11 +156,13 @@ proptest! {
                     // report what it really saw: it saw a payment only if
                     // there was one.
                     if world.payments > 0 {
-                        world.apply(PayoutCommand::RecordSucceeded { provider_ref: "pay-1".into() });
+                        let attempt = world.attempt().saturating_sub(1);
+                        world.apply(PayoutCommand::RecordSucceeded { attempt, provider_ref: "pay-1".into() });
                     }
                 }
                 Step::StaleUnknown => {
-                    world.apply(PayoutCommand::RecordUnknown { detail: "stale".into() });
+                    let attempt = world.attempt().saturating_sub(1);
+                    world.apply(PayoutCommand::RecordUnknown { attempt, detail: "stale".into() });
                 }
                 Step::Expire { minutes } => {
                     world.now += Duration::minutes(minutes);
@@ -157,6 +184,7 @@ proptest! {
             prop_assert!(expired);
         }
         if world.status() == PayoutStatus::Unknown {
+            world.now += Duration::hours(1);
             let finding = world.truth();
             let reconciled = world.apply(PayoutCommand::Reconcile { finding });
             prop_assert!(reconciled);
@@ -197,15 +225,24 @@ fn an_ambiguous_outcome_must_be_reconciled_before_another_attempt() {
     let lease_until = world.now + Duration::seconds(30);
     assert!(world.apply(PayoutCommand::Attempt { lease_until }));
     assert!(world.apply(PayoutCommand::RecordUnknown {
+        attempt: 1,
         detail: "timeout".into()
     }));
     assert!(
         !world.apply(PayoutCommand::Attempt { lease_until }),
         "no blind retry"
     );
+    assert!(
+        !world.apply(PayoutCommand::Reconcile {
+            finding: ProviderFinding::NotFound
+        }),
+        "a payment may still be landing until the claim's lease ends"
+    );
+    world.now += Duration::seconds(31);
     assert!(world.apply(PayoutCommand::Reconcile {
         finding: ProviderFinding::NotFound
     }));
+    let lease_until = world.now + Duration::seconds(30);
     assert!(
         world.apply(PayoutCommand::Attempt { lease_until }),
         "retry after a lookup"

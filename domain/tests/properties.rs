@@ -249,9 +249,9 @@ fn payout_steps() -> impl Strategy<Value = Vec<Step<PayoutCommand>>> {
         4 => (1i64..60).prop_map(|s| Step::Command(PayoutCommand::Attempt {
             lease_until: start() + Duration::seconds(s),
         })),
-        1 => text.clone().prop_map(|provider_ref| Step::Command(PayoutCommand::RecordSucceeded { provider_ref })),
-        1 => text.clone().prop_map(|reason| Step::Command(PayoutCommand::RecordFailed { reason })),
-        3 => text.prop_map(|detail| Step::Command(PayoutCommand::RecordUnknown { detail })),
+        1 => (text.clone(), 1u32..4).prop_map(|(provider_ref, attempt)| Step::Command(PayoutCommand::RecordSucceeded { attempt, provider_ref })),
+        1 => (text.clone(), 1u32..4).prop_map(|(reason, attempt)| Step::Command(PayoutCommand::RecordFailed { attempt, reason })),
+        3 => (text, 1u32..4).prop_map(|(detail, attempt)| Step::Command(PayoutCommand::RecordUnknown { attempt, detail })),
         2 => Just(Step::Command(PayoutCommand::ExpireLease)),
         3 => finding.prop_map(|finding| Step::Command(PayoutCommand::Reconcile { finding })),
         2 => (0i64..60).prop_map(Step::Advance),

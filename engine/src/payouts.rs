@@ -330,7 +330,8 @@ pub struct WorkerSettings {
     pub lease: chrono::Duration,
     /// Pause between passes when there is nothing to do.
     pub idle_pause: Duration,
-    /// Wait before retrying a payout the provider could not settle.
+    /// Wait before retrying a payout the provider could not settle,
+    /// doubled per attempt made (at most 64×).
     pub retry_pause: chrono::Duration,
 }
 
@@ -407,8 +408,10 @@ impl PayoutIndex {
                             self.open.remove(&payout_id);
                         }
                         "payout_reconciled" => {
-                            // Settled or not, the stream says; look again.
+                            // Settled or not, the stream says; look again,
+                            // and credit it if it turned out paid.
                             self.open.insert(payout_id, ());
+                            self.uncredited.insert(payout_id, ());
                         }
                         _ => {
                             self.open.insert(payout_id, ());
@@ -460,7 +463,9 @@ impl PayoutWorker {
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         while !*stop.borrow() {
             let pause = match self.pass().await {
-                Ok(report) if report.open > 0 && report.examined > report.conflicts => {
+                // Progress was made: look again soon. Otherwise (waiting on
+                // leases, pauses or another worker) idle.
+                Ok(report) if report.open > 0 && report.payments_asked + report.lookups > 0 => {
                     Duration::from_millis(50)
                 }
                 Ok(_) => self.settings.idle_pause,
@@ -484,10 +489,16 @@ impl PayoutWorker {
         let uncredited: Vec<PayoutId> = self.index.uncredited.keys().copied().collect();
         for payout_id in uncredited {
             let (state, _) = self.load(payout_id).await?;
-            if let Some(payout) = state.payout.filter(|p| p.status == PayoutStatus::Succeeded)
-                && self.credit(&payout).await
-            {
-                self.index.uncredited.remove(&payout_id);
+            match state.payout.filter(|p| p.status == PayoutStatus::Succeeded) {
+                Some(payout) => {
+                    if self.credit(&payout).await {
+                        self.index.uncredited.remove(&payout_id);
+                    }
+                }
+                // Not paid (yet): a later success puts it back.
+                None => {
+                    self.index.uncredited.remove(&payout_id);
+                }
             }
         }
         let open: Vec<PayoutId> = self.index.open.keys().copied().collect();
@@ -570,13 +581,24 @@ impl PayoutWorker {
                     PayoutCommand::ExpireLease
                 }
                 PayoutStatus::Unknown => {
+                    if self.not_before.get(&payout_id).is_some_and(|t| now < *t) {
+                        return Ok(Some(PayoutStatus::Unknown));
+                    }
+                    // Until the last claim's lease ends, a payment may still
+                    // be landing: a lookup then could not say "no payment".
+                    if let Some(until) = payout.last_lease_until
+                        && now < until
+                    {
+                        self.not_before.insert(payout_id, until);
+                        return Ok(Some(PayoutStatus::Unknown));
+                    }
                     report.lookups += 1;
                     match self.provider.lookup(&payout.idempotency_key()).await {
                         LookupOutcome::Found(finding) => PayoutCommand::Reconcile { finding },
                         LookupOutcome::Unknown { detail } => {
                             tracing::info!(%payout_id, %detail, "provider cannot tell yet");
                             self.not_before
-                                .insert(payout_id, now + self.settings.retry_pause);
+                                .insert(payout_id, now + self.backoff(payout.attempts));
                             return Ok(Some(PayoutStatus::Unknown));
                         }
                     }
@@ -604,22 +626,40 @@ impl PayoutWorker {
                         return Ok(Some(PayoutStatus::InFlight));
                     }
                     report.payments_asked += 1;
+                    let attempt = payout.attempts + 1;
                     let outcome = self.provider.pay(&payment(&payout)).await;
                     let command = match outcome {
                         PaymentOutcome::Paid { payment_id } => PayoutCommand::RecordSucceeded {
+                            attempt,
                             provider_ref: payment_id,
                         },
                         PaymentOutcome::Refused { reason } => {
-                            PayoutCommand::RecordFailed { reason }
+                            PayoutCommand::RecordFailed { attempt, reason }
                         }
                         PaymentOutcome::Unknown { detail } => {
-                            PayoutCommand::RecordUnknown { detail }
+                            PayoutCommand::RecordUnknown { attempt, detail }
                         }
                     };
-                    // If our lease ran out meanwhile and another worker
-                    // expired the claim, this no longer fits and the loop
-                    // goes on from what the stream says (a lookup).
-                    command
+                    let (state, version) = self.load(payout_id).await?;
+                    if self
+                        .step(payout_id, &state, version, command)
+                        .await?
+                        .is_none()
+                    {
+                        // Our lease ran out and another worker expired the
+                        // claim: what we heard is for a lookup to confirm.
+                        // Never go round again here after calling the
+                        // provider.
+                        tracing::warn!(%payout_id, attempt, "outcome arrived after the claim was expired");
+                        report.conflicts += 1;
+                        return Ok(state.payout.map(|p| p.status));
+                    }
+                    if let Some(PayoutStatus::Succeeded) =
+                        self.load(payout_id).await?.0.payout.map(|p| p.status)
+                    {
+                        report.succeeded += 1;
+                    }
+                    continue;
                 }
             };
             let (state, version) = self.load(payout_id).await?;
@@ -637,12 +677,18 @@ impl PayoutWorker {
                     // The provider had no payment under the key: try again
                     // after a pause, with the same key.
                     self.not_before
-                        .insert(payout_id, now + self.settings.retry_pause);
+                        .insert(payout_id, now + self.backoff(payout.attempts));
                 }
                 _ => {}
             }
         }
         Ok(self.load(payout_id).await?.0.payout.map(|p| p.status))
+    }
+
+    /// The pause before retrying a payout after `attempts` attempts:
+    /// `retry_pause` doubled per attempt, at most 64 times as long.
+    fn backoff(&self, attempts: u32) -> chrono::Duration {
+        self.settings.retry_pause * (1i32 << attempts.min(6))
     }
 
     /// Credits a succeeded payout to its holder (idempotent); false if the

@@ -356,13 +356,17 @@ impl History {
         let provider_ref = format!("pay-{}", self.uuid().simple());
         if self.rng.random_bool(0.2) {
             commands.push(PayoutCommand::RecordUnknown {
+                attempt: 1,
                 detail: "gateway timeout".to_owned(),
             });
             commands.push(PayoutCommand::Reconcile {
                 finding: ProviderFinding::Paid { provider_ref },
             });
         } else {
-            commands.push(PayoutCommand::RecordSucceeded { provider_ref });
+            commands.push(PayoutCommand::RecordSucceeded {
+                attempt: 1,
+                provider_ref,
+            });
         }
         let mut events = Vec::new();
         for command in &commands {

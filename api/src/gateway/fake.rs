@@ -3,8 +3,9 @@
 //! the ledger must survive, does **not** de-duplicate: every call that pays
 //! makes a new payment, whatever its key. It records every payment, lists
 //! them (`GET /payments`), and injects faults drawn from a seeded generator:
-//! latency, timeouts (it hangs, then answers 504 without paying), 5xx after
-//! paying, and definitive refusals.
+//! latency, timeouts (it hangs, then answers 504 without paying), late
+//! payments (it hangs, pays, then answers 504), 5xx after paying, and
+//! definitive refusals.
 
 use super::{PaymentAnswer, PaymentBody};
 use axum::extract::{Path, State};
@@ -33,6 +34,10 @@ pub struct FakeGatewayOptions {
     /// without paying (the caller times out first).
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     pub timeout_rate: f64,
+    /// Share of payment calls that hang for `--hang-ms`, then pay, then
+    /// answer 504 (the caller gave up before the payment landed).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    pub late_pay_rate: f64,
     /// Share of payment calls that pay, then answer 500.
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     pub error_after_pay_rate: f64,
@@ -96,6 +101,7 @@ enum Fault {
     None,
     Refuse,
     Hang,
+    HangThenPay,
     ErrorAfterPay,
 }
 
@@ -107,7 +113,9 @@ impl Gateway {
             Fault::Refuse
         } else if roll < o.fail_rate + o.timeout_rate {
             Fault::Hang
-        } else if roll < o.fail_rate + o.timeout_rate + o.error_after_pay_rate {
+        } else if roll < o.fail_rate + o.timeout_rate + o.late_pay_rate {
+            Fault::HangThenPay
+        } else if roll < o.fail_rate + o.timeout_rate + o.late_pay_rate + o.error_after_pay_rate {
             Fault::ErrorAfterPay
         } else {
             Fault::None
@@ -151,6 +159,11 @@ async fn pay(State(gateway): State<Gateway>, Json(body): Json<PaymentBody>) -> R
         }
         Fault::Hang => {
             tokio::time::sleep(Duration::from_millis(gateway.options.hang_ms)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        Fault::HangThenPay => {
+            tokio::time::sleep(Duration::from_millis(gateway.options.hang_ms)).await;
+            gateway.record(&body, "succeeded");
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
         Fault::ErrorAfterPay => {
@@ -232,8 +245,9 @@ pub async fn run(options: FakeGatewayOptions) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr()?;
     let stop = crate::read_models::shutdown_signal();
     println!(
-        "fake gateway on http://{address} (timeouts {}, 5xx after paying {}, refusals {}, latency {} ms, seed {}); it does not de-duplicate",
+        "fake gateway on http://{address} (timeouts {}, late payments {}, 5xx after paying {}, refusals {}, latency {} ms, seed {}); it does not de-duplicate",
         options.timeout_rate,
+        options.late_pay_rate,
         options.error_after_pay_rate,
         options.fail_rate,
         options.latency_ms,

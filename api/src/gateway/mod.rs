@@ -91,9 +91,13 @@ impl PaymentProvider for HttpProvider {
                     ..
                 }),
             ) if status == "succeeded" => PaymentOutcome::Paid { payment_id },
-            (400..=499, Some(answer)) if answer.status == "failed" => PaymentOutcome::Refused {
-                reason: answer.reason.unwrap_or_else(|| "refused".into()),
-            },
+            // Only these are definitive; 408, 409, 425, 429 and the like
+            // say "not now", not "never".
+            (400 | 402 | 403 | 422, Some(answer)) if answer.status == "failed" => {
+                PaymentOutcome::Refused {
+                    reason: answer.reason.unwrap_or_else(|| "refused".into()),
+                }
+            }
             (code, _) => PaymentOutcome::Unknown {
                 detail: format!("answer {code} without a definite outcome"),
             },
