@@ -71,6 +71,12 @@ pub enum AuditCommand {
     /// Rebuild every read model into a scratch database, compare it row by row
     /// with the live one and run the trial balance; exits 1 on any difference.
     Drift(read_models::CheckOptions),
+    /// Walk the hash chain over every event (in the database, or offline in
+    /// an export with `--file`); report the first bad position, exit 1 if any.
+    Verify(crate::audit::VerifyOptions),
+    /// Write the log as JSON Lines (format in the README), with each
+    /// event's hash and the hash before it.
+    Export(crate::audit::ExportOptions),
 }
 
 /// Where the event log lives.
@@ -121,6 +127,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Projections(ProjectionsCommand::Run(options)) => read_models::run(options).await,
         Command::Audit(AuditCommand::Drift(options)) => read_models::drift(options).await,
+        Command::Audit(AuditCommand::Verify(options)) => crate::audit::verify(options).await,
+        Command::Audit(AuditCommand::Export(options)) => crate::audit::export(options).await,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `ledger` binary's library: command line, benchmarks and telemetry.
 
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod gateway;

@@ -1,6 +1,7 @@
 //! The `ledger` binary run as a user would: `migrate` on empty databases and
 //! the append benchmark's JSON report.
 
+use serde_json::json;
 use std::process::Command;
 use store::EventStore as _;
 use store::testing::TestPostgres;
@@ -384,4 +385,111 @@ async fn projections_run_follows_another_process_and_survives_kill_9() {
     })
     .await
     .unwrap();
+}
+
+fn run_status(command: &mut Command) -> (bool, String) {
+    let output = command.output().expect("ledger runs");
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).expect("utf-8 output"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_export_verifies_offline_and_tampering_is_reported() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("ledger.db");
+    let store = store::SqliteEventStore::open(&path).await.unwrap();
+    generated_log(&store, 300).await;
+    let head = store.head().await.unwrap();
+    let data_dir = folder.path().to_str().unwrap().to_owned();
+
+    let verified = json(&run(ledger().args([
+        "audit",
+        "verify",
+        "--json",
+        "--data-dir",
+        &data_dir,
+    ])));
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["events_checked"], head);
+
+    let export = folder.path().join("export.jsonl");
+    run(ledger()
+        .args(["audit", "export", "--data-dir", &data_dir, "--output"])
+        .arg(&export));
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(text.lines().count() as i64, head);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for field in [
+        "position", "stream", "version", "event_id", "type", "data", "metadata", "hash",
+    ] {
+        assert!(first.get(field).is_some(), "{field} missing: {first}");
+    }
+    let offline = json(&run(ledger()
+        .args(["audit", "verify", "--json", "--file"])
+        .arg(&export)));
+    assert_eq!(offline["ok"], true, "{offline}");
+    assert_eq!(offline["head_hash"], verified["head_hash"]);
+
+    // A range verifies on its own, from the hash before it.
+    let range = folder.path().join("range.jsonl");
+    run(ledger()
+        .args([
+            "audit",
+            "export",
+            "--data-dir",
+            &data_dir,
+            "--from",
+            "10",
+            "--to",
+            "20",
+            "--output",
+        ])
+        .arg(&range));
+    let partial = json(&run(ledger()
+        .args(["audit", "verify", "--json", "--file"])
+        .arg(&range)));
+    assert_eq!(
+        (partial["ok"].clone(), partial["events_checked"].clone()),
+        (json!(true), json!(11))
+    );
+
+    // An edited export line is found offline, at its position.
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut edited: serde_json::Value = serde_json::from_str(&lines[4]).unwrap();
+    edited["metadata"]["actor_id"] = json!("someone-else");
+    let position = edited["position"].as_i64().unwrap();
+    lines[4] = edited.to_string();
+    let tampered = folder.path().join("tampered.jsonl");
+    std::fs::write(&tampered, lines.join("\n")).unwrap();
+    let (ok, printed) = run_status(
+        ledger()
+            .args(["audit", "verify", "--json", "--file"])
+            .arg(&tampered),
+    );
+    let report = json(&printed);
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], position, "{report}");
+
+    // A row edited in the database behind the ledger's back.
+    let url = format!("sqlite://{}", path.display());
+    let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    for sql in [
+        "DROP TRIGGER events_no_update",
+        "UPDATE events SET data = replace(data, '1', '2') WHERE position = 7",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    let (ok, printed) = run_status(ledger().args(["audit", "verify", "--data-dir", &data_dir]));
+    assert!(!ok, "{printed}");
+    assert!(
+        printed.contains("first bad event at position 7"),
+        "{printed}"
+    );
 }

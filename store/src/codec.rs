@@ -75,6 +75,7 @@ mod tests {
             data: new.data,
             metadata: new.metadata,
             recorded_at: Utc::now(),
+            hash: None,
         };
         assert_eq!(decode::<ProductEvent>(&recorded).unwrap(), event);
         let wrong = RecordedEvent {

@@ -2,6 +2,7 @@
 //! idempotent appends, batched multi-stream appends, global reads and
 //! catch-up subscriptions, on SQLite (embedded) and PostgreSQL.
 
+pub mod chain;
 pub mod codec;
 pub mod error;
 pub mod memory;
@@ -10,6 +11,7 @@ pub mod plan;
 pub mod port;
 pub mod postgres;
 mod rows;
+pub use rows::metadata_text;
 pub mod scratch;
 pub mod sqlite;
 pub mod subscription;

@@ -87,6 +87,9 @@ pub struct RecordedEvent {
     pub metadata: Metadata,
     /// When the store recorded it.
     pub recorded_at: DateTime<Utc>,
+    /// Its link in the hash chain (see `chain`); `None` only for an event
+    /// read before its hash was given.
+    pub hash: Option<String>,
 }
 
 /// One stream's part of a batched append.

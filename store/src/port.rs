@@ -44,6 +44,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// The highest committed position (0 for an empty log).
     async fn head(&self) -> Result<Position, StoreError>;
 
+    /// Walks the hash chain over the whole log as stored and reports the
+    /// first event whose stored hash does not match; `progress` hears the
+    /// last position checked now and then.
+    async fn verify_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<crate::chain::ChainReport, StoreError>;
+
     /// A wake-up signal: its value changes after events are committed (by this
     /// process, or by another one where the backend can tell).
     fn commits(&self) -> watch::Receiver<Position>;

@@ -8,6 +8,7 @@
 //! commit keeps that single writer busy with large batches rather than many
 //! small ones. Other processes learn of commits through `LISTEN/NOTIFY`.
 
+use crate::chain;
 use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
@@ -80,6 +81,13 @@ impl PostgresEventStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Database(e.into()))?;
+        let filled = backfill_hashes(&pool).await?;
+        if filled > 0 {
+            tracing::info!(
+                events = filled,
+                "gave events written before the hash chain their hashes"
+            );
+        }
         let (sender, _) = watch::channel(0);
         let commits = Arc::new(sender);
         let task = tokio::spawn(listen(pool.clone(), Arc::downgrade(&commits)));
@@ -154,18 +162,37 @@ impl PostgresEventStore {
         recorded_at: DateTime<Utc>,
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
         let mut columns = Columns::default();
+        // Under the append lock: the last committed event is the chain's end.
+        let mut previous = last_hash(&mut *tx).await?;
         for (append, plan) in appends.iter().zip(planned) {
             let Planned::Insert { first_version } = plan else {
                 continue;
             };
             for (offset, event) in append.events.iter().enumerate() {
+                let data = event.data.to_string();
+                let metadata = metadata_text(&event.metadata);
+                let version = first_version + offset as i64;
+                previous = chain::link(
+                    &previous,
+                    &chain::Link {
+                        stream_id: &append.stream_id,
+                        version,
+                        event_id: event.event_id,
+                        event_type: &event.event_type,
+                        schema_version: event.schema_version,
+                        data: &data,
+                        metadata: &metadata,
+                        recorded_at,
+                    },
+                );
                 columns.stream_ids.push(append.stream_id.as_str());
-                columns.versions.push(first_version + offset as i64);
+                columns.versions.push(version);
                 columns.event_ids.push(event.event_id);
                 columns.event_types.push(event.event_type.as_str());
                 columns.schema_versions.push(event.schema_version);
-                columns.data.push(event.data.to_string());
-                columns.metadata.push(metadata_text(&event.metadata));
+                columns.data.push(data);
+                columns.metadata.push(metadata);
+                columns.hashes.push(previous.clone());
             }
         }
         if columns.event_ids.is_empty() {
@@ -173,10 +200,12 @@ impl PostgresEventStore {
         }
         let inserted: Vec<(i64, Uuid)> = sqlx::query_as(
             "INSERT INTO events \
-             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at) \
-             SELECT s, v, i, t, n, d, m, $8 \
-             FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[]) \
-                  WITH ORDINALITY AS u(s, v, i, t, n, d, m, o) \
+             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at, \
+              hash) \
+             SELECT s, v, i, t, n, d, m, $8, h \
+             FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[], \
+                         $9::text[]) \
+                  WITH ORDINALITY AS u(s, v, i, t, n, d, m, h, o) \
              ORDER BY o \
              RETURNING position, event_id",
         )
@@ -188,6 +217,7 @@ impl PostgresEventStore {
         .bind(&columns.data)
         .bind(&columns.metadata)
         .bind(recorded_at)
+        .bind(&columns.hashes)
         .fetch_all(tx)
         .await?;
         Ok(inserted
@@ -207,6 +237,121 @@ struct Columns<'a> {
     schema_versions: Vec<i32>,
     data: Vec<String>,
     metadata: Vec<String>,
+    hashes: Vec<String>,
+}
+
+/// The last event's hash (the chain's genesis for an empty log).
+async fn last_hash(tx: &mut sqlx::PgConnection) -> Result<String, StoreError> {
+    let last: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(tx)
+            .await?;
+    match last {
+        None => Ok(chain::GENESIS.to_owned()),
+        Some((_, Some(hash))) => Ok(hash),
+        Some((position, None)) => Err(StoreError::Corrupt {
+            position,
+            reason: "the last event has no hash (opening the store gives old events theirs)".into(),
+        }),
+    }
+}
+
+/// A page of stored rows, exactly as stored, with their hashes.
+const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
+     data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
+
+fn raw_row(row: &sqlx::postgres::PgRow) -> Result<(RawEvent, Option<String>), StoreError> {
+    let raw = RawEvent {
+        position: row.try_get("position")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: row.try_get("data")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+        hash: None,
+    };
+    Ok((raw, row.try_get("hash")?))
+}
+
+/// Gives events written before hashes existed their hash, in position
+/// order, under the append lock (the only update the table allows).
+async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let first: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NULL")
+            .fetch_one(&mut *tx)
+            .await?;
+    let Some(first) = first else {
+        return Ok(0);
+    };
+    let before: Option<String> = sqlx::query_scalar(
+        "SELECT hash FROM events WHERE position < $1 ORDER BY position DESC LIMIT 1",
+    )
+    .bind(first)
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    let mut previous = before.unwrap_or_else(|| chain::GENESIS.to_owned());
+    let mut after = first - 1;
+    let mut filled = 0;
+    loop {
+        let rows = sqlx::query(RAW_PAGE)
+            .bind(after)
+            .bind(1_000i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let (raw, _) = raw_row(row)?;
+            after = raw.position;
+            previous = chain::link(&previous, &raw.link());
+            sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
+                .bind(&previous)
+                .bind(raw.position)
+                .execute(&mut *tx)
+                .await?;
+            filled += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(filled)
+}
+
+impl PostgresEventStore {
+    /// Walks the whole hash chain over the rows exactly as stored;
+    /// `progress` hears each page's last position.
+    async fn walk_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<chain::ChainReport, StoreError> {
+        let mut verifier = chain::Verifier::default();
+        let mut after = 0i64;
+        loop {
+            let rows = sqlx::query(RAW_PAGE)
+                .bind(after)
+                .bind(i64::try_from(crate::port::READ_LIMIT_MAX).expect("BUG: small constant"))
+                .fetch_all(&self.pool)
+                .await?;
+            if rows.is_empty() {
+                return Ok(verifier.report());
+            }
+            for row in &rows {
+                let (raw, hash) = raw_row(row)?;
+                after = raw.position;
+                verifier.check(raw.position, &raw.link(), hash.as_deref());
+            }
+            progress(after);
+        }
+    }
 }
 
 /// Forwards `NOTIFY` messages from any process to the commit signal, and
@@ -252,7 +397,9 @@ impl PostgresEventStore {
         ids: &[Uuid],
         lookup: IdLookup,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
-        let recorded_at = Utc::now();
+        // Microseconds: what both SQL backends store, so the hash covers
+        // exactly what is read back.
+        let recorded_at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK_KEY)
@@ -298,12 +445,20 @@ fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
         data: row.try_get("data")?,
         metadata: row.try_get("metadata")?,
         recorded_at: row.try_get("recorded_at")?,
+        hash: row.try_get("hash")?,
     }
     .parse()
 }
 
 #[async_trait]
 impl EventStore for PostgresEventStore {
+    async fn verify_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<chain::ChainReport, StoreError> {
+        self.walk_chain(progress).await
+    }
+
     fn backend(&self) -> &'static str {
         "postgres"
     }
@@ -329,7 +484,7 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at \
+                    metadata, recorded_at, hash \
              FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3",
         )
         .bind(stream_id)
@@ -347,7 +502,7 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at \
+                    metadata, recorded_at, hash \
              FROM events WHERE position > $1 ORDER BY position LIMIT $2",
         )
         .bind(after)

@@ -16,9 +16,24 @@ pub(crate) struct RawEvent {
     pub data: String,
     pub metadata: String,
     pub recorded_at: DateTime<Utc>,
+    pub hash: Option<String>,
 }
 
 impl RawEvent {
+    /// What its hash covers.
+    pub(crate) fn link(&self) -> crate::chain::Link<'_> {
+        crate::chain::Link {
+            stream_id: &self.stream_id,
+            version: self.version,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            data: &self.data,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+        }
+    }
+
     pub(crate) fn parse(self) -> Result<RecordedEvent, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             position: self.position,
@@ -37,11 +52,12 @@ impl RawEvent {
             data,
             metadata,
             recorded_at: self.recorded_at,
+            hash: self.hash,
         })
     }
 }
 
-/// Serializes metadata for storage.
-pub(crate) fn metadata_text(metadata: &Metadata) -> String {
+/// Serializes metadata for storage (and for hashing: exactly this text).
+pub fn metadata_text(metadata: &Metadata) -> String {
     serde_json::to_string(metadata).expect("BUG: metadata always serializes")
 }

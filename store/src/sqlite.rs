@@ -4,10 +4,11 @@
 //! commits are serialized and become visible in position order: a reader can
 //! never see position N+1 before N. Reads use a separate small pool.
 
+use crate::chain;
 use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
-use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
+use crate::port::{AppendHook, EventStore, READ_LIMIT_MAX, clamp_limit, run_hook};
 use crate::rows::{RawEvent, metadata_text};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -118,6 +119,13 @@ impl SqliteEventStore {
             .run(&write)
             .await
             .map_err(|e| StoreError::Database(e.into()))?;
+        let filled = backfill_hashes(&write).await?;
+        if filled > 0 {
+            tracing::info!(
+                events = filled,
+                "gave events written before the hash chain their hashes"
+            );
+        }
         let read = SqlitePoolOptions::new()
             .max_connections(SQLITE_READ_CONNECTIONS_MAX)
             .connect_with(options)
@@ -202,7 +210,8 @@ impl SqliteEventStore {
         planned: &[Planned],
         recorded_at: DateTime<Utc>,
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
-        let recorded_at = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let recorded_text = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut previous = last_hash(&mut *tx).await?;
         let mut rows = Vec::new();
         let mut order = Vec::new();
         for (append, plan) in appends.iter().zip(planned) {
@@ -211,15 +220,32 @@ impl SqliteEventStore {
             };
             for (offset, event) in append.events.iter().enumerate() {
                 order.push(event.event_id);
+                let data = event.data.to_string();
+                let metadata = metadata_text(&event.metadata);
+                let version = first_version + offset as i64;
+                previous = chain::link(
+                    &previous,
+                    &chain::Link {
+                        stream_id: &append.stream_id,
+                        version,
+                        event_id: event.event_id,
+                        event_type: &event.event_type,
+                        schema_version: event.schema_version,
+                        data: &data,
+                        metadata: &metadata,
+                        recorded_at,
+                    },
+                );
                 rows.push(BatchRow {
                     s: &append.stream_id,
-                    v: first_version + offset as i64,
+                    v: version,
                     i: event.event_id,
                     t: &event.event_type,
                     n: event.schema_version,
-                    d: event.data.to_string(),
-                    m: metadata_text(&event.metadata),
-                    r: &recorded_at,
+                    d: data,
+                    m: metadata,
+                    r: &recorded_text,
+                    h: previous.clone(),
                 });
             }
         }
@@ -230,9 +256,10 @@ impl SqliteEventStore {
         // once; each row's fields are then read from the binary form.
         let inserted = sqlx::query(
             "INSERT INTO events \
-             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at) \
+             (stream_id, version, event_id, event_type, schema_version, data, metadata, recorded_at, \
+              hash) \
              SELECT value ->> 's', value ->> 'v', value ->> 'i', value ->> 't', value ->> 'n', \
-                    value ->> 'd', value ->> 'm', value ->> 'r' \
+                    value ->> 'd', value ->> 'm', value ->> 'r', value ->> 'h' \
              FROM jsonb_each(?1) ORDER BY key",
         )
         .bind(serde_json::to_string(&rows).expect("BUG: rows serialize"))
@@ -263,6 +290,126 @@ struct BatchRow<'a> {
     d: String,
     m: String,
     r: &'a str,
+    h: String,
+}
+
+/// The last event's hash (the chain's genesis for an empty log).
+async fn last_hash(tx: &mut sqlx::SqliteConnection) -> Result<String, StoreError> {
+    let last: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(tx)
+            .await?;
+    match last {
+        None => Ok(chain::GENESIS.to_owned()),
+        Some((_, Some(hash))) => Ok(hash),
+        Some((position, None)) => Err(StoreError::Corrupt {
+            position,
+            reason: "the last event has no hash (opening the store gives old events theirs)".into(),
+        }),
+    }
+}
+
+/// Gives events written before hashes existed their hash, in position
+/// order, in one write transaction (the only update the table allows).
+async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let first: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NULL")
+            .fetch_one(&mut *tx)
+            .await?;
+    let Some(first) = first else {
+        return Ok(0);
+    };
+    let before: Option<String> = sqlx::query_scalar(
+        "SELECT hash FROM events WHERE position < $1 ORDER BY position DESC LIMIT 1",
+    )
+    .bind(first)
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    let mut verifier_previous = before.unwrap_or_else(|| chain::GENESIS.to_owned());
+    let mut after = first - 1;
+    let mut filled = 0;
+    loop {
+        let rows = sqlx::query(RAW_PAGE)
+            .bind(after)
+            .bind(1_000i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let (raw, _) = raw_row(row)?;
+            after = raw.position;
+            verifier_previous = chain::link(&verifier_previous, &raw.link());
+            sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
+                .bind(&verifier_previous)
+                .bind(raw.position)
+                .execute(&mut *tx)
+                .await?;
+            filled += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(filled)
+}
+
+/// A page of stored rows, exactly as stored, with their hashes.
+const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
+     data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
+
+/// A stored row as text, and its stored hash.
+fn raw_row(row: &sqlx::sqlite::SqliteRow) -> Result<(RawEvent, Option<String>), StoreError> {
+    let position: i64 = row.try_get("position")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
+        .map_err(|e| StoreError::Corrupt {
+            position,
+            reason: format!("recorded_at: {e}"),
+        })?
+        .with_timezone(&Utc);
+    let raw = RawEvent {
+        position,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_id: parse_uuid(row.try_get("event_id")?, position)?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: row.try_get("data")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at,
+        hash: None,
+    };
+    Ok((raw, row.try_get("hash")?))
+}
+
+impl SqliteEventStore {
+    /// Walks the whole hash chain over the rows exactly as stored;
+    /// `progress` hears each page's last position.
+    async fn walk_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<chain::ChainReport, StoreError> {
+        let mut verifier = chain::Verifier::default();
+        let mut after = 0i64;
+        loop {
+            let rows = sqlx::query(RAW_PAGE)
+                .bind(after)
+                .bind(i64::try_from(READ_LIMIT_MAX).expect("BUG: small constant"))
+                .fetch_all(&self.read)
+                .await?;
+            if rows.is_empty() {
+                return Ok(verifier.report());
+            }
+            for row in &rows {
+                let (raw, hash) = raw_row(row)?;
+                after = raw.position;
+                verifier.check(raw.position, &raw.link(), hash.as_deref());
+            }
+            progress(after);
+        }
+    }
 }
 
 impl SqliteEventStore {
@@ -274,7 +421,9 @@ impl SqliteEventStore {
         lookup: IdLookup,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
         let started = std::time::Instant::now();
-        let recorded_at = Utc::now();
+        // Microseconds: what both SQL backends store, so the hash covers
+        // exactly what is read back.
+        let recorded_at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let _gate = self.gate.lock().await;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let began = started.elapsed();
@@ -337,12 +486,20 @@ fn parse_row(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, StoreError>
         data: row.try_get("data")?,
         metadata: row.try_get("metadata")?,
         recorded_at,
+        hash: row.try_get("hash")?,
     }
     .parse()
 }
 
 #[async_trait]
 impl EventStore for SqliteEventStore {
+    async fn verify_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<chain::ChainReport, StoreError> {
+        self.walk_chain(progress).await
+    }
+
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -368,7 +525,7 @@ impl EventStore for SqliteEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at \
+                    metadata, recorded_at, hash \
              FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
         )
         .bind(stream_id)
@@ -386,7 +543,7 @@ impl EventStore for SqliteEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at \
+                    metadata, recorded_at, hash \
              FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
         )
         .bind(after)

@@ -26,6 +26,13 @@ impl EventStore for MeteredStore {
         self.inner.backend()
     }
 
+    async fn verify_chain(
+        &self,
+        progress: &(dyn Fn(i64) + Send + Sync),
+    ) -> Result<store::chain::ChainReport, StoreError> {
+        self.inner.verify_chain(progress).await
+    }
+
     async fn append_batch(
         &self,
         appends: Vec<StreamAppend>,

@@ -1,6 +1,7 @@
 //! `ledger serve`: the HTTP API over the engine and the read models.
 
 pub mod access;
+pub mod auditing;
 pub mod auth;
 pub mod error;
 pub mod feed;

@@ -6,7 +6,7 @@
 
 use super::auth::Role;
 use super::routes::{self, Access, Idempotency};
-use super::{handlers, orders, products, users};
+use super::{auditing, handlers, orders, products, users};
 use axum::http::Method;
 use std::sync::OnceLock;
 use utoipa::openapi::content::ContentBuilder;
@@ -49,6 +49,8 @@ use utoipa::{Modify, OpenApi};
         orders::order,
         orders::timeline,
         orders::payouts,
+        auditing::events,
+        auditing::verify,
     ),
     components(schemas(super::error::ErrorBody)),
     modifiers(&BearerAuth, &GuardResponses),

@@ -5,7 +5,7 @@
 
 use super::AppState;
 use super::auth::Role::{self, Admin, Auditor, Customer, Operator, Support};
-use super::{guard, handlers, orders, products, users};
+use super::{auditing, guard, handlers, orders, products, users};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Method;
@@ -52,6 +52,8 @@ pub struct RouteSpec {
 const OPERATORS: &[Role] = &[Operator, Admin];
 /// Roles that may read any account or order; customers their own.
 const READERS: &[Role] = &[Customer, Support, Operator, Auditor, Admin];
+/// Roles that may read the log itself and check it.
+const AUDITORS: &[Role] = &[Auditor, Admin];
 /// Roles that may read payouts.
 const PAYOUT_READERS: &[Role] = &[Operator, Support, Auditor, Admin];
 
@@ -184,10 +186,22 @@ pub fn table() -> Vec<RouteSpec> {
             get(orders::timeline),
         ),
         route(
-            get_,
+            get_.clone(),
             "/v1/payouts",
             Roles(PAYOUT_READERS),
             get(orders::payouts),
+        ),
+        route(
+            get_,
+            "/v1/audit/events",
+            Roles(AUDITORS),
+            get(auditing::events),
+        ),
+        route(
+            post_,
+            "/v1/audit/verify",
+            Roles(AUDITORS),
+            post(auditing::verify),
         ),
     ]
 }

@@ -1,0 +1,271 @@
+//! `ledger audit verify` and `ledger audit export`: the hash chain walked
+//! in the database or in an export file, and the log written as JSON Lines.
+//!
+//! Export format: one JSON object per line, in position order:
+//! `position`, `stream`, `version`, `event_id`, `type`, `schema_version`,
+//! `recorded_at` (RFC 3339, microseconds), `data`, `metadata` (actor, role,
+//! request, correlation and causation ids), `previous_hash` and `hash`.
+//! `hash` = SHA-256 of the JSON array `[previous_hash, stream, version,
+//! event_id, type, schema_version, data as compact JSON, metadata as compact
+//! JSON, recorded_at]` (see `store::chain`), so a file can be verified
+//! offline, without the database.
+
+use crate::cli::StoreArgs;
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use store::chain::{ChainReport, Link, Verifier, time_text};
+use store::{EventStore, Metadata, RecordedEvent};
+
+/// Events read per page while exporting.
+const EXPORT_PAGE: usize = 5_000;
+
+/// One exported event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedEvent {
+    /// Global position.
+    pub position: i64,
+    /// The stream.
+    pub stream: String,
+    /// Version within the stream.
+    pub version: i64,
+    /// The event's id.
+    pub event_id: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Version of the data's shape.
+    pub schema_version: i32,
+    /// When the store recorded it (RFC 3339, microseconds).
+    pub recorded_at: String,
+    /// The event's body.
+    pub data: serde_json::Value,
+    /// Who and why: actor, role, request, correlation and causation ids.
+    #[schema(value_type = Object)]
+    pub metadata: Metadata,
+    /// The previous event's hash (64 zeros before the first event).
+    pub previous_hash: String,
+    /// This event's hash.
+    pub hash: Option<String>,
+}
+
+impl ExportedEvent {
+    /// An event as exported, after `previous_hash`.
+    pub fn from_recorded(event: RecordedEvent, previous_hash: String) -> ExportedEvent {
+        ExportedEvent {
+            position: event.position,
+            stream: event.stream_id,
+            version: event.version,
+            event_id: event.event_id.to_string(),
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            recorded_at: time_text(event.recorded_at),
+            data: event.data,
+            metadata: event.metadata,
+            previous_hash,
+            hash: event.hash,
+        }
+    }
+}
+
+/// Options of `ledger audit verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyOptions {
+    /// Where the log lives (ignored with `--file`).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Verify this export (JSON Lines) instead of the database, offline.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `ledger audit export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportOptions {
+    /// Where the log lives.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// First position to export.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    pub from: i64,
+    /// Last position to export (default: the head).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub to: Option<i64>,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// Walks the chain in the database or a file; exits 1 when it is broken.
+pub async fn verify(options: VerifyOptions) -> anyhow::Result<ExitCode> {
+    let (report, source) = match &options.file {
+        Some(path) => (verify_file(path)?, path.display().to_string()),
+        None => {
+            let backend = options.store.backend();
+            let store = backend.open().await?;
+            let head = store.head().await?;
+            let bar = crate::read_models::replay_bar("verify", options.json);
+            bar.set_length(u64::try_from(head).unwrap_or(0));
+            let report = store
+                .verify_chain(&|position| bar.set_position(position as u64))
+                .await?;
+            bar.finish_and_clear();
+            (report, backend.to_string())
+        }
+    };
+    if options.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report, &source);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_report(report: &ChainReport, source: &str) {
+    match report.first_bad_position {
+        None => println!(
+            "hash chain intact in {source}: {} events checked; head hash {}",
+            report.events_checked,
+            report.head_hash.as_deref().unwrap_or("(empty log)")
+        ),
+        Some(position) => println!(
+            "hash chain BROKEN in {source}: first bad event at position {position} ({} events checked)",
+            report.events_checked
+        ),
+    }
+}
+
+/// Verifies an export without the database: each line's hash against its
+/// content and `previous_hash`, and each `previous_hash` against the line
+/// before.
+pub fn verify_file(path: &std::path::Path) -> anyhow::Result<ChainReport> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut verifier: Option<Verifier> = None;
+    let mut last_hash: Option<String> = None;
+    let mut first_bad = None;
+    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: ExportedEvent = serde_json::from_str(&line)
+            .with_context(|| format!("line {} is not an exported event", index + 1))?;
+        let verifier = verifier.get_or_insert_with(|| Verifier::starting_at(&event.previous_hash));
+        if last_hash
+            .as_ref()
+            .is_some_and(|h| *h != event.previous_hash)
+            && first_bad.is_none()
+        {
+            first_bad = Some(event.position);
+        }
+        let data = serde_json::to_string(&event.data)?;
+        let metadata = store::metadata_text(&event.metadata);
+        let recorded_at = chrono::DateTime::parse_from_rfc3339(&event.recorded_at)
+            .with_context(|| format!("line {}: recorded_at", index + 1))?
+            .with_timezone(&chrono::Utc);
+        let event_id = uuid::Uuid::parse_str(&event.event_id)
+            .with_context(|| format!("line {}: event_id", index + 1))?;
+        let link = Link {
+            stream_id: &event.stream,
+            version: event.version,
+            event_id,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            data: &data,
+            metadata: &metadata,
+            recorded_at,
+        };
+        verifier.check(event.position, &link, event.hash.as_deref());
+        last_hash = event.hash.clone();
+    }
+    let mut report = verifier.map(|v| v.report()).unwrap_or(ChainReport {
+        ok: true,
+        events_checked: 0,
+        first_bad_position: None,
+        head_hash: None,
+    });
+    if let Some(position) = first_bad
+        && report.first_bad_position.is_none_or(|p| position < p)
+    {
+        report.first_bad_position = Some(position);
+        report.ok = false;
+    }
+    Ok(report)
+}
+
+/// Writes the log (or a range of it) as JSON Lines.
+pub async fn export(options: ExportOptions) -> anyhow::Result<ExitCode> {
+    let store = options.store.backend().open().await?;
+    let head = store.head().await?;
+    let to = options.to.unwrap_or(head).min(head);
+    let bar = crate::read_models::replay_bar("export", options.output.is_none());
+    bar.set_length(u64::try_from(to).unwrap_or(0));
+    let output: Box<dyn Write> = match &options.output {
+        Some(path) => Box::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut output = BufWriter::new(output);
+    let written = write_range(store.as_ref(), options.from, to, &mut output, &|p| {
+        bar.set_position(p as u64)
+    })
+    .await?;
+    output.flush()?;
+    bar.finish_and_clear();
+    if let Some(path) = &options.output {
+        eprintln!(
+            "exported {written} events (positions {} to {to}) to {}",
+            options.from,
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes events `from..=to`, each with the hash before it; returns how
+/// many. Earlier events are read (not written) for the first one's
+/// `previous_hash`.
+pub async fn write_range(
+    store: &dyn EventStore,
+    from: i64,
+    to: i64,
+    output: &mut dyn Write,
+    progress: &dyn Fn(i64),
+) -> anyhow::Result<u64> {
+    let mut previous = store::chain::GENESIS.to_owned();
+    let mut after = 0;
+    let mut written = 0;
+    'pages: loop {
+        let page = store.read_all(after, EXPORT_PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        for event in page {
+            after = event.position;
+            if event.position > to {
+                break 'pages;
+            }
+            let hash = event.hash.clone().unwrap_or_default();
+            if event.position >= from {
+                let line = ExportedEvent::from_recorded(event, previous);
+                serde_json::to_writer(&mut *output, &line)?;
+                output.write_all(b"\n")?;
+                written += 1;
+            }
+            previous = hash;
+        }
+        progress(after);
+    }
+    Ok(written)
+}
