@@ -77,6 +77,9 @@ pub enum AuditCommand {
     /// Write the log as JSON Lines (format in the README), with each
     /// event's hash and the hash before it.
     Export(crate::audit::ExportOptions),
+    /// Rebuild the read models as of a position or time into a separate
+    /// SQLite file and print product progress and account balances then.
+    Replay(crate::audit::ReplayOptions),
 }
 
 /// Where the event log lives.
@@ -129,6 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Drift(options)) => read_models::drift(options).await,
         Command::Audit(AuditCommand::Verify(options)) => crate::audit::verify(options).await,
         Command::Audit(AuditCommand::Export(options)) => crate::audit::export(options).await,
+        Command::Audit(AuditCommand::Replay(options)) => crate::audit::replay(options).await,
     }
 }
 

@@ -887,3 +887,83 @@ on_both_backends!(
     auditors_read_the_log_on_postgres,
     auditors_read_the_log_with_its_hashes
 );
+
+async fn balances_as_of_a_point_in_history(api: &TestApi) {
+    let hana = api.customer("hana", 100_000).await;
+    let account = hana.account_id.clone().unwrap();
+    api.open_product("history", 1_000_000, 1, 100_000).await;
+    assert_eq!(
+        api.buy(&hana, "history", 30_000, "h1").await.status,
+        StatusCode::CREATED
+    );
+    api.settle().await;
+    let then = api
+        .get(&format!("/v1/accounts/{account}"), &hana.token)
+        .await;
+    let position = api.server.state.store.head().await.unwrap();
+    let time = chrono::Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Later: another deposit and purchase.
+    let deposit = api
+        .post(
+            &format!("/v1/accounts/{account}/deposits"),
+            &api.admin,
+            json!({"amount": 50_000, "reference": "later"}),
+        )
+        .await;
+    assert_eq!(deposit.status, StatusCode::CREATED);
+    assert_eq!(
+        api.buy(&hana, "history", 20_000, "h2").await.status,
+        StatusCode::CREATED
+    );
+    api.settle().await;
+    let now = api
+        .get(&format!("/v1/accounts/{account}"), &hana.token)
+        .await;
+    assert_eq!(now.body["available"], 100_000);
+    for as_of in [
+        position.to_string(),
+        time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    ] {
+        let past = api
+            .get(
+                &format!("/v1/accounts/{account}?as_of={}", urlencode(&as_of)),
+                &hana.token,
+            )
+            .await;
+        assert_eq!(past.status, StatusCode::OK, "{as_of}: {past:?}");
+        assert_eq!(past.body, then.body, "as of {as_of}");
+    }
+    let current = api
+        .get(
+            &format!("/v1/accounts/{account}?as_of={}", i64::MAX),
+            &hana.token,
+        )
+        .await;
+    assert_eq!(current.body, now.body);
+    let before = api
+        .get(&format!("/v1/accounts/{account}?as_of=0"), &hana.token)
+        .await;
+    assert_eq!(
+        before.status,
+        StatusCode::NOT_FOUND,
+        "the account did not exist yet"
+    );
+    let bad = api
+        .get(
+            &format!("/v1/accounts/{account}?as_of=yesterday"),
+            &hana.token,
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}
+
+fn urlencode(text: &str) -> String {
+    text.replace(':', "%3A").replace('+', "%2B")
+}
+
+on_both_backends!(
+    balances_as_of_a_point_in_history_on_sqlite,
+    balances_as_of_a_point_in_history_on_postgres,
+    balances_as_of_a_point_in_history
+);

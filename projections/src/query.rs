@@ -96,6 +96,25 @@ pub async fn balance(db: &ReadDb, account_id: &str) -> Result<Option<Balance>, P
         .await?))
 }
 
+/// Most balances one listing returns.
+pub const BALANCE_LIST_MAX: i64 = 10_000;
+
+/// Balances of accounts after `after_account_id` in id order, at most
+/// `BALANCE_LIST_MAX`.
+pub async fn balances(
+    db: &ReadDb,
+    after_account_id: &str,
+) -> Result<Vec<Balance>, ProjectionError> {
+    const SQL: &str = "SELECT account_id, available, held, total_deposited, total_invested, \
+                       total_paid_out, version FROM account_balances WHERE account_id > $1 \
+                       ORDER BY account_id LIMIT $2";
+    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+        .bind(after_account_id)
+        .bind(BALANCE_LIST_MAX)
+        .fetch_all(pool)
+        .await?))
+}
+
 /// One ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Entry {

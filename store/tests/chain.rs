@@ -7,6 +7,9 @@ use store::testing::{TestPostgres, TestSqlite};
 use store::{EventStore, ExpectedVersion, Metadata, NewEvent};
 use uuid::Uuid;
 
+/// Runs one SQL text on the database behind a store.
+type Execute = Box<dyn Fn(&str) -> futures::future::BoxFuture<'static, ()>>;
+
 fn event(n: u64) -> NewEvent {
     NewEvent {
         event_id: Uuid::now_v7(),
@@ -82,12 +85,7 @@ const POSTGRES: Tamper = Tamper {
 async fn tampered<F, Fut>(open: F, statements: &[&str]) -> Option<i64>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<
-            Output = (
-                Box<dyn EventStore>,
-                Box<dyn Fn(&str) -> futures::future::BoxFuture<'static, ()>>,
-            ),
-        >,
+    Fut: std::future::Future<Output = (Box<dyn EventStore>, Execute)>,
 {
     let (store, execute) = open().await;
     fill(store.as_ref()).await;
@@ -102,12 +100,7 @@ where
 async fn check_all<F, Fut>(open: F, tamper: &Tamper)
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<
-            Output = (
-                Box<dyn EventStore>,
-                Box<dyn Fn(&str) -> futures::future::BoxFuture<'static, ()>>,
-            ),
-        >,
+    Fut: std::future::Future<Output = (Box<dyn EventStore>, Execute)>,
 {
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         tamper
@@ -139,16 +132,15 @@ async fn tampering_is_found_on_sqlite() {
         let store: Box<dyn EventStore> = Box::new(database.store.clone());
         // Keep the temporary file alive as long as the executor.
         let database = std::sync::Arc::new(database);
-        let execute: Box<dyn Fn(&str) -> futures::future::BoxFuture<'static, ()>> =
-            Box::new(move |sql: &str| {
-                let (pool, sql, _keep) = (pool.clone(), sql.to_owned(), database.clone());
-                Box::pin(async move {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                })
-            });
+        let execute: Execute = Box::new(move |sql: &str| {
+            let (pool, sql, _keep) = (pool.clone(), sql.to_owned(), database.clone());
+            Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            })
+        });
         (store, execute)
     };
     check_all(open, &SQLITE).await;
@@ -165,16 +157,15 @@ async fn tampering_is_found_on_postgres() {
         let store = database.store().await;
         let pool = store.pool().clone();
         let database = std::sync::Arc::new(database);
-        let execute: Box<dyn Fn(&str) -> futures::future::BoxFuture<'static, ()>> =
-            Box::new(move |sql: &str| {
-                let (pool, sql, _keep) = (pool.clone(), sql.to_owned(), database.clone());
-                Box::pin(async move {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                })
-            });
+        let execute: Execute = Box::new(move |sql: &str| {
+            let (pool, sql, _keep) = (pool.clone(), sql.to_owned(), database.clone());
+            Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            })
+        });
         (Box::new(store) as Box<dyn EventStore>, execute)
     };
     check_all(open, &POSTGRES).await;

@@ -87,9 +87,7 @@ pub async fn events(
         .into_iter()
         .map(|event| {
             let hash = event.hash.clone().unwrap_or_default();
-            let exported =
-                ExportedEvent::from_recorded(event, std::mem::replace(&mut previous, hash));
-            exported
+            ExportedEvent::from_recorded(event, std::mem::replace(&mut previous, hash))
         })
         .collect();
     Ok(Json(EventsResponse { events, next }))
@@ -103,8 +101,7 @@ async fn previous_hash(state: &AppState, position: i64) -> Result<String, ApiErr
     let events = state.store.read_all(from, LOOK_BACK as usize).await?;
     Ok(events
         .into_iter()
-        .filter(|e| e.position <= position)
-        .last()
+        .rfind(|e| e.position <= position)
         .and_then(|e| e.hash)
         .unwrap_or_else(|| store::chain::GENESIS.to_owned()))
 }

@@ -9,6 +9,7 @@ use super::model::{
     AccountResponse, CreateUserRequest, CreateUserResponse, DepositRequest, DepositResponse,
     JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse, PathText,
 };
+use crate::audit::AsOf;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -139,7 +140,8 @@ fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
 /// `GET /v1/accounts/{account_id}`: balances.
 #[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts", security(("bearer" = [])),
     params(("account_id" = String, Path, description = "The account",
-        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")),
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"),
+        AsOfParams),
     responses((status = 200, body = AccountResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
@@ -147,8 +149,15 @@ pub async fn account(
     State(state): State<AppState>,
     caller: Caller,
     PathText(account_id): PathText,
+    params: Result<Query<AsOfParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AccountResponse>, ApiError> {
     let account_id = visible_account(&caller, &account_id)?;
+    let Query(params) = params
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid query: {}", e.body_text())))?;
+    if let Some(as_of) = params.as_of {
+        let as_of: AsOf = as_of.parse().map_err(ApiError::InvalidRequest)?;
+        return balance_as_of(&state, account_id, as_of).await.map(Json);
+    }
     query::balance(&state.db, &account_id.to_string())
         .await?
         .map(|b| Json(AccountResponse::from(b)))
@@ -300,4 +309,62 @@ pub fn command_error(error: CommandError) -> ApiError {
         CommandError::NotAllowed(why) => ApiError::InvalidRequest(why.into()),
         CommandError::Store(store) => ApiError::from(store),
     }
+}
+
+/// `?as_of=` on an account.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AsOfParams {
+    /// A log position, or an RFC 3339 time: the balances as they stood then.
+    pub as_of: Option<String>,
+}
+
+/// An account's balances as of a point in history, folded from its own
+/// stream; `held` counts purchases debited then whose order was neither
+/// confirmed nor refunded then (from each order's timeline).
+async fn balance_as_of(
+    state: &AppState,
+    account_id: AccountId,
+    as_of: AsOf,
+) -> Result<AccountResponse, ApiError> {
+    let events = state.store.read_stream_to_end(&account_id.stream()).await?;
+    let mut account = domain::account::AccountState::default();
+    let mut version = 0;
+    for recorded in events.iter().filter(|e| as_of.covers(e)) {
+        let event = engine::aggregate::decode::<CustomerAccount>(recorded)?;
+        account = <CustomerAccount as domain::Decider>::evolve(account, &event);
+        version = recorded.version;
+    }
+    let Some(open) = account.account else {
+        return Err(ApiError::NotFound);
+    };
+    let mut held = 0i64;
+    for (order_id, purchase) in &open.purchases {
+        if purchase.refunded {
+            continue;
+        }
+        let timeline =
+            query::timeline(&state.db, state.store.as_ref(), &order_id.to_string()).await?;
+        let confirmed = timeline.iter().any(|event| {
+            let within = match as_of {
+                AsOf::Position(position) => event.position <= position,
+                AsOf::Time(time) => chrono::DateTime::parse_from_rfc3339(&event.occurred_at)
+                    .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= time),
+            };
+            within && event.event_type == "reservation_confirmed"
+        });
+        if !confirmed {
+            held += purchase.amount.minor();
+        }
+    }
+    Ok(AccountResponse {
+        account_id: account_id.to_string(),
+        available: open.available.minor(),
+        held,
+        total_deposited: open.total_deposited.minor(),
+        total_invested: open.total_invested.minor(),
+        total_paid_out: open.total_paid_out.minor(),
+        version,
+    })
 }
