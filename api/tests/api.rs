@@ -126,6 +126,15 @@ async fn walkthrough(api: &TestApi) {
             event["metadata"]["request_id"].as_str().is_some(),
             "{event}"
         );
+        assert_eq!(
+            event["metadata"]["correlation_id"],
+            order_id.as_str(),
+            "{event}"
+        );
+        assert!(
+            event["metadata"]["causation_id"].as_str().is_some(),
+            "{event}"
+        );
     }
 
     let progress = api

@@ -232,6 +232,16 @@ impl EventType for AccountEvent {
             AccountEvent::FundsWithdrawn { .. } => "funds_withdrawn",
         }
     }
+
+    /// `account_opened` is at version 2: version 1, from before accounts
+    /// had a currency, carried none (upcast on load as CNY, see
+    /// `store::upcast`).
+    fn schema_version(&self) -> u16 {
+        match self {
+            AccountEvent::AccountOpened { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 impl AccountEvent {

@@ -12,6 +12,9 @@ pub struct RequestContext {
     pub actor_role: String,
     /// The request (HTTP request id, or a CLI run id).
     pub request_id: Option<String>,
+    /// The command this context carries: the causation id of the events it
+    /// causes when no earlier event caused them.
+    pub command_id: Uuid,
 }
 
 impl RequestContext {
@@ -21,6 +24,7 @@ impl RequestContext {
             actor_id: None,
             actor_role: "system".to_owned(),
             request_id: None,
+            command_id: Uuid::now_v7(),
         }
     }
 
@@ -34,6 +38,7 @@ impl RequestContext {
             actor_id: Some(actor_id.into()),
             actor_role: role.into(),
             request_id,
+            command_id: Uuid::now_v7(),
         }
     }
 
@@ -41,7 +46,7 @@ impl RequestContext {
     pub fn metadata(&self, correlation_id: Option<Uuid>, causation_id: Option<Uuid>) -> Metadata {
         Metadata {
             correlation_id,
-            causation_id,
+            causation_id: causation_id.or(Some(self.command_id)),
             actor_id: self.actor_id.clone(),
             actor_role: Some(self.actor_role.clone()),
             request_id: self.request_id.clone(),

@@ -456,6 +456,7 @@ impl PayoutWorker {
             actor_id: Some(self.settings.name.clone()),
             actor_role: "system".into(),
             request_id: None,
+            command_id: Uuid::now_v7(),
         }
     }
 

@@ -40,9 +40,22 @@ pub fn encode<E: Serialize + EventType>(event: &E, event_id: Uuid, metadata: Met
     }
 }
 
-/// Turns a stored event back into a domain event of type `E`.
+/// Turns a stored event back into a domain event of type `E`, upcast from
+/// its stored shape to the current one.
 pub fn decode<E: DeserializeOwned>(recorded: &RecordedEvent) -> Result<E, DecodeError> {
-    let tagged = serde_json::json!({ "type": recorded.event_type, "data": recorded.data });
+    let error = |source| DecodeError {
+        position: recorded.position,
+        event_type: recorded.event_type.clone(),
+        schema_version: recorded.schema_version,
+        source,
+    };
+    let data = crate::upcast::upcast(
+        &recorded.event_type,
+        recorded.schema_version,
+        &recorded.data,
+    )
+    .map_err(|why| error(serde::de::Error::custom(why)))?;
+    let tagged = serde_json::json!({ "type": recorded.event_type, "data": data });
     serde_json::from_value(tagged).map_err(|source| DecodeError {
         position: recorded.position,
         event_type: recorded.event_type.clone(),

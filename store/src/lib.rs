@@ -17,6 +17,7 @@ pub mod sqlite;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod upcast;
 
 pub use error::StoreError;
 pub use memory::MemoryEventStore;
