@@ -25,3 +25,18 @@ CREATE TRIGGER events_no_update BEFORE UPDATE ON events
     FOR EACH ROW EXECUTE FUNCTION events_hash_once();
 CREATE TRIGGER events_no_delete BEFORE DELETE ON events
     FOR EACH ROW EXECUTE FUNCTION events_immutable();
+
+-- From now on every event arrives with its hash: a writer that does not know
+-- the chain (an older binary in a rolling upgrade) is refused, not let in to
+-- leave a hole the chain would report as damage.
+CREATE FUNCTION events_hash_required() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.hash IS NULL THEN
+        RAISE EXCEPTION 'an event needs its hash';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER events_hash_required BEFORE INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION events_hash_required();

@@ -21,3 +21,12 @@ WHEN OLD.hash IS NOT NULL
 BEGIN
     SELECT RAISE(ABORT, 'events are immutable');
 END;
+
+-- From now on every event arrives with its hash: a writer that does not know
+-- the chain (an older binary in a rolling upgrade) is refused, not let in to
+-- leave a hole the chain would report as damage.
+CREATE TRIGGER events_hash_required BEFORE INSERT ON events
+WHEN NEW.hash IS NULL
+BEGIN
+    SELECT RAISE(ABORT, 'an event needs its hash');
+END;

@@ -134,16 +134,18 @@ impl EventStore for MemoryEventStore {
         let planned = plan::plan(&appends, &versions, &stored)?;
         // Microseconds: what both SQL backends store, so the hash covers
         // exactly what is read back.
-        let recorded_at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let mut rows = Vec::new();
-        let (first_position, mut previous) = {
+        let (first_position, mut previous, recorded_at) = {
             let log = self.log.read().expect("BUG: memory log poisoned");
             let previous = log
                 .events
                 .last()
                 .and_then(|e| e.hash.clone())
                 .unwrap_or_else(|| crate::chain::GENESIS.to_owned());
-            (log.next_position, previous)
+            // Times follow positions, as on the SQL backends.
+            let recorded_at = log.events.last().map_or(now, |e| now.max(e.recorded_at));
+            (log.next_position, previous, recorded_at)
         };
         for (append, plan) in appends.iter().zip(&planned) {
             let Planned::Insert { first_version } = plan else {

@@ -159,11 +159,14 @@ impl PostgresEventStore {
         tx: &mut sqlx::PgConnection,
         appends: &[StreamAppend],
         planned: &[Planned],
-        recorded_at: DateTime<Utc>,
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
         let mut columns = Columns::default();
-        // Under the append lock: the last committed event is the chain's end.
-        let mut previous = last_hash(&mut *tx).await?;
+        // Under the append lock: the last committed event is the chain's
+        // end, and the recording time is no earlier than its, so times
+        // follow positions.
+        let (mut previous, last_recorded_at) = chain_end(&mut *tx).await?;
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
         for (append, plan) in appends.iter().zip(planned) {
             let Planned::Insert { first_version } = plan else {
                 continue;
@@ -240,18 +243,22 @@ struct Columns<'a> {
     hashes: Vec<String>,
 }
 
-/// The last event's hash (the chain's genesis for an empty log).
-async fn last_hash(tx: &mut sqlx::PgConnection) -> Result<String, StoreError> {
-    let last: Option<(i64, Option<String>)> =
-        sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
-            .fetch_optional(tx)
-            .await?;
+/// The last event's hash (the chain's genesis for an empty log) and its
+/// recording time.
+async fn chain_end(
+    tx: &mut sqlx::PgConnection,
+) -> Result<(String, Option<DateTime<Utc>>), StoreError> {
+    let last: Option<(i64, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1",
+    )
+    .fetch_optional(tx)
+    .await?;
     match last {
-        None => Ok(chain::GENESIS.to_owned()),
-        Some((_, Some(hash))) => Ok(hash),
-        Some((position, None)) => Err(StoreError::Corrupt {
+        None => Ok((chain::GENESIS.to_owned(), None)),
+        Some((_, Some(hash), recorded_at)) => Ok((hash, Some(recorded_at))),
+        Some((position, None, _)) => Err(StoreError::Corrupt {
             position,
-            reason: "the last event has no hash (opening the store gives old events theirs)".into(),
+            reason: "the last event has no hash".into(),
         }),
     }
 }
@@ -284,22 +291,23 @@ async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
         .bind(APPEND_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
-    let first: Option<i64> =
-        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NULL")
+    // Only events from before the chain: the unhashed prefix of the log. A
+    // missing hash after a hashed event is damage for `verify` to report,
+    // never something to fill in.
+    let hashed: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NOT NULL")
             .fetch_one(&mut *tx)
             .await?;
-    let Some(first) = first else {
+    let unhashed: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(position) FROM events WHERE hash IS NULL AND position < $1")
+            .bind(hashed.unwrap_or(i64::MAX))
+            .fetch_one(&mut *tx)
+            .await?;
+    let Some(end) = unhashed else {
         return Ok(0);
     };
-    let before: Option<String> = sqlx::query_scalar(
-        "SELECT hash FROM events WHERE position < $1 ORDER BY position DESC LIMIT 1",
-    )
-    .bind(first)
-    .fetch_optional(&mut *tx)
-    .await?
-    .flatten();
-    let mut previous = before.unwrap_or_else(|| chain::GENESIS.to_owned());
-    let mut after = first - 1;
+    let mut previous = chain::GENESIS.to_owned();
+    let mut after = 0;
     let mut filled = 0;
     loop {
         let rows = sqlx::query(RAW_PAGE)
@@ -307,12 +315,15 @@ async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
             .bind(1_000i64)
             .fetch_all(&mut *tx)
             .await?;
-        if rows.is_empty() {
+        if rows.is_empty() || after >= end {
             break;
         }
         for row in &rows {
             let (raw, _) = raw_row(row)?;
             after = raw.position;
+            if after > end {
+                break;
+            }
             previous = chain::link(&previous, &raw.link());
             sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
                 .bind(&previous)
@@ -397,9 +408,6 @@ impl PostgresEventStore {
         ids: &[Uuid],
         lookup: IdLookup,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
-        // Microseconds: what both SQL backends store, so the hash covers
-        // exactly what is read back.
-        let recorded_at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK_KEY)
@@ -417,7 +425,7 @@ impl PostgresEventStore {
                 plan::plan(appends, &versions, &stored)?
             }
         };
-        let positions = Self::insert(&mut tx, appends, &planned, recorded_at).await?;
+        let positions = Self::insert(&mut tx, appends, &planned).await?;
         if let Some(last) = positions.values().max() {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(COMMIT_CHANNEL)

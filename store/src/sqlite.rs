@@ -208,10 +208,13 @@ impl SqliteEventStore {
         tx: &mut sqlx::SqliteConnection,
         appends: &[StreamAppend],
         planned: &[Planned],
-        recorded_at: DateTime<Utc>,
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
+        // Under the write lock: the chain's end, and a recording time no
+        // earlier than the last event's, so times follow positions.
+        let (mut previous, last_recorded_at) = chain_end(&mut *tx).await?;
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
         let recorded_text = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-        let mut previous = last_hash(&mut *tx).await?;
         let mut rows = Vec::new();
         let mut order = Vec::new();
         for (append, plan) in appends.iter().zip(planned) {
@@ -293,18 +296,30 @@ struct BatchRow<'a> {
     h: String,
 }
 
-/// The last event's hash (the chain's genesis for an empty log).
-async fn last_hash(tx: &mut sqlx::SqliteConnection) -> Result<String, StoreError> {
-    let last: Option<(i64, Option<String>)> =
-        sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
-            .fetch_optional(tx)
-            .await?;
+/// The last event's hash (the chain's genesis for an empty log) and its
+/// recording time.
+async fn chain_end(
+    tx: &mut sqlx::SqliteConnection,
+) -> Result<(String, Option<DateTime<Utc>>), StoreError> {
+    let last: Option<(i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1",
+    )
+    .fetch_optional(tx)
+    .await?;
     match last {
-        None => Ok(chain::GENESIS.to_owned()),
-        Some((_, Some(hash))) => Ok(hash),
-        Some((position, None)) => Err(StoreError::Corrupt {
+        None => Ok((chain::GENESIS.to_owned(), None)),
+        Some((position, Some(hash), recorded_at)) => {
+            let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
+                .map_err(|e| StoreError::Corrupt {
+                    position,
+                    reason: format!("recorded_at: {e}"),
+                })?
+                .with_timezone(&Utc);
+            Ok((hash, Some(recorded_at)))
+        }
+        Some((position, None, _)) => Err(StoreError::Corrupt {
             position,
-            reason: "the last event has no hash (opening the store gives old events theirs)".into(),
+            reason: "the last event has no hash".into(),
         }),
     }
 }
@@ -313,22 +328,23 @@ async fn last_hash(tx: &mut sqlx::SqliteConnection) -> Result<String, StoreError
 /// order, in one write transaction (the only update the table allows).
 async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let first: Option<i64> =
-        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NULL")
+    // Only events from before the chain: the unhashed prefix of the log. A
+    // missing hash after a hashed event is damage for `verify` to report,
+    // never something to fill in.
+    let hashed: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NOT NULL")
             .fetch_one(&mut *tx)
             .await?;
-    let Some(first) = first else {
+    let unhashed: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(position) FROM events WHERE hash IS NULL AND position < $1")
+            .bind(hashed.unwrap_or(i64::MAX))
+            .fetch_one(&mut *tx)
+            .await?;
+    let Some(end) = unhashed else {
         return Ok(0);
     };
-    let before: Option<String> = sqlx::query_scalar(
-        "SELECT hash FROM events WHERE position < $1 ORDER BY position DESC LIMIT 1",
-    )
-    .bind(first)
-    .fetch_optional(&mut *tx)
-    .await?
-    .flatten();
-    let mut verifier_previous = before.unwrap_or_else(|| chain::GENESIS.to_owned());
-    let mut after = first - 1;
+    let mut verifier_previous = chain::GENESIS.to_owned();
+    let mut after = 0;
     let mut filled = 0;
     loop {
         let rows = sqlx::query(RAW_PAGE)
@@ -336,12 +352,15 @@ async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
             .bind(1_000i64)
             .fetch_all(&mut *tx)
             .await?;
-        if rows.is_empty() {
+        if rows.is_empty() || after >= end {
             break;
         }
         for row in &rows {
             let (raw, _) = raw_row(row)?;
             after = raw.position;
+            if after > end {
+                break;
+            }
             verifier_previous = chain::link(&verifier_previous, &raw.link());
             sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
                 .bind(&verifier_previous)
@@ -421,9 +440,6 @@ impl SqliteEventStore {
         lookup: IdLookup,
     ) -> Result<Vec<StreamOutcome>, StoreError> {
         let started = std::time::Instant::now();
-        // Microseconds: what both SQL backends store, so the hash covers
-        // exactly what is read back.
-        let recorded_at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let _gate = self.gate.lock().await;
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let began = started.elapsed();
@@ -440,7 +456,7 @@ impl SqliteEventStore {
             }
         };
         let checked = started.elapsed();
-        let positions = Self::insert(&mut tx, appends, &planned, recorded_at).await?;
+        let positions = Self::insert(&mut tx, appends, &planned).await?;
         let inserted = started.elapsed();
         run_hook(self.hook.as_ref(), appends).await?;
         tx.commit().await?;

@@ -201,3 +201,34 @@ async fn events_written_before_the_chain_get_their_hashes_once() {
         .unwrap();
     assert_eq!(missing, 0);
 }
+
+#[tokio::test]
+async fn a_hash_missing_after_the_chain_began_is_damage_not_filled_in() {
+    let database = TestSqlite::create().await.unwrap();
+    fill(&database.store).await;
+    let pool = sqlx::SqlitePool::connect_with(store::sqlite::connect_options(&database.path))
+        .await
+        .unwrap();
+    for sql in [
+        "DROP TRIGGER events_no_update",
+        "UPDATE events SET hash = NULL WHERE position >= 7",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // Reopening does not re-hash them: only a log's unhashed prefix (events
+    // from before the chain) is ever filled in.
+    let reopened = store::SqliteEventStore::open(&database.path).await.unwrap();
+    let report = reopened.verify_chain(&|_| {}).await.unwrap();
+    assert_eq!(report.first_bad_position, Some(7), "{report:?}");
+    // And nothing new may arrive without its hash.
+    let forged = sqlx::raw_sql(sqlx::AssertSqlSafe(
+        "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, data, \
+         metadata, recorded_at) VALUES ('x', 1, 'id', 't', 1, '{}', '{}', '2026-01-01T00:00:00Z')",
+    ))
+    .execute(&pool)
+    .await;
+    assert!(forged.is_err(), "an event without a hash is refused");
+}

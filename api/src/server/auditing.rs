@@ -93,17 +93,22 @@ pub async fn events(
     Ok(Json(EventsResponse { events, next }))
 }
 
-/// The stored hash of the last event at or before `position`.
+/// The stored hash of the last event at or before `position`, looking back
+/// page by page over any holes rolled-back appends left in the positions.
 async fn previous_hash(state: &AppState, position: i64) -> Result<String, ApiError> {
-    // Positions may have holes (rolled-back appends): look back a little.
     const LOOK_BACK: i64 = 1_000;
-    let from = (position - LOOK_BACK).max(0);
-    let events = state.store.read_all(from, LOOK_BACK as usize).await?;
-    Ok(events
-        .into_iter()
-        .rfind(|e| e.position <= position)
-        .and_then(|e| e.hash)
-        .unwrap_or_else(|| store::chain::GENESIS.to_owned()))
+    let mut until = position;
+    while until > 0 {
+        let from = (until - LOOK_BACK).max(0);
+        let events = state.store.read_all(from, LOOK_BACK as usize).await?;
+        if let Some(event) = events.into_iter().rfind(|e| e.position <= until) {
+            return event.hash.ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("event {} has no hash", event.position))
+            });
+        }
+        until = from;
+    }
+    Ok(store::chain::GENESIS.to_owned())
 }
 
 /// `POST /v1/audit/verify` (auditor): walks the whole chain.
