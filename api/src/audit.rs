@@ -80,9 +80,49 @@ pub struct VerifyOptions {
     /// Verify this export (JSON Lines) instead of the database, offline.
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// A hash published earlier, `POSITION:HASH` (from a previous verify's
+    /// head): the event there must still carry it. Catches a history cut
+    /// short or re-chained from scratch, which the chain alone cannot see.
+    #[arg(long)]
+    pub anchor: Option<Anchor>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A published `position:hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The event's position.
+    pub position: i64,
+    /// Its hash then.
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Anchor, String> {
+        let (position, hash) = text.split_once(':').ok_or("an anchor is POSITION:HASH")?;
+        let position: i64 = position
+            .parse()
+            .map_err(|_| "the anchor's position is not a number")?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("the anchor's hash is 64 hex digits".into());
+        }
+        Ok(Anchor {
+            position,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// Whether the event at the anchor's position still carries its hash.
+async fn anchor_holds(store: &dyn EventStore, anchor: &Anchor) -> anyhow::Result<bool> {
+    let found = store.read_all(anchor.position - 1, 1).await?;
+    Ok(found
+        .first()
+        .is_some_and(|e| e.position == anchor.position && e.hash.as_deref() == Some(&anchor.hash)))
 }
 
 /// Options of `ledger audit export`.
@@ -112,10 +152,24 @@ pub async fn verify(options: VerifyOptions) -> anyhow::Result<ExitCode> {
             let head = store.head().await?;
             let bar = crate::read_models::replay_bar("verify", options.json);
             bar.set_length(u64::try_from(head).unwrap_or(0));
-            let report = store
+            let mut report = store
                 .verify_chain(&|position| bar.set_position(position as u64))
                 .await?;
             bar.finish_and_clear();
+            if let Some(anchor) = &options.anchor
+                && !anchor_holds(store.as_ref(), anchor).await?
+            {
+                eprintln!(
+                    "the event at position {} no longer carries the anchored hash",
+                    anchor.position
+                );
+                report.ok = false;
+                report.first_bad_position = Some(
+                    report
+                        .first_bad_position
+                        .map_or(anchor.position, |p| p.min(anchor.position)),
+                );
+            }
             (report, backend.to_string())
         }
     };

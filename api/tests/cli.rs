@@ -391,7 +391,8 @@ fn run_status(command: &mut Command) -> (bool, String) {
     let output = command.output().expect("ledger runs");
     (
         output.status.success(),
-        String::from_utf8(output.stdout).expect("utf-8 output"),
+        String::from_utf8(output.stdout).expect("utf-8 output")
+            + &String::from_utf8_lossy(&output.stderr),
     )
 }
 
@@ -472,6 +473,22 @@ async fn audit_export_verifies_offline_and_tampering_is_reported() {
     assert!(!ok);
     assert_eq!(report["first_bad_position"], position, "{report}");
 
+    // An anchor published from the head: it holds now; after the tail is
+    // cut, it does not.
+    let head_hash = verified["head_hash"].as_str().unwrap().to_owned();
+    let anchor = format!("{head}:{head_hash}");
+    let (ok, printed) = run_status(ledger().args([
+        "audit",
+        "verify",
+        "--data-dir",
+        &data_dir,
+        "--anchor",
+        &anchor,
+    ]));
+    assert!(
+        ok,
+        "the anchor holds on the untouched log: {anchor}: {printed}"
+    );
     // A row edited in the database behind the ledger's back.
     let url = format!("sqlite://{}", path.display());
     let mut connection = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
@@ -488,6 +505,29 @@ async fn audit_export_verifies_offline_and_tampering_is_reported() {
     }
     let (ok, printed) = run_status(ledger().args(["audit", "verify", "--data-dir", &data_dir]));
     assert!(!ok, "{printed}");
+    assert!(
+        printed.contains("first bad event at position 7"),
+        "{printed}"
+    );
+    // The last events deleted: the chain alone cannot tell, the anchor can.
+    for sql in [
+        "DROP TRIGGER events_no_delete",
+        "DELETE FROM events WHERE position > 290",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    let (ok, printed) = run_status(ledger().args([
+        "audit",
+        "verify",
+        "--data-dir",
+        &data_dir,
+        "--anchor",
+        &anchor,
+    ]));
+    assert!(!ok, "a cut tail breaks the anchor: {printed}");
     assert!(
         printed.contains("first bad event at position 7"),
         "{printed}"
