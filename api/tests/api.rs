@@ -887,6 +887,15 @@ async fn auditors_read_the_log_with_its_hashes(api: &TestApi) {
     }
     assert_eq!(seen, checked);
     assert_eq!(previous.as_deref(), verified.body["head_hash"].as_str());
+    // Far past the head: an empty page, answered at once.
+    let beyond = api
+        .get(
+            &format!("/v1/audit/events?after={}", i64::MAX),
+            &auditor.token,
+        )
+        .await;
+    assert_eq!(beyond.status, StatusCode::OK);
+    assert_eq!(beyond.body["events"], json!([]));
     let bad = api.get("/v1/audit/events?limit=5000", &auditor.token).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }

@@ -97,7 +97,8 @@ pub async fn events(
 /// page by page over any holes rolled-back appends left in the positions.
 async fn previous_hash(state: &AppState, position: i64) -> Result<String, ApiError> {
     const LOOK_BACK: i64 = 1_000;
-    let mut until = position;
+    // Past the head, the head's hash: never walk back from an absurd `after`.
+    let mut until = position.min(state.store.head().await?);
     while until > 0 {
         let from = (until - LOOK_BACK).max(0);
         let events = state.store.read_all(from, LOOK_BACK as usize).await?;
