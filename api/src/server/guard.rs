@@ -25,6 +25,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header marking an answer replayed from an earlier request with the key.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// How long a claim on an idempotency key outlives the request timeout.
+pub const KEY_LOCK_MARGIN_MS: i64 = 1_000;
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
@@ -129,7 +131,11 @@ async fn idempotent(
         .await
         .map_err(|_| ApiError::PayloadTooLarge)?;
     let request_hash = request_hash(&parts.method, parts.uri.path(), &bytes);
-    let lock_ms = i64::try_from(state.limits.request_timeout.as_millis() * 2).unwrap_or(i64::MAX);
+    // A live request ends by the request timeout (the guard cancels it
+    // then), so its claim on the key need not outlive it by much: after a
+    // crash, retries wait at most this long before taking the key over.
+    let lock_ms = i64::try_from(state.limits.request_timeout.as_millis()).unwrap_or(i64::MAX / 2)
+        + KEY_LOCK_MARGIN_MS;
     let begun = state
         .keys
         .apply(KeyOp::Begin {

@@ -49,6 +49,10 @@ pub struct ServeOptions {
     /// Purchases queued per product before new ones are refused with 503.
     #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
     pub purchase_queue_max: usize,
+    /// How long a reservation waits for its payment before it is released
+    /// (a crash between reserving and confirming leaves it pending this long).
+    #[arg(long, env = "LEDGER_RESERVATION_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub reservation_ttl: Duration,
     /// The payment provider (`http://...`); without it payouts stay
     /// `scheduled`.
     #[arg(long, env = "LEDGER_GATEWAY_URL")]
@@ -349,6 +353,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
     let settings = EngineSettings {
         queue_max: options.purchase_queue_max.max(1),
+        reservation_ttl: chrono::Duration::from_std(options.reservation_ttl)?,
         ..EngineSettings::default()
     };
     let mut server = Server::start(&backend, options.limits.clone(), settings).await?;
