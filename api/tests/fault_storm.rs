@@ -7,10 +7,12 @@
 //! the crash resolved after their expiry, and `ledger audit drift` (read
 //! models against a rebuild, trial balance) finds nothing.
 
+mod process;
+
+use process::Process;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,46 +24,25 @@ const AMOUNT: i64 = 100;
 const QUOTA: i64 = 150_000; // 1,500 purchases
 const STORM_LIMIT: Duration = Duration::from_secs(120);
 
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data_dir: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
-        .args(["--reservation-ttl", "3s", "--purchase-queue-max", "100000"])
-        .args(["--request-timeout", "5s"])
-        .env_remove("DATABASE_URL")
-        .env("LEDGER_ADMIN_USER", "admin")
-        .env("LEDGER_ADMIN_PASSWORD", "admin-password-1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Server {
-        child,
-        url: format!("http://{address}"),
-    }
+fn serve(data_dir: &std::path::Path) -> Process {
+    process::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "1000000",
+            "--rate-burst",
+            "1000000",
+            "--reservation-ttl",
+            "3s",
+            "--purchase-queue-max",
+            "100000",
+            "--request-timeout",
+            "5s",
+        ],
+        data_dir,
+    )
 }
 
 async fn call(

@@ -4,53 +4,15 @@
 //! holder for the period, the ledger agrees, and the read models have no
 //! drift.
 
+mod process;
+
+use process::{Process, start};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const HOLDERS: usize = 10;
-
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a `ledger` command and reads the `http://…` address it prints.
-fn start(args: &[&str], data_dir: &std::path::Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env("LEDGER_DATA_DIR", data_dir)
-        .env("LEDGER_ADMIN_USER", "admin")
-        .env("LEDGER_ADMIN_PASSWORD", "admin-password-1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Process {
-        child,
-        url: format!("http://{address}"),
-    }
-}
 
 fn serve(data_dir: &std::path::Path, gateway: &str) -> Process {
     start(
