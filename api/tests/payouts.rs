@@ -195,30 +195,18 @@ async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, 
 
 /// Reconciliations whose lookup found this outcome (`paid`, `not_found`).
 async fn count_reconciled(api: &TestApi, outcome: &str) -> usize {
-    let mut count = 0;
-    let mut after = 0;
-    loop {
-        let page = api
-            .server
-            .state
-            .store
-            .read_all(after, 10_000)
-            .await
-            .unwrap();
-        let Some(last) = page.last() else {
-            return count;
-        };
-        after = last.position;
-        count += page
-            .iter()
-            .filter(|e| {
-                e.event_type == "payout_reconciled" && e.data["finding"]["outcome"] == outcome
-            })
-            .count();
-    }
+    count_where(api, |e| {
+        e.event_type == "payout_reconciled" && e.data["finding"]["outcome"] == outcome
+    })
+    .await
 }
 
 async fn count_events(api: &TestApi, event_type: &str) -> usize {
+    count_where(api, |e| e.event_type == event_type).await
+}
+
+/// Events of the whole log that match.
+async fn count_where(api: &TestApi, matches: impl Fn(&store::RecordedEvent) -> bool) -> usize {
     let mut count = 0;
     let mut after = 0;
     loop {
@@ -233,7 +221,7 @@ async fn count_events(api: &TestApi, event_type: &str) -> usize {
             return count;
         };
         after = last.position;
-        count += page.iter().filter(|e| e.event_type == event_type).count();
+        count += page.iter().filter(|e| matches(e)).count();
     }
 }
 
