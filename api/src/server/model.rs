@@ -70,6 +70,13 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
 
 /// Parses a JSON body into `T`, with serde's description of what is wrong.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde would also read a struct from an array (`[500]` as a purchase):
+    // every request body of this API is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|error| {
         // serde's messages name the field and type, never server internals.
         ApiError::InvalidRequest(format!("invalid JSON body: {error}"))
