@@ -311,11 +311,6 @@ impl Authenticator {
         };
         Ok(self.db.insert_user(&user, now_ms).await?.then_some(user))
     }
-
-    /// The tables behind these sessions.
-    pub fn db(&self) -> &AccessDb {
-        &self.db
-    }
 }
 
 #[cfg(test)]

@@ -165,3 +165,34 @@ impl From<store::StoreError> for ApiError {
         }
     }
 }
+
+impl From<engine::CommandError> for ApiError {
+    /// An engine command's failure as an answer.
+    fn from(error: engine::CommandError) -> ApiError {
+        use domain::account::AccountRejection as A;
+        use domain::product::ProductRejection as P;
+        use engine::CommandError;
+        match error {
+            CommandError::Product(P::NotListed) | CommandError::Account(A::NotOpen) => {
+                ApiError::NotFound
+            }
+            CommandError::Product(P::InvalidTerms(why)) => ApiError::InvalidRequest(why),
+            CommandError::Account(A::NonPositiveAmount | A::InvalidReference) => {
+                ApiError::InvalidRequest(error.to_string())
+            }
+            CommandError::Account(A::InsufficientFunds { .. }) => ApiError::InsufficientFunds,
+            CommandError::Product(rejection) => {
+                ApiError::Conflict("conflict", rejection.to_string())
+            }
+            CommandError::Account(rejection) => {
+                ApiError::Conflict("conflict", rejection.to_string())
+            }
+            CommandError::Contention(_) => ApiError::Conflict("conflict", error.to_string()),
+            CommandError::ShuttingDown | CommandError::Unavailable => {
+                ApiError::Unavailable("the engine".into())
+            }
+            CommandError::NotAllowed(why) => ApiError::InvalidRequest(why.into()),
+            CommandError::Store(store) => ApiError::from(store),
+        }
+    }
+}

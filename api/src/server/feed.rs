@@ -100,11 +100,6 @@ impl ProgressFeed {
         self.task.abort();
     }
 
-    /// The figures now.
-    pub fn current(&self) -> Arc<Snapshot> {
-        self.snapshot.borrow().clone()
-    }
-
     /// A client's stream: every product's progress at once, then each
     /// product whose figures change (event `progress`), and the stream-level
     /// figures when they change (event `stats`).

@@ -68,6 +68,14 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
     }
 }
 
+/// A positive amount in minor units.
+pub fn positive_amount(minor: i64) -> Result<domain::Amount, ApiError> {
+    if minor <= 0 {
+        return Err(ApiError::InvalidRequest("amount must be positive".into()));
+    }
+    domain::Amount::new(minor).map_err(|e| ApiError::InvalidRequest(e.to_string()))
+}
+
 /// Parses a JSON body into `T`, with serde's description of what is wrong.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // serde would also read a struct from an array (`[500]` as a purchase):

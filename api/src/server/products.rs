@@ -8,9 +8,8 @@ use super::handlers::parse_product_id;
 use super::model::{
     CreateProductRequest, CreateProductResponse, JsonBody, PathText, PayoutKindName,
     ProductStateResponse, PurchaseRequest, PurchaseResponse, SchedulePayoutsRequest,
-    SchedulePayoutsResponse,
+    SchedulePayoutsResponse, positive_amount,
 };
-use super::users::{command_error, positive_amount};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -62,7 +61,7 @@ pub async fn create(
         .engine
         .product_command(&product_id, command, context)
         .await
-        .map_err(command_error)?;
+        .map_err(ApiError::from)?;
     tracing::info!(product_id = product_id.as_str(), "product listed");
     Ok((
         StatusCode::CREATED,
@@ -147,7 +146,7 @@ async fn switch(
         .engine
         .product_command(&product_id, command, context)
         .await
-        .map_err(command_error)?;
+        .map_err(ApiError::from)?;
     tracing::info!(
         product_id = product_id.as_str(),
         state = result,

@@ -7,7 +7,7 @@ use super::error::{ApiError, ErrorBody};
 use super::guard::Context;
 use super::model::{
     AccountResponse, CreateUserRequest, CreateUserResponse, DepositRequest, DepositResponse,
-    JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse, PathText,
+    JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse, PathText, positive_amount,
 };
 use crate::audit::AsOf;
 use axum::Json;
@@ -15,8 +15,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use domain::account::{AccountCommand, AccountEvent, CustomerAccount};
 use domain::ids::validate_reference;
-use domain::{AccountId, Amount, Currency};
-use engine::CommandError;
+use domain::{AccountId, Currency};
 use projections::query;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -110,7 +109,7 @@ pub async fn create(
         {
             // Without its account the user could not buy: take it back.
             state.access.delete_user(&created.user_id).await?;
-            return Err(command_error(error));
+            return Err(ApiError::from(error));
         }
     }
     tracing::info!(user_id = %created.user_id, role = request.role.as_str(), "user created");
@@ -240,7 +239,7 @@ pub async fn deposit(
         .engine
         .account_command(account_id, command, context)
         .await
-        .map_err(command_error)?;
+        .map_err(ApiError::from)?;
     let position = match appended {
         Some(appended) => appended.last_position,
         None => deposit_position(&state, account_id, &request.reference).await?,
@@ -277,38 +276,6 @@ async fn deposit_position(
         })
         .map(|event| event.position)
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a repeated deposit has no event")))
-}
-
-/// A positive amount in minor units.
-pub fn positive_amount(minor: i64) -> Result<Amount, ApiError> {
-    if minor <= 0 {
-        return Err(ApiError::InvalidRequest("amount must be positive".into()));
-    }
-    Amount::new(minor).map_err(|e| ApiError::InvalidRequest(e.to_string()))
-}
-
-/// An engine command's failure as an answer.
-pub fn command_error(error: CommandError) -> ApiError {
-    use domain::account::AccountRejection as A;
-    use domain::product::ProductRejection as P;
-    match error {
-        CommandError::Product(P::NotListed) | CommandError::Account(A::NotOpen) => {
-            ApiError::NotFound
-        }
-        CommandError::Product(P::InvalidTerms(why)) => ApiError::InvalidRequest(why),
-        CommandError::Account(A::NonPositiveAmount | A::InvalidReference) => {
-            ApiError::InvalidRequest(error.to_string())
-        }
-        CommandError::Account(A::InsufficientFunds { .. }) => ApiError::InsufficientFunds,
-        CommandError::Product(rejection) => ApiError::Conflict("conflict", rejection.to_string()),
-        CommandError::Account(rejection) => ApiError::Conflict("conflict", rejection.to_string()),
-        CommandError::Contention(_) => ApiError::Conflict("conflict", error.to_string()),
-        CommandError::ShuttingDown | CommandError::Unavailable => {
-            ApiError::Unavailable("the engine".into())
-        }
-        CommandError::NotAllowed(why) => ApiError::InvalidRequest(why.into()),
-        CommandError::Store(store) => ApiError::from(store),
-    }
 }
 
 /// `?as_of=` on an account.
