@@ -2,6 +2,7 @@
 //! newcomer does, the policy of every route, idempotency keys, limits,
 //! concurrent buyers, metrics, OpenAPI and the progress stream.
 
+mod hostile;
 mod support;
 
 use api::server::routes::{Access, Idempotency, table};
@@ -645,6 +646,40 @@ async fn rate_limits_answer_429_with_retry_after() {
     api.stop().await;
 }
 
+/// An answer that leaves a large body unread says `Connection: close`, as
+/// the server will close the connection; small bodies keep it alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_large_bodies_close_the_connection() {
+    let api = TestApi::start(Kind::Sqlite, "unread_bodies").await.unwrap();
+    let send = |bytes: usize, token: Option<String>| {
+        let body = format!(r#"{{"amount":5,"pad":"{}"}}"#, "x".repeat(bytes));
+        let mut request = Request::post("/v1/products")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .header("idempotency-key", "k");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        api.send(request.body(Body::from(body)).unwrap())
+    };
+    let close = |reply: &support::Reply| {
+        reply
+            .headers
+            .get("connection")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let anonymous_large = send(40_000, None).await;
+    assert_eq!(anonymous_large.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(close(&anonymous_large).as_deref(), Some("close"));
+    let oversized = send(70_000, Some(api.admin.clone())).await;
+    assert_eq!(oversized.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(close(&oversized).as_deref(), Some("close"));
+    let anonymous_small = send(100, None).await;
+    assert_eq!(anonymous_small.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(close(&anonymous_small), None);
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_sheds_load_with_503() {
     let settings = engine::EngineSettings {
@@ -1009,56 +1044,13 @@ async fn hostile_input_on_every_route_with_every_role(api: &TestApi) {
         .await
         .body;
     let before_progress = api.get("/v1/progress", &api.admin).await.body;
-    let nested = format!("{}1{}", "{\"a\":".repeat(200), "}".repeat(200));
-    let oversized = format!("{{\"amount\":1,\"pad\":\"{}\"}}", "x".repeat(70_000));
-    let bodies: Vec<(&str, String)> = vec![
-        (
-            "application/json",
-            r#"{"amount":"1; DROP TABLE events; --"}"#.into(),
-        ),
-        (
-            "application/json",
-            r#"{"username":"admin' OR '1'='1","password":"' OR 1=1 --"}"#.into(),
-        ),
-        (
-            "application/json",
-            r#"{"amount":-100,"reference":"neg"}"#.into(),
-        ),
-        (
-            "application/json",
-            r#"{"amount":0,"reference":"zero"}"#.into(),
-        ),
-        (
-            "application/json",
-            r#"{"amount":1e308,"reference":"huge"}"#.into(),
-        ),
-        (
-            "application/json",
-            r#"{"amount":18446744073709551616}"#.into(),
-        ),
-        (
-            "application/json",
-            "{\"name\":\"\u{202e}evil\u{0000}\",\"quota\":-1}".into(),
-        ),
-        ("application/json", "{\"amount\":".into()),
-        ("application/json", nested),
-        ("application/json", oversized),
-        ("text/plain", "amount=100".into()),
-        (
-            "application/x-www-form-urlencoded",
-            "amount=100&reference=x".into(),
-        ),
-    ];
+    let bodies = hostile::bodies();
     let mut calls = 0;
     for route in table() {
         if route.path == "/v1/progress/stream" {
             continue;
         }
-        let uri = route
-            .path
-            .replace("{account_id}", &account)
-            .replace("{order_id}", "0195f3a0-0000-7000-8000-0000000000aa")
-            .replace("{product_id}", "fortress");
+        let uri = hostile::concrete(route.path, &account, "fortress");
         for token in &tokens {
             for method in [Method::GET, Method::POST, Method::PUT, Method::DELETE] {
                 for (index, (content_type, body)) in bodies.iter().enumerate() {

@@ -49,17 +49,26 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => StoreError::Unavailable(error),
-            sqlx::Error::Database(db) if is_busy(db.code().as_deref()) => {
-                StoreError::Unavailable(error)
-            }
-            _ => StoreError::Database(error),
+        if is_unavailable(&error) {
+            StoreError::Unavailable(error)
+        } else {
+            StoreError::Database(error)
         }
+    }
+}
+
+/// True when a database error means the database is down, restarting,
+/// unreachable or busy (worth a 503 and a retry), not that the statement
+/// is wrong. Every layer that talks to a database classifies with this.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => is_busy(db.code().as_deref()),
+        _ => false,
     }
 }
 

@@ -108,15 +108,11 @@ impl ApiError {
     /// A database error: unavailable when the database cannot be reached,
     /// internal otherwise.
     pub fn database(error: sqlx::Error) -> ApiError {
-        match error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed => {
-                tracing::warn!(error = %error, "database unavailable");
-                ApiError::Unavailable("the database".into())
-            }
-            other => ApiError::Internal(other.into()),
+        if store::error::is_unavailable(&error) {
+            tracing::warn!(error = %error, "database unavailable");
+            ApiError::Unavailable("the database".into())
+        } else {
+            ApiError::Internal(error.into())
         }
     }
 }

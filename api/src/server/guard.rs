@@ -50,6 +50,34 @@ pub struct Guarded {
     pub rule: Rule,
 }
 
+/// Request bodies above this size that an answer leaves unread make hyper
+/// close the connection (it discards only what it has buffered).
+pub const UNREAD_BODY_CLOSE_BYTES: u64 = 16 * 1024;
+
+/// Says `Connection: close` on an unsuccessful answer to a request whose
+/// body is large or of unknown length: such answers (401, 404, 413, …) come
+/// before the body is read, so the server will close the connection, and a
+/// client told so opens a new one instead of sending its next request on a
+/// dead one.
+pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let large = match headers.get(header::CONTENT_LENGTH) {
+        Some(length) => length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_none_or(|bytes| bytes > UNREAD_BODY_CLOSE_BYTES),
+        None => headers.contains_key(header::TRANSFER_ENCODING),
+    };
+    let mut response = next.run(request).await;
+    if large && !response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// Runs before every handler.
 pub async fn guard(State(guarded): State<Guarded>, request: Request, next: Next) -> Response {
     let started = Instant::now();

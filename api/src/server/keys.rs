@@ -24,12 +24,10 @@ pub enum KeyError {
 
 impl From<&sqlx::Error> for KeyError {
     fn from(error: &sqlx::Error) -> KeyError {
-        match error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed => KeyError::Unavailable(error.to_string()),
-            other => KeyError::Failed(other.to_string()),
+        if store::error::is_unavailable(error) {
+            KeyError::Unavailable(error.to_string())
+        } else {
+            KeyError::Failed(error.to_string())
         }
     }
 }

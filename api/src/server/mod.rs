@@ -269,6 +269,7 @@ impl Server {
                 ),
             )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(axum::middleware::from_fn(guard::close_after_unread_body))
     }
 
     /// Aborts every payout worker at once, as a crash would: claims stay in

@@ -3,6 +3,7 @@
 //! from the line it prints, killed (SIGKILL) when dropped.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// The bootstrap admin of every process started here.
@@ -22,19 +23,47 @@ impl Drop for Process {
     }
 }
 
+/// How a process is started beyond its arguments.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// The PostgreSQL database it runs on (else SQLite in the data folder).
+    pub database_url: Option<&'a str>,
+    /// `RUST_LOG` (default `warn`).
+    pub log_filter: Option<&'a str>,
+    /// Where its standard error (its log) goes (default: inherited).
+    pub log_file: Option<&'a Path>,
+}
+
 /// Starts `ledger <args>` on `data_dir` (embedded SQLite) and waits for the
 /// `http://…` address it prints.
-pub fn start(args: &[&str], data_dir: &std::path::Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
+#[allow(dead_code)] // Not every test binary uses every helper.
+pub fn start(args: &[&str], data_dir: &Path) -> Process {
+    launch(args, data_dir, &Launch::default())
+}
+
+/// Starts `ledger <args>` as `launch` says and waits for its address.
+pub fn launch(args: &[&str], data_dir: &Path, launch: &Launch) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ledger"));
+    command
         .args(args)
         .env_remove("DATABASE_URL")
         .env("LEDGER_DATA_DIR", data_dir)
         .env("LEDGER_ADMIN_USER", ADMIN.0)
         .env("LEDGER_ADMIN_PASSWORD", ADMIN.1)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env("RUST_LOG", launch.log_filter.unwrap_or("warn"))
+        .stdout(Stdio::piped());
+    if let Some(url) = launch.database_url {
+        command.env("DATABASE_URL", url);
+    }
+    if let Some(path) = launch.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        command.stderr(file);
+    }
+    let mut child = command.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)

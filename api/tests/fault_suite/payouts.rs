@@ -1,0 +1,331 @@
+//! Payout storm: interest for two periods scheduled from every node at
+//! once, paid through `ledger fake-gateway` lying about a third of its
+//! calls (hanging without paying, paying late, answering 5xx after paying),
+//! with a node killed mid-run. The gateway's own record must show exactly
+//! one payment per holder per period, equal to what the ledger credited.
+
+use crate::client;
+use crate::cluster::Cluster;
+use crate::process;
+use crate::report::Report;
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const HOLDERS: usize = 20;
+const PERIODS: [&str; 2] = ["2026-H2", "2027-H1"];
+const RATE_BPS: i64 = 500;
+const DAYS: i64 = 180;
+/// Bound on waiting for every payout to settle.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The gateway's lies: 15% hang without paying, 5% hang then pay, 10%
+/// pay then answer 500.
+const GATEWAY_ARGS: &[&str] = &[
+    "fake-gateway",
+    "--listen",
+    "127.0.0.1:0",
+    "--timeout-rate",
+    "0.15",
+    "--late-pay-rate",
+    "0.05",
+    "--error-after-pay-rate",
+    "0.10",
+    "--hang-ms",
+    "1500",
+    "--latency-ms",
+    "20",
+    "--seed",
+    "8",
+];
+
+/// Counts the scenario's requests.
+struct Api {
+    http: reqwest::Client,
+    requests: AtomicU64,
+}
+
+impl Api {
+    async fn get(&self, base: &str, path: &str, token: &str) -> Value {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (status, body) = client::get(&self.http, base, path, token).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    async fn post(&self, base: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        client::post(&self.http, base, path, token, body).await
+    }
+}
+
+/// Runs the storm on `nodes` nodes of `cluster`; with one node it is
+/// killed and started again, with more the first is killed for good.
+pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
+    let gateway = process::start(GATEWAY_ARGS, cluster.folder());
+    cluster.add_args(&[
+        "--gateway-url",
+        &gateway.url,
+        "--gateway-timeout",
+        "400ms",
+        "--payout-lease",
+        "2s",
+        "--payout-workers",
+        "2",
+        "--rate-limit",
+        "100000",
+        "--rate-burst",
+        "100000",
+    ]);
+    let mut urls: Vec<String> = (0..nodes).map(|index| cluster.start(index)).collect();
+    let api = Api {
+        http: client::http(),
+        requests: AtomicU64::new(0),
+    };
+    let admin = client::admin(&api.http, &urls[0]).await;
+    let principals = holders(&api, &urls[0], &admin).await;
+
+    // Every node schedules every period at once.
+    let calls = urls.iter().flat_map(|base| {
+        PERIODS.map(|period| {
+            let body = json!({"period": period, "kind": "interest", "days": DAYS});
+            let (api, admin) = (&api, &admin);
+            async move {
+                let (status, reply) = api
+                    .post(base, "/v1/products/bond/payouts", admin, body)
+                    .await;
+                (period, status, reply["scheduled"].as_u64().unwrap_or(0))
+            }
+        })
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut scheduled: HashMap<&str, u64> = HashMap::new();
+    for (period, status, count) in &answers {
+        assert_eq!(*status, 202, "scheduling {period}");
+        *scheduled.entry(period).or_default() += count;
+    }
+    report.check(
+        "scheduling from every node at once created each payout once",
+        PERIODS
+            .iter()
+            .all(|p| scheduled.get(p) == Some(&(HOLDERS as u64))),
+        format!(
+            "{} calls; created per period: {scheduled:?}, {HOLDERS} holders",
+            answers.len()
+        ),
+    );
+
+    // Kill a node once a quarter of the payouts are settled, with its
+    // workers in the middle of paying the rest.
+    let started = Instant::now();
+    let total = HOLDERS * PERIODS.len();
+    let mut at_kill = Vec::new();
+    while started.elapsed() < SETTLE_LIMIT {
+        at_kill = payouts(&api, &urls[0], &admin).await;
+        if at_kill
+            .iter()
+            .filter(|p| p["status"] == "succeeded")
+            .count()
+            >= total / 4
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.kill(0);
+    let settled_at_kill = at_kill
+        .iter()
+        .filter(|p| p["status"] == "succeeded")
+        .count();
+    let struck = if nodes == 1 {
+        urls[0] = cluster.start(0);
+        "the node killed and restarted".to_owned()
+    } else {
+        urls.remove(0);
+        format!("node 0 of {nodes} killed")
+    };
+    report.check(
+        "the node was killed mid-run",
+        at_kill.iter().any(|p| p["status"] != "scheduled") && settled_at_kill < total,
+        format!("{settled_at_kill} of {total} payouts succeeded at the kill"),
+    );
+
+    let admin = client::admin(&api.http, &urls[0]).await;
+    let mut listed = Vec::new();
+    while started.elapsed() < SETTLE_LIMIT {
+        listed = payouts(&api, &urls[0], &admin).await;
+        if listed.len() == total && listed.iter().all(|p| p["status"] == "succeeded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let succeeded = listed.iter().filter(|p| p["status"] == "succeeded").count();
+    report.check(
+        "every payout succeeded",
+        succeeded == total && listed.len() == total,
+        format!(
+            "{succeeded} of {} listed succeeded, {total} expected, within {}s",
+            listed.len(),
+            SETTLE_LIMIT.as_secs()
+        ),
+    );
+    let attempts: i64 = listed.iter().filter_map(|p| p["attempts"].as_i64()).sum();
+    let holder_periods: BTreeSet<(String, String)> = listed
+        .iter()
+        .map(|p| (p["account_id"].to_string(), p["period"].to_string()))
+        .collect();
+    report.check(
+        "one payout per holder per period",
+        holder_periods.len() == listed.len(),
+        format!(
+            "{} payouts, {} (holder, period) pairs",
+            listed.len(),
+            holder_periods.len()
+        ),
+    );
+
+    gateway_checks(&api, &gateway.url, &listed, report).await;
+    credit_checks(&api, &urls[0], &admin, &principals, report).await;
+    report.requests = api.requests.load(Ordering::Relaxed);
+    report.outcome = format!(
+        "{total} payouts ({HOLDERS} holders × {} periods) from {nodes} node(s); {struck} with {settled_at_kill} settled; {attempts} attempts; {}",
+        PERIODS.len(),
+        report.outcome
+    );
+    cluster.kill_all();
+    let (clean, printed) = cluster.drift();
+    report.check(
+        "`ledger audit drift`: read models = a fresh rebuild, trial balance holds",
+        clean,
+        printed.lines().last().unwrap_or_default(),
+    );
+}
+
+/// Holders with confirmed orders in a closed product: answers each
+/// holder's account and principal.
+async fn holders(api: &Api, base: &str, admin: &str) -> Vec<(String, i64)> {
+    let product = json!({"product_id": "bond", "name": "Bond", "quota": 100_000_000,
+        "min_purchase": 1, "max_purchase": 10_000_000, "annual_rate_bps": RATE_BPS,
+        "term_days": DAYS});
+    client::open_product(&api.http, base, admin, product).await;
+    let mut holders = Vec::new();
+    for index in 0..HOLDERS {
+        let name = format!("investor{index}");
+        let (account, token) = client::customer(
+            &api.http,
+            base,
+            admin,
+            &name,
+            "investor-password",
+            5_000_000,
+        )
+        .await;
+        api.requests.fetch_add(4, Ordering::Relaxed);
+        let amount = 10_000 + 99_991 * index as i64;
+        let response = api
+            .http
+            .post(format!("{base}/v1/products/bond/purchases"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "buy-1")
+            .json(&json!({"amount": amount}))
+            .send()
+            .await
+            .unwrap();
+        api.requests.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(response.status().as_u16(), 201);
+        holders.push((account, amount));
+    }
+    let (status, _) = api
+        .post(base, "/v1/products/bond/close", admin, json!({}))
+        .await;
+    assert_eq!(status, 200);
+    holders
+}
+
+async fn payouts(api: &Api, base: &str, admin: &str) -> Vec<Value> {
+    let listed = api.get(base, "/v1/payouts?product_id=bond", admin).await;
+    listed["payouts"].as_array().cloned().unwrap_or_default()
+}
+
+/// The gateway's record: one succeeded payment per payout, of its amount.
+async fn gateway_checks(api: &Api, gateway: &str, listed: &[Value], report: &mut Report) {
+    let record: Value = api
+        .http
+        .get(format!("{gateway}/payments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let record = record["payments"].as_array().cloned().unwrap_or_default();
+    let mut paid: HashMap<String, Vec<i64>> = HashMap::new();
+    for payment in record.iter().filter(|p| p["status"] == "succeeded") {
+        paid.entry(
+            payment["idempotency_key"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+        .or_default()
+        .push(payment["amount"].as_i64().unwrap_or_default());
+    }
+    let twice = paid.values().filter(|amounts| amounts.len() > 1).count();
+    report.check(
+        "the gateway paid each payout exactly once",
+        twice == 0 && paid.len() == listed.len(),
+        format!(
+            "{} payments recorded, {} keys paid, {twice} paid more than once",
+            record.len(),
+            paid.len()
+        ),
+    );
+    let wrong = listed
+        .iter()
+        .filter(|p| {
+            let key = p["payout_id"].as_str().unwrap_or_default();
+            paid.get(key).map(Vec::as_slice) != Some(&[p["amount"].as_i64().unwrap_or(-1)])
+        })
+        .count();
+    report.check(
+        "each payment equals its payout's amount",
+        wrong == 0,
+        format!("{wrong} payouts without a matching payment"),
+    );
+    report.outcome = format!("gateway recorded {} payments", record.len());
+}
+
+/// Each holder was credited its floored interest once per period.
+async fn credit_checks(
+    api: &Api,
+    base: &str,
+    admin: &str,
+    principals: &[(String, i64)],
+    report: &mut Report,
+) {
+    let mut off = Vec::new();
+    for (account, principal) in principals {
+        let expected = PERIODS.len() as i64 * (principal * RATE_BPS * DAYS / 3_650_000);
+        let mut paid_out = Value::Null;
+        // The read models may lag a moment behind the log.
+        for _ in 0..100 {
+            paid_out = api
+                .get(base, &format!("/v1/accounts/{account}"), admin)
+                .await["total_paid_out"]
+                .clone();
+            if paid_out == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if paid_out != expected {
+            off.push(format!("{account}: {paid_out} != {expected}"));
+        }
+    }
+    report.check(
+        "each holder credited its interest once per period",
+        off.is_empty(),
+        format!("{} of {} holders off {off:?}", off.len(), principals.len()),
+    );
+}
