@@ -52,6 +52,13 @@ pub trait EventStore: Send + Sync + 'static {
         progress: &(dyn Fn(i64) + Send + Sync),
     ) -> Result<crate::chain::ChainReport, StoreError>;
 
+    /// Whether this backend keeps the hash chain: each event's `hash`, and a
+    /// `verify_chain` that walks it. EventStoreDB does not (see
+    /// `eventstoredb`).
+    fn keeps_hash_chain(&self) -> bool {
+        true
+    }
+
     /// A wake-up signal: its value changes after events are committed (by this
     /// process, or by another one where the backend can tell).
     fn commits(&self) -> watch::Receiver<Position>;

@@ -26,6 +26,10 @@ impl EventStore for MeteredStore {
         self.inner.backend()
     }
 
+    fn keeps_hash_chain(&self) -> bool {
+        self.inner.keeps_hash_chain()
+    }
+
     async fn verify_chain(
         &self,
         progress: &(dyn Fn(i64) + Send + Sync),
