@@ -40,8 +40,9 @@ pub enum StoreError {
     /// Any other failure of a remote event store (EventStoreDB).
     #[error("event store failure: {0}")]
     Remote(#[source] BoxError),
-    /// The backend cannot do this, or cannot map what it found onto the
-    /// port's model (EventStoreDB keeps no hash chain, for one).
+    /// The backend cannot do this at all: EventStoreDB keeps no hash chain
+    /// to verify, a build without the `eventstoredb` feature cannot open
+    /// EventStoreDB.
     #[error("not supported by this event store: {0}")]
     Unsupported(String),
 }

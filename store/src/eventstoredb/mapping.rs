@@ -27,7 +27,9 @@ pub fn version(revision: u64) -> Result<i64, StoreError> {
     i64::try_from(revision)
         .ok()
         .and_then(|revision| revision.checked_add(1))
-        .ok_or_else(|| StoreError::Unsupported(format!("stream revision {revision} is too large")))
+        .ok_or_else(|| {
+            StoreError::Remote(format!("stream revision {revision} is too large").into())
+        })
 }
 
 /// The revision of the first event after `after_version` (0: from the start).
@@ -81,7 +83,7 @@ pub fn first_revision(expected: ExpectedVersion) -> Option<u64> {
 /// The checkpoint of an event: its commit position, which must be its
 /// prepare position too (see the module's comment) and fit a `Position`.
 pub fn checkpoint(position: kurrentdb::Position) -> Result<Position, StoreError> {
-    let unsupported = |why: String| Err(StoreError::Unsupported(why));
+    let unsupported = |why: String| Err(StoreError::Remote(why.into()));
     if position.commit == u64::MAX {
         return unsupported(
             "the server did not report the event's $all position; stream reads carry it \
@@ -305,14 +307,17 @@ pub fn written(
                     && s.version == first_version + offset as i64
             });
     let (Some(first), Some(last)) = (stored.first(), stored.last()) else {
-        return Err(StoreError::Unsupported(format!(
-            "{stream_id}: the appended events could not be read back"
-        )));
+        return Err(StoreError::Remote(
+            format!("{stream_id}: the appended events could not be read back").into(),
+        ));
     };
     if !matches {
-        return Err(StoreError::Unsupported(format!(
-            "{stream_id}: the events at versions {first_version}.. are not the ones appended"
-        )));
+        return Err(StoreError::Remote(
+            format!(
+                "{stream_id}: the events at versions {first_version}.. are not the ones appended"
+            )
+            .into(),
+        ));
     }
     Ok(Appended {
         stream_id: stream_id.to_owned(),
@@ -503,7 +508,7 @@ mod tests {
         ];
         for position in refused {
             assert!(
-                matches!(checkpoint(position), Err(StoreError::Unsupported(_))),
+                matches!(checkpoint(position), Err(StoreError::Remote(_))),
                 "{position}"
             );
         }
@@ -614,7 +619,7 @@ mod tests {
         };
         assert!(matches!(
             recorded(in_transaction),
-            Err(StoreError::Unsupported(_))
+            Err(StoreError::Remote(_))
         ));
     }
 

@@ -278,10 +278,13 @@ impl EventStoreDb {
         let last_version = mapping::version(last_revision)?;
         let first_version = last_version - count as i64 + 1;
         let first_revision = u64::try_from(first_version - 1).map_err(|_| {
-            StoreError::Unsupported(format!(
-                "{}: the server answered revision {last_revision} for {count} events",
-                append.stream_id
-            ))
+            StoreError::Remote(
+                format!(
+                    "{}: the server answered revision {last_revision} for {count} events",
+                    append.stream_id
+                )
+                .into(),
+            )
         })?;
         let stored = self
             .read_revisions(
