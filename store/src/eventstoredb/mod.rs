@@ -373,7 +373,11 @@ impl EventStore for EventStoreDb {
                 return Ok(events);
             }
             let next = mapping::checkpoint(last.get_original_event().position)?;
-            assert!(next > start, "BUG: $all went backwards");
+            if next <= start {
+                return Err(StoreError::Remote(
+                    format!("$all went backwards from {start} to {next}").into(),
+                ));
+            }
             start = next;
         }
     }
