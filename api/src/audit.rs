@@ -119,10 +119,8 @@ impl std::str::FromStr for Anchor {
 
 /// Whether the event at the anchor's position still carries its hash.
 async fn anchor_holds(store: &dyn EventStore, anchor: &Anchor) -> anyhow::Result<bool> {
-    let found = store.read_all(anchor.position - 1, 1).await?;
-    Ok(found
-        .first()
-        .is_some_and(|e| e.position == anchor.position && e.hash.as_deref() == Some(&anchor.hash)))
+    let found = store.read_at(anchor.position).await?;
+    Ok(found.is_some_and(|e| e.hash.as_deref() == Some(&anchor.hash)))
 }
 
 /// Options of `ledger audit export`.

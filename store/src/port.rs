@@ -41,6 +41,13 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The event at exactly `position` (one the log handed out), if the log
+    /// holds one there.
+    async fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        let found = self.read_all(position - 1, 1).await?;
+        Ok(found.into_iter().find(|e| e.position == position))
+    }
+
     /// The highest committed position (0 for an empty log).
     async fn head(&self) -> Result<Position, StoreError>;
 

@@ -398,6 +398,13 @@ async fn read_all_pages_in_position_order(harness: Harness) {
         "commit order is read order"
     );
     let sample = &read[0];
+    for event in [&read[0], &read[17], read.last().unwrap()] {
+        assert_eq!(
+            store.read_at(event.position).await.unwrap().as_ref(),
+            Some(event)
+        );
+    }
+    assert_eq!(store.read_at(0).await.unwrap(), None);
     assert_eq!(sample.data["text"], "quote ' and \"double\" and \\ slash");
     assert_eq!(sample.metadata.request_id.as_deref(), Some("req-0"));
     let tail = store

@@ -82,6 +82,10 @@ impl EventStore for MeteredStore {
         self.inner.read_all(after, limit).await
     }
 
+    async fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        self.inner.read_at(position).await
+    }
+
     async fn head(&self) -> Result<Position, StoreError> {
         self.inner.head().await
     }

@@ -382,6 +382,28 @@ impl EventStore for EventStoreDb {
         }
     }
 
+    /// Reads `$all` from `position` itself (a forward read includes its
+    /// start): `read_all(position - 1, ..)` would start between records.
+    async fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        let StreamPosition::Position(start) = mapping::read_start(position) else {
+            return Ok(None);
+        };
+        let options = ReadAllOptions::default()
+            .position(StreamPosition::Position(start))
+            .forwards()
+            .max_count(1);
+        let page = read_all_page(&self.client, options).await?;
+        let Some(event) = page.first().map(|resolved| resolved.get_original_event()) else {
+            return Ok(None);
+        };
+        if event.position.commit != start.commit
+            || mapping::is_system(event.stream_id(), &event.event_type)
+        {
+            return Ok(None);
+        }
+        mapping::recorded(StoredEvent::of(event)).map(Some)
+    }
+
     async fn head(&self) -> Result<Position, StoreError> {
         head(&self.client).await
     }
