@@ -6,7 +6,8 @@ use crate::telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use store::Backend;
+use std::sync::Arc;
+use store::{Backend, EventStore, LogLocation};
 
 /// An event-sourced ledger for fixed-quota financial products.
 #[derive(Debug, Parser)]
@@ -91,12 +92,37 @@ pub struct StoreArgs {
     /// `postgres://...` to use PostgreSQL instead of the embedded SQLite file.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// `esdb://...` or `kurrentdb://...`: keep the log in EventStoreDB
+    /// (KurrentDB); the read models and API tables stay in the SQL database
+    /// above. Needs a binary built with the `eventstoredb` feature.
+    #[arg(long, env = "LEDGER_EVENT_STORE", hide_env_values = true)]
+    pub event_store: Option<String>,
 }
 
 impl StoreArgs {
-    /// The chosen backend.
+    /// The SQL database: the read models and API tables, and the log unless
+    /// `--event-store` puts it elsewhere.
     pub fn backend(&self) -> Backend {
         Backend::choose(self.database_url.as_deref(), &self.data_dir)
+    }
+
+    /// Where the log lives; an error for an `--event-store` this binary
+    /// cannot use.
+    pub fn log(&self) -> anyhow::Result<LogLocation> {
+        Ok(LogLocation::choose(self.event_store.as_deref())?)
+    }
+
+    /// Opens the log (and migrates the SQL database either way).
+    pub async fn open_log(&self) -> anyhow::Result<Arc<dyn EventStore>> {
+        Ok(self.log()?.open(&self.backend()).await?)
+    }
+
+    /// What to call the stores in messages (never with credentials).
+    pub fn describe(&self) -> anyhow::Result<String> {
+        Ok(match self.log()? {
+            LogLocation::Database => self.backend().to_string(),
+            log => format!("{}, log in {log}", self.backend()),
+        })
     }
 }
 
@@ -138,6 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn migrate(args: &StoreArgs) -> anyhow::Result<ExitCode> {
     let backend = args.backend();
+    let log = args.log()?;
     let applied = store::migrate(&backend).await?;
     println!("schema of {backend} is up to date; applied migrations:");
     for (version, description) in applied {
@@ -154,6 +181,11 @@ async fn migrate(args: &StoreArgs) -> anyhow::Result<ExitCode> {
             "API tables are up to date in {}",
             crate::server::access::sqlite_path(path).display()
         );
+    }
+    if log != LogLocation::Database {
+        // Opening it checks the connection; EventStoreDB needs no schema.
+        log.open(&backend).await?;
+        println!("the log is in {log}, which needs no schema");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,8 +10,8 @@ use projections::runner::RUNNER_BATCH_DEFAULT;
 use projections::{PROJECTION_BATCH_MAX, Projection, ReadDb, Runner, RunnerOptions};
 use std::process::ExitCode;
 use std::time::Duration;
-use store::Backend;
 use store::scratch::ScratchPostgres;
+use store::{Backend, LogLocation};
 
 /// Options of `ledger rebuild`.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,7 +59,7 @@ const STATUS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
     let stop = shutdown_signal();
     let backend = options.store.backend();
-    let store = backend.open().await?;
+    let store = options.store.open_log().await?;
     let db = ReadDb::open(&backend).await?;
     projections::prepare(store.clone(), &db).await?;
     let runner = Runner::start(
@@ -70,7 +70,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<ExitCode> {
             before_commit: None,
         },
     );
-    tracing::info!(%backend, "projections running; Ctrl-C stops them");
+    let stores = options.store.describe()?;
+    tracing::info!(%stores, "projections running; Ctrl-C stops them");
     let statuses = runner.statuses();
     let mut ticks = tokio::time::interval(STATUS_LOG_INTERVAL);
     tokio::pin!(stop);
@@ -143,7 +144,7 @@ pub fn advance(bar: &ProgressBar, position: i64, head: i64) {
 pub async fn rebuild(options: RebuildOptions) -> anyhow::Result<ExitCode> {
     let projections = Projection::select(options.projection.as_deref())?;
     let backend = options.store.backend();
-    let store = backend.open().await?;
+    let store = options.store.open_log().await?;
     let db = ReadDb::open(&backend).await?;
     let bar = replay_bar("replaying the log", options.json);
     let batch = usize::try_from(options.batch)?;
@@ -171,7 +172,7 @@ pub async fn rebuild(options: RebuildOptions) -> anyhow::Result<ExitCode> {
 /// Prints each projection's checkpoint, generation and lag.
 pub async fn status(options: CheckOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
-    let store = backend.open().await?;
+    let store = options.store.open_log().await?;
     let db = ReadDb::open(&backend).await?;
     projections::install(&db).await?;
     let head = store.head().await?;
@@ -240,9 +241,14 @@ impl ScratchDb {
     }
 }
 
-/// Runs the drift check and the trial balance against `backend`.
-pub async fn check(backend: &Backend, hidden: bool) -> anyhow::Result<DriftReport> {
-    let store = backend.open().await?;
+/// Runs the drift check and the trial balance against the read models in
+/// `backend`, rebuilt from the log where `log` says.
+pub async fn check(
+    backend: &Backend,
+    log: &LogLocation,
+    hidden: bool,
+) -> anyhow::Result<DriftReport> {
+    let store = log.open(backend).await?;
     let live = ReadDb::open(backend).await?;
     let scratch = ScratchDb::create(backend).await?;
     let scratch_db = scratch.open().await?;
@@ -259,7 +265,7 @@ pub async fn check(backend: &Backend, hidden: bool) -> anyhow::Result<DriftRepor
 /// `ledger audit drift`: exits non-zero when anything differs.
 pub async fn drift(options: CheckOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
-    let report = check(&backend, options.json).await?;
+    let report = check(&backend, &options.store.log()?, options.json).await?;
     if options.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

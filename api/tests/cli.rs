@@ -8,7 +8,10 @@ use store::testing::TestPostgres;
 
 fn ledger() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ledger"));
-    command.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("LEDGER_EVENT_STORE")
+        .env("RUST_LOG", "warn");
     command
 }
 
@@ -95,6 +98,38 @@ fn append_benchmark_reports_its_figures_and_checks_as_json() {
         .sum();
     assert_eq!(appended, 5 * 120);
     assert_eq!(report["checks"]["events_in_log"], appended);
+}
+
+#[test]
+fn an_event_store_this_binary_cannot_use_is_refused_by_name() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let migrate = |event_store: &str| {
+        let output = ledger()
+            .args([
+                "migrate",
+                "--data-dir",
+                data_dir,
+                "--event-store",
+                event_store,
+            ])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{event_store} was accepted");
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!said.contains("secret"), "credentials shown: {said}");
+        said
+    };
+    let said = migrate("postgres://ledger:secret@localhost/ledger");
+    assert!(said.contains("esdb://"), "{said}");
+    // Nothing listens on port 1: with the feature the connection fails,
+    // without it the binary says what it lacks.
+    let said = migrate("esdb://admin:secret@127.0.0.1:1?tls=false&maxDiscoverAttempts=1");
+    if cfg!(feature = "eventstoredb") {
+        assert!(said.contains("event store"), "{said}");
+    } else {
+        assert!(said.contains("`eventstoredb` feature"), "{said}");
+    }
 }
 
 #[test]

@@ -238,8 +238,7 @@ pub async fn timeline(
         .await?);
     let mut events = Vec::with_capacity(positions.len());
     for position in positions {
-        let found = store.read_all(position - 1, 1).await?;
-        let Some(event) = found.into_iter().find(|e| e.position == position) else {
+        let Some(event) = store.read_at(position).await? else {
             return Err(ProjectionError::inconsistent(
                 position,
                 "a timeline names an event the log does not hold",

@@ -33,7 +33,22 @@ pub enum StoreError {
     /// A fault injected by a test hook.
     #[error("injected fault: {0}")]
     Injected(String),
+    /// A remote event store (EventStoreDB) could not be reached, timed out,
+    /// or has no leader right now.
+    #[error("event store unavailable: {0}")]
+    RemoteUnavailable(#[source] BoxError),
+    /// Any other failure of a remote event store (EventStoreDB).
+    #[error("event store failure: {0}")]
+    Remote(#[source] BoxError),
+    /// The backend cannot do this at all: EventStoreDB keeps no hash chain
+    /// to verify, a build without the `eventstoredb` feature cannot open
+    /// EventStoreDB.
+    #[error("not supported by this event store: {0}")]
+    Unsupported(String),
 }
+
+/// An error from a backend's client library, kept as its source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl StoreError {
     /// True when a unique constraint refused a row (an event id stored before).
@@ -43,7 +58,10 @@ impl StoreError {
 
     /// True for errors worth retrying after a pause (the database is down or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::RemoteUnavailable(_)
+        )
     }
 }
 

@@ -1,10 +1,13 @@
 //! The event store: an append-only log with per-stream optimistic concurrency,
 //! idempotent appends, batched multi-stream appends, global reads and
-//! catch-up subscriptions, on SQLite (embedded) and PostgreSQL.
+//! catch-up subscriptions, on SQLite (embedded) and PostgreSQL, and with the
+//! `eventstoredb` feature on EventStoreDB (KurrentDB).
 
 pub mod chain;
 pub mod codec;
 pub mod error;
+#[cfg(feature = "eventstoredb")]
+pub mod eventstoredb;
 pub mod memory;
 pub mod model;
 pub mod plan;
@@ -92,12 +95,114 @@ impl Backend {
     }
 }
 
+/// Where the log lives: in the SQL database beside the read models (the
+/// default), or in EventStoreDB with the read models still in SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLocation {
+    /// In the SQL database the `Backend` names.
+    Database,
+    /// In EventStoreDB (KurrentDB): its connection string.
+    EventStoreDb(String),
+}
+
+impl LogLocation {
+    /// EventStoreDB when a connection string is given (`esdb://`,
+    /// `esdb+discover://`, `kurrentdb://`, `kurrentdb+discover://`), else
+    /// the database. Refuses anything else, and refuses EventStoreDB in a
+    /// build without the `eventstoredb` feature rather than ignoring it.
+    pub fn choose(event_store: Option<&str>) -> Result<LogLocation, StoreError> {
+        let Some(connection) = event_store else {
+            return Ok(LogLocation::Database);
+        };
+        let schemes = [
+            "esdb://",
+            "esdb+discover://",
+            "kurrentdb://",
+            "kurrentdb+discover://",
+        ];
+        if !schemes.iter().any(|scheme| connection.starts_with(scheme)) {
+            return Err(StoreError::Unsupported(format!(
+                "the event store must be an EventStoreDB connection string starting with one of {}",
+                schemes.join(", ")
+            )));
+        }
+        if !cfg!(feature = "eventstoredb") {
+            return Err(StoreError::Unsupported(
+                "this ledger binary was built without the `eventstoredb` feature, so it cannot \
+                 keep the log in EventStoreDB; build it with `cargo build --release --features \
+                 api/eventstoredb`"
+                    .into(),
+            ));
+        }
+        Ok(LogLocation::EventStoreDb(connection.to_owned()))
+    }
+
+    /// Opens the log. The database is opened (and migrated) either way: it
+    /// holds the read models, and on SQLite its store checkpoints the file
+    /// they share.
+    pub async fn open(&self, database: &Backend) -> Result<Arc<dyn EventStore>, StoreError> {
+        let sql = database.open().await?;
+        match self {
+            LogLocation::Database => Ok(sql),
+            #[cfg(feature = "eventstoredb")]
+            LogLocation::EventStoreDb(connection) => Ok(Arc::new(
+                eventstoredb::EventStoreDb::open(connection)
+                    .await?
+                    .beside(sql),
+            )),
+            #[cfg(not(feature = "eventstoredb"))]
+            LogLocation::EventStoreDb(_) => Err(StoreError::Unsupported(
+                "this ledger binary was built without the `eventstoredb` feature".into(),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LogLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogLocation::Database => f.write_str("the database"),
+            // Never print the connection string: it may hold credentials.
+            LogLocation::EventStoreDb(_) => f.write_str("eventstoredb"),
+        }
+    }
+}
+
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::Sqlite(path) => write!(f, "sqlite {}", path.display()),
             // Never print credentials that may be in the URL.
             Backend::Postgres(_) => f.write_str("postgres"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_goes_to_eventstoredb_only_when_asked_and_built_for() {
+        assert_eq!(LogLocation::choose(None).unwrap(), LogLocation::Database);
+        assert!(matches!(
+            LogLocation::choose(Some("postgres://localhost/ledger")),
+            Err(StoreError::Unsupported(_))
+        ));
+        let url = "esdb://admin:secret@node1:2113,node2:2113?tls=true";
+        let chosen = LogLocation::choose(Some(url));
+        if cfg!(feature = "eventstoredb") {
+            let chosen = chosen.unwrap();
+            assert_eq!(chosen, LogLocation::EventStoreDb(url.into()));
+            assert!(
+                !chosen.to_string().contains("secret"),
+                "no credentials shown"
+            );
+            assert!(LogLocation::choose(Some("kurrentdb+discover://cluster:2113")).is_ok());
+        } else {
+            let error = chosen.unwrap_err().to_string();
+            assert!(error.contains("`eventstoredb` feature"), "{error}");
+            assert!(!error.contains("secret"));
         }
     }
 }

@@ -134,7 +134,7 @@ pub fn plan(
 /// If every event id of this append is stored, contiguously and in order in
 /// this stream, the append already happened: answer its first result. If only
 /// some are, or elsewhere, the ids were reused: an error.
-fn duplicate(
+pub(crate) fn duplicate(
     append: &StreamAppend,
     stored: &HashMap<Uuid, StoredId>,
 ) -> Result<Option<Appended>, StoreError> {

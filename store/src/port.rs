@@ -41,6 +41,13 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The event at exactly `position` (one the log handed out), if the log
+    /// holds one there.
+    async fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        let found = self.read_all(position - 1, 1).await?;
+        Ok(found.into_iter().find(|e| e.position == position))
+    }
+
     /// The highest committed position (0 for an empty log).
     async fn head(&self) -> Result<Position, StoreError>;
 
@@ -51,6 +58,13 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         progress: &(dyn Fn(i64) + Send + Sync),
     ) -> Result<crate::chain::ChainReport, StoreError>;
+
+    /// Whether this backend keeps the hash chain: each event's `hash`, and a
+    /// `verify_chain` that walks it. EventStoreDB does not (see
+    /// `eventstoredb`).
+    fn keeps_hash_chain(&self) -> bool {
+        true
+    }
 
     /// A wake-up signal: its value changes after events are committed (by this
     /// process, or by another one where the backend can tell).

@@ -68,3 +68,21 @@ impl TestPostgres {
             .expect("open the test database")
     }
 }
+
+/// The EventStoreDB server tests run against: `EVENTSTOREDB_URL`, or `None`
+/// (with a note on standard error) when it is not set. An EventStoreDB
+/// database cannot be dropped, so tests use streams of their own, and the
+/// server should be one kept for tests.
+#[cfg(feature = "eventstoredb")]
+pub fn eventstoredb_url(test: &str) -> Option<String> {
+    match std::env::var("EVENTSTOREDB_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped {test}: EVENTSTOREDB_URL is not set, EventStoreDB not tested"
+            );
+            None
+        }
+    }
+}

@@ -231,7 +231,7 @@ async fn verify(
         "SELECT COUNT(*) FROM account_balances WHERE available < 0 OR held < 0",
     )
     .await?;
-    let drift = read_models::check(backend, quiet).await?;
+    let drift = read_models::check(backend, &store::LogLocation::Database, quiet).await?;
     let mut checks = Checks {
         checkpoints_at_head,
         quota_adds_up: over_or_under == 0,

@@ -72,8 +72,11 @@ pub async fn events(
         ));
     }
     // The hash before the page: the stored hash of the event at or before
-    // `after` (one read of a single event).
-    let previous = if after == 0 {
+    // `after` (one read of a single event). A log without a hash chain
+    // (EventStoreDB) answers empty hashes.
+    let previous = if !state.store.keeps_hash_chain() {
+        String::new()
+    } else if after == 0 {
         store::chain::GENESIS.to_owned()
     } else {
         previous_hash(&state, after).await?
@@ -112,10 +115,11 @@ async fn previous_hash(state: &AppState, position: i64) -> Result<String, ApiErr
     Ok(store::chain::GENESIS.to_owned())
 }
 
-/// `POST /v1/audit/verify` (auditor): walks the whole chain.
+/// `POST /v1/audit/verify` (auditor): walks the whole chain; 501
+/// `not_supported` on a log that keeps none (EventStoreDB).
 #[utoipa::path(post, path = "/v1/audit/verify", tag = "audit", security(("bearer" = [])),
     responses((status = 200, body = VerifyResponse), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+        (status = 403, body = ErrorBody), (status = 501, body = ErrorBody)))]
 pub async fn verify(State(state): State<AppState>) -> Result<Json<VerifyResponse>, ApiError> {
     let report = state.store.verify_chain(&|_| {}).await?;
     if !report.ok {

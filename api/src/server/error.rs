@@ -48,6 +48,9 @@ pub enum ApiError {
     /// 503 `timeout`: the request took longer than its limit; it may still
     /// take effect (retry with the same idempotency key).
     Timeout,
+    /// 501 `not_supported`: this deployment's event store cannot do it
+    /// (the EventStoreDB backend keeps no hash chain to verify).
+    NotSupported(String),
     /// 500 `internal`: logged with its details, answered without them.
     Internal(anyhow::Error),
 }
@@ -69,13 +72,16 @@ impl ApiError {
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 
     fn message(&self) -> String {
         match self {
-            ApiError::InvalidRequest(why) | ApiError::Conflict(_, why) => why.clone(),
+            ApiError::InvalidRequest(why)
+            | ApiError::Conflict(_, why)
+            | ApiError::NotSupported(why) => why.clone(),
             ApiError::Unauthorized => "missing, malformed, expired or wrong credentials".into(),
             ApiError::Forbidden => "your role may not use this route".into(),
             ApiError::NotFound => "no such resource".into(),
@@ -156,7 +162,10 @@ impl From<sqlx::Error> for ApiError {
 impl From<store::StoreError> for ApiError {
     fn from(error: store::StoreError) -> ApiError {
         match error {
-            store::StoreError::Unavailable(_) => ApiError::Unavailable("the event store".into()),
+            store::StoreError::Unavailable(_) | store::StoreError::RemoteUnavailable(_) => {
+                ApiError::Unavailable("the event store".into())
+            }
+            store::StoreError::Unsupported(why) => ApiError::NotSupported(why),
             other => ApiError::Internal(other.into()),
         }
     }

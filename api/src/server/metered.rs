@@ -26,6 +26,10 @@ impl EventStore for MeteredStore {
         self.inner.backend()
     }
 
+    fn keeps_hash_chain(&self) -> bool {
+        self.inner.keeps_hash_chain()
+    }
+
     async fn verify_chain(
         &self,
         progress: &(dyn Fn(i64) + Send + Sync),
@@ -76,6 +80,10 @@ impl EventStore for MeteredStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_all(after, limit).await
+    }
+
+    async fn read_at(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        self.inner.read_at(position).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

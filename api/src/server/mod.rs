@@ -28,7 +28,7 @@ use std::num::NonZeroU32;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{Backend, EventStore};
+use store::{Backend, EventStore, LogLocation};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 /// How often expired sessions and idle rate-limit entries are swept.
@@ -186,9 +186,20 @@ impl Server {
         limits: Limits,
         settings: EngineSettings,
     ) -> anyhow::Result<Server> {
+        Server::start_with_log(backend, &LogLocation::Database, limits, settings).await
+    }
+
+    /// Like `start`, with the log where `log` says (the read models and API
+    /// tables stay in `backend`).
+    pub async fn start_with_log(
+        backend: &Backend,
+        log: &LogLocation,
+        limits: Limits,
+        settings: EngineSettings,
+    ) -> anyhow::Result<Server> {
         handlers::prometheus();
         let store: Arc<dyn EventStore> =
-            Arc::new(metered::MeteredStore::new(backend.open().await?));
+            Arc::new(metered::MeteredStore::new(log.open(backend).await?));
         let db = ReadDb::open(backend).await?;
         projections::prepare(store.clone(), &db).await?;
         let access = AccessDb::open(backend).await?;
@@ -352,12 +363,15 @@ async fn housekeeping(state: AppState) {
 /// Runs the server until Ctrl-C or SIGTERM, then drains in-flight requests.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let backend = options.store.backend();
+    let log = options.store.log()?;
+    let stores = options.store.describe()?;
     let settings = EngineSettings {
         queue_max: options.purchase_queue_max.max(1),
         reservation_ttl: chrono::Duration::from_std(options.reservation_ttl)?,
         ..EngineSettings::default()
     };
-    let mut server = Server::start(&backend, options.limits.clone(), settings).await?;
+    let mut server =
+        Server::start_with_log(&backend, &log, options.limits.clone(), settings).await?;
     bootstrap_admin_from_environment(&server.state).await?;
     match &options.gateway_url {
         Some(url) => {
@@ -378,7 +392,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     }
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, %backend, "ledger serving");
+    tracing::info!(%address, %backend, %log, "ledger serving");
     let signal = crate::read_models::shutdown_signal();
     let feed = server.state.feed.clone();
     let stop = async move {
@@ -388,7 +402,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         feed.close_streams();
     };
     // One plain line on standard output, for people and for scripts.
-    println!("ledger serving on http://{address} ({backend}); dashboard at http://{address}/");
+    println!("ledger serving on http://{address} ({stores}); dashboard at http://{address}/");
     axum::serve(
         listener,
         server
