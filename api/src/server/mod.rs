@@ -263,8 +263,14 @@ impl Server {
                 handlers::panicked,
             ))
             .layer(
-                tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                    |request: &axum::http::Request<_>| {
+                tower_http::trace::TraceLayer::new_for_http()
+                    // 5xx answers are expected operating conditions here
+                    // (load shedding, timeouts, a database restart: 503);
+                    // internal errors log themselves at ERROR with details.
+                    .on_failure(
+                        tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN),
+                    )
+                    .make_span_with(|request: &axum::http::Request<_>| {
                         let request_id = request
                             .headers()
                             .get(guard::REQUEST_ID_HEADER)
@@ -276,8 +282,7 @@ impl Server {
                             path = %request.uri().path(),
                             request_id,
                         )
-                    },
-                ),
+                    }),
             )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(axum::middleware::from_fn(guard::close_after_unread_body))
