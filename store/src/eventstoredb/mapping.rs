@@ -87,7 +87,7 @@ pub fn checkpoint(position: kurrentdb::Position) -> Result<Position, StoreError>
     if position.commit == u64::MAX {
         return unsupported(
             "the server did not report the event's $all position; stream reads carry it \
-             from EventStoreDB 22.10 on, for events not written in explicit transactions"
+             from EventStoreDB 22.6 on, for events not written in explicit transactions"
                 .into(),
         );
     }

@@ -36,7 +36,7 @@ use crate::model::{
     Appended, Position, RecordedEvent, StreamAppend, StreamOutcome, VersionConflict,
 };
 use crate::plan::{self, StoredId};
-use crate::port::{AppendHook, EventStore, READ_LIMIT_MAX, clamp_limit, run_hook};
+use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use kurrentdb::{
@@ -53,7 +53,10 @@ use tokio::sync::watch;
 pub const APPEND_STREAMS_CONCURRENCY_MAX: usize = 16;
 /// Events looked back at, from a stream's end, for a re-append with
 /// `ExpectedVersion::Any`.
-pub const ANY_DUPLICATE_SCAN_MAX: usize = READ_LIMIT_MAX;
+pub const ANY_DUPLICATE_SCAN_MAX: usize = 1_000;
+/// Events read back from the end of `$all` at a time to find the last one
+/// that is the ledger's.
+const HEAD_SCAN: usize = 64;
 /// Longest one call to the server may take.
 pub const OPERATION_DEADLINE: Duration = Duration::from_secs(10);
 /// First pause before the commit watch subscribes again after an error.
@@ -65,7 +68,7 @@ const WATCH_RETRY_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// watch.
 #[derive(Clone)]
 pub struct EventStoreDb {
-    client: Client,
+    connection: Arc<Connection>,
     commits: Arc<watch::Sender<Position>>,
     hook: Option<Arc<dyn AppendHook>>,
     _watch: Arc<WatchGuard>,
@@ -73,6 +76,50 @@ pub struct EventStoreDb {
     /// it applied the schema and, on SQLite, checkpoints the write-ahead log
     /// the read models share.
     _database: Option<Arc<dyn EventStore>>,
+}
+
+/// The client, and the settings to make a new one: the client's connection
+/// task gives up for good when reconnecting fails in some cases (a refused
+/// first connection, a failed reconnect after a not-leader redirect), after
+/// which every call answers `ConnectionClosed`.
+struct Connection {
+    settings: ClientSettings,
+    client: std::sync::RwLock<Client>,
+}
+
+impl Connection {
+    fn client(&self) -> Client {
+        self.client.read().expect("BUG: poisoned").clone()
+    }
+
+    /// Replaces a client whose connection task has ended, so that the next
+    /// call connects afresh.
+    fn renew_if_closed(&self, error: &StoreError) {
+        let StoreError::RemoteUnavailable(source) = error else {
+            return;
+        };
+        if !matches!(
+            source.downcast_ref::<kurrentdb::Error>(),
+            Some(kurrentdb::Error::ConnectionClosed)
+        ) {
+            return;
+        }
+        match Client::new(self.settings.clone()) {
+            Ok(client) => {
+                tracing::warn!("EventStoreDB client lost its connection for good; made a new one");
+                *self.client.write().expect("BUG: poisoned") = client;
+            }
+            Err(error) => tracing::warn!(%error, "cannot make a new EventStoreDB client"),
+        }
+    }
+
+    /// `result`, after renewing the client if it says the connection ended.
+    fn checked<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &result {
+            self.renew_if_closed(error);
+        }
+        result
+    }
 }
 
 /// Stops the commit watch when the last clone of the store is dropped.
@@ -97,19 +144,23 @@ impl EventStoreDb {
                     .into(),
             )
         })?;
-        let client = Client::new(settings).map_err(|error| {
+        let client = Client::new(settings.clone()).map_err(|error| {
             StoreError::Remote(format!("cannot create the EventStoreDB client: {error}").into())
         })?;
-        let head = head(&client).await?;
+        let connection = Arc::new(Connection {
+            settings,
+            client: std::sync::RwLock::new(client),
+        });
+        let head = connection.checked(head(&connection.client()).await)?;
         let (sender, _) = watch::channel(head);
         let commits = Arc::new(sender);
         let task = tokio::spawn(watch_commits(
-            client.clone(),
+            connection.clone(),
             head,
             Arc::downgrade(&commits),
         ));
         Ok(EventStoreDb {
-            client,
+            connection,
             commits,
             hook: None,
             _watch: Arc::new(WatchGuard(task.abort_handle())),
@@ -149,7 +200,12 @@ impl EventStoreDb {
         } else {
             options.forwards()
         };
-        let mut read = match self.client.read_stream(stream_id, &options).await {
+        let mut read = match self
+            .connection
+            .client()
+            .read_stream(stream_id, &options)
+            .await
+        {
             Ok(read) => read,
             Err(kurrentdb::Error::ResourceNotFound) => return Ok(Vec::new()),
             Err(error) => return Err(mapping::store_error(error)),
@@ -221,9 +277,6 @@ impl EventStoreDb {
 
     /// Appends one stream of a batch.
     async fn append_stream(&self, append: &StreamAppend) -> Result<StreamOutcome, StoreError> {
-        if let Some(done) = self.already_appended(append).await? {
-            return Ok(StreamOutcome::Appended(done));
-        }
         let conflict = |actual| {
             StreamOutcome::Conflict(VersionConflict {
                 stream_id: append.stream_id.clone(),
@@ -237,13 +290,17 @@ impl EventStoreDb {
                 return Ok(conflict(self.last_version(&append.stream_id).await?));
             }
         };
+        if let Some(done) = self.already_appended(append).await? {
+            return Ok(StreamOutcome::Appended(done));
+        }
         run_hook(self.hook.as_ref(), std::slice::from_ref(append)).await?;
         let events: Vec<_> = append.events.iter().map(mapping::event_data).collect();
         let options = AppendToStreamOptions::default()
             .stream_state(state)
             .deadline(OPERATION_DEADLINE);
         match self
-            .client
+            .connection
+            .client()
             .append_to_stream(append.stream_id.as_str(), &options, events)
             .await
         {
@@ -321,12 +378,13 @@ impl EventStore for EventStoreDb {
             .iter()
             .map(|append| self.append_stream(append))
             .collect();
-        futures::stream::iter(pending)
+        let outcomes = futures::stream::iter(pending)
             .buffered(APPEND_STREAMS_CONCURRENCY_MAX)
             .collect::<Vec<_>>()
             .await
             .into_iter()
-            .collect()
+            .collect();
+        self.connection.checked(outcomes)
     }
 
     async fn read_stream(
@@ -337,7 +395,8 @@ impl EventStore for EventStoreDb {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let start = StreamPosition::Position(mapping::revision_after(after_version));
         let limit = clamp_limit(limit) as usize;
-        self.read_revisions(stream_id, start, false, limit).await
+        let read = self.read_revisions(stream_id, start, false, limit).await;
+        self.connection.checked(read)
     }
 
     /// Reads forward from `after` (which the server includes), dropping it
@@ -355,7 +414,9 @@ impl EventStore for EventStoreDb {
                 .position(mapping::read_start(start))
                 .forwards()
                 .max_count(limit + 1);
-            let page = read_all_page(&self.client, options).await?;
+            let page = self
+                .connection
+                .checked(read_all_page(&self.connection.client(), options).await)?;
             let events = page
                 .iter()
                 .map(|resolved| resolved.get_original_event())
@@ -392,7 +453,9 @@ impl EventStore for EventStoreDb {
             .position(StreamPosition::Position(start))
             .forwards()
             .max_count(1);
-        let page = read_all_page(&self.client, options).await?;
+        let page = self
+            .connection
+            .checked(read_all_page(&self.connection.client(), options).await)?;
         let Some(event) = page.first().map(|resolved| resolved.get_original_event()) else {
             return Ok(None);
         };
@@ -405,7 +468,8 @@ impl EventStore for EventStoreDb {
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        head(&self.client).await
+        self.connection
+            .checked(head(&self.connection.client()).await)
     }
 
     fn keeps_hash_chain(&self) -> bool {
@@ -450,16 +514,31 @@ async fn read_all_page(
     Ok(events)
 }
 
-/// The last event of `$all` outside EventStoreDB's own streams (0: none).
+/// The last event of `$all` that is the ledger's (0: none): outside
+/// EventStoreDB's own streams, and not one of its own event types in a
+/// ledger stream (a `$streamDeleted` tombstone, say), which `read_all`
+/// never returns either.
 async fn head(client: &Client) -> Result<Position, StoreError> {
-    let options = ReadAllOptions::default()
-        .position(StreamPosition::End)
-        .backwards()
-        .max_count(1);
-    let page = read_all_page(client, options).await?;
-    match page.first() {
-        Some(resolved) => mapping::checkpoint(resolved.get_original_event().position),
-        None => Ok(0),
+    let mut from = StreamPosition::End;
+    loop {
+        let options = ReadAllOptions::default()
+            .position(from)
+            .backwards()
+            .max_count(HEAD_SCAN);
+        let page = read_all_page(client, options).await?;
+        let found = page
+            .iter()
+            .map(|resolved| resolved.get_original_event())
+            .find(|e| !mapping::is_system(e.stream_id(), &e.event_type));
+        if let Some(event) = found {
+            return mapping::checkpoint(event.position);
+        }
+        match page.last() {
+            Some(last) if page.len() == HEAD_SCAN => {
+                from = StreamPosition::Position(last.get_original_event().position);
+            }
+            _ => return Ok(0),
+        }
     }
 }
 
@@ -468,7 +547,11 @@ async fn head(client: &Client) -> Result<Position, StoreError> {
 /// subscribers. Subscribes again after an error, from the last position
 /// seen, pausing longer after each failure in a row; ends when the store is
 /// dropped.
-async fn watch_commits(client: Client, from: Position, commits: Weak<watch::Sender<Position>>) {
+async fn watch_commits(
+    connection: Arc<Connection>,
+    from: Position,
+    commits: Weak<watch::Sender<Position>>,
+) {
     let mut after = from;
     let mut pause = WATCH_RETRY_PAUSE_MIN;
     loop {
@@ -479,7 +562,7 @@ async fn watch_commits(client: Client, from: Position, commits: Weak<watch::Send
         let options = SubscribeToAllOptions::default()
             .position(start)
             .filter(SubscriptionFilter::on_stream_name().exclude_system_events());
-        let mut subscription = client.subscribe_to_all(&options).await;
+        let mut subscription = connection.client().subscribe_to_all(&options).await;
         loop {
             let event = subscription.next_subscription_event().await;
             let Some(sender) = commits.upgrade() else {
@@ -508,6 +591,7 @@ async fn watch_commits(client: Client, from: Position, commits: Weak<watch::Send
                 Err(error) => {
                     tracing::warn!(%error, pause_ms = pause.as_millis() as u64,
                         "EventStoreDB commit watch lost its subscription; subscribing again");
+                    connection.renew_if_closed(&mapping::store_error(error));
                     break;
                 }
             }
