@@ -71,6 +71,9 @@ struct Tally {
     while_down: Mutex<BTreeMap<String, u64>>,
     /// 503s received while PostgreSQL was down.
     answered_503_down: AtomicU64,
+    /// The slowest answer to a request sent or answered during the outage,
+    /// in milliseconds.
+    slowest_down_ms: AtomicU64,
     /// True while PostgreSQL is down.
     down: AtomicBool,
     sold_out: AtomicBool,
@@ -229,6 +232,7 @@ async fn buyer(
             };
             Tally::bump(&tally.requests);
             let down = tally.down.load(Ordering::SeqCst);
+            let asked = Instant::now();
             let sent = http
                 .post(url)
                 .bearer_auth(&token)
@@ -256,6 +260,8 @@ async fn buyer(
                 Tally::bump(&tally.answered_503_down);
             }
             if down || down_now {
+                let waited = asked.elapsed().as_millis() as u64;
+                tally.slowest_down_ms.fetch_max(waited, Ordering::Relaxed);
                 let answer = format!("{status} {}", body["error"].as_str().unwrap_or_default());
                 *tally.while_down.lock().unwrap().entry(answer).or_default() += 1;
             }
@@ -353,9 +359,10 @@ fn answers_checks(tally: &Tally, fault: &Fault, report: &mut Report) {
             "answered 503 while PostgreSQL was down, and recovered by itself",
             Tally::count(&tally.answered_503_down) > 0,
             format!(
-                "{} answered 503 during the outage; answers sent or received during it: {}",
+                "{} answered 503 during the outage; answers sent or received during it: {}; the slowest took {:.1}s",
                 Tally::count(&tally.answered_503_down),
-                answers.join(", ")
+                answers.join(", "),
+                Tally::count(&tally.slowest_down_ms) as f64 / 1000.0
             ),
         );
     }
