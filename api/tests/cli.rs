@@ -256,7 +256,8 @@ async fn read_model_commands_rebuild_check_and_repair_on_sqlite() {
     let store = store::SqliteEventStore::open(&path).await.unwrap();
     generated_log(&store, 2_000).await;
     let data_dir = folder.path().to_str().unwrap().to_owned();
-    let url = format!("sqlite://{}", path.display());
+    let read_models = projections::db::sqlite_read_models(&path);
+    let url = format!("sqlite://{}", read_models.display());
     tokio::task::spawn_blocking(move || {
         read_model_commands(&["--data-dir", &data_dir], || {
             tokio::runtime::Runtime::new().unwrap().block_on(async {

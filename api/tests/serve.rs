@@ -136,10 +136,12 @@ fn ledger_serve_starts_on_sqlite_answers_and_stops_on_sigterm() {
     let mut answer = String::new();
     connection.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        folder.path().join("data").join("ledger.db").exists(),
-        "the SQLite file lives in --data-dir"
-    );
+    for file in ["ledger.db", "read.db", "access.db"] {
+        assert!(
+            folder.path().join("data").join(file).exists(),
+            "the SQLite files live in --data-dir: {file}"
+        );
+    }
     let terminated = std::process::Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
         .status()
