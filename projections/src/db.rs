@@ -140,8 +140,7 @@ impl ReadDb {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(write_options)
             .await?;
-        store::sqlite::MIGRATOR
-            .run(&write)
+        store::sqlite::migrate(&write, &store::sqlite::MIGRATOR)
             .await
             .map_err(|e| ProjectionError::Database(e.into()))?;
         let read = SqlitePoolOptions::new()

@@ -24,6 +24,34 @@ use uuid::Uuid;
 /// The SQLite schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
+/// Tries at migrating an SQLite file before giving up (see `migrate`).
+const MIGRATE_ATTEMPTS: u32 = 20;
+
+/// Applies `migrator`'s pending migrations to an SQLite file that other
+/// processes may be opening at the same moment. sqlx takes no lock for
+/// SQLite migrations, so two processes creating one file race: both see
+/// migration N pending and the loser's attempt fails ("table already
+/// exists", "duplicate column"). Each migration runs in its own transaction,
+/// so the loser's attempt left nothing behind; it tries again, finds N
+/// applied and goes on.
+pub async fn migrate(
+    pool: &SqlitePool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut attempt = 1;
+    loop {
+        match migrator.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < MIGRATE_ATTEMPTS => {
+                tracing::debug!(%error, attempt, "migration raced another process; again");
+                tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Connections in the read pool.
 pub const SQLITE_READ_CONNECTIONS_MAX: u32 = 4;
 /// How long a statement waits for another process's write lock.
@@ -115,8 +143,7 @@ impl SqliteEventStore {
             .max_connections(1)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
-        MIGRATOR
-            .run(&write)
+        migrate(&write, &MIGRATOR)
             .await
             .map_err(|e| StoreError::Database(e.into()))?;
         let filled = backfill_hashes(&write).await?;

@@ -127,8 +127,7 @@ impl AccessDb {
                     .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
                     .connect_with(store::sqlite::connect_options(&path))
                     .await?;
-                SQLITE_MIGRATOR
-                    .run(&pool)
+                store::sqlite::migrate(&pool, &SQLITE_MIGRATOR)
                     .await
                     .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
                 AccessDb::Sqlite(pool, store::sqlite::write_gate(&path))
