@@ -135,14 +135,15 @@ impl ReadDb {
             // runner pays for them, not the purchase path.
             .log_slow_statements(log::LevelFilter::Warn, SLOW_WRITE);
         let options = options.log_slow_statements(log::LevelFilter::Debug, SLOW_READ);
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(write_options)
-            .await?;
-        store::sqlite::migrate(&write, &store::sqlite::MIGRATOR)
-            .await
-            .map_err(|e| ProjectionError::Database(e.into()))?;
+        let write = store::sqlite::connect_migrated(
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT),
+            write_options,
+            &store::sqlite::MIGRATOR,
+        )
+        .await
+        .map_err(|e| ProjectionError::Database(e.into()))?;
         let read = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS_MAX)
             .acquire_timeout(ACQUIRE_TIMEOUT)

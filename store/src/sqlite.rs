@@ -27,23 +27,30 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sql
 /// Tries at migrating an SQLite file before giving up (see `migrate`).
 const MIGRATE_ATTEMPTS: u32 = 20;
 
-/// Applies `migrator`'s pending migrations to an SQLite file that other
-/// processes may be opening at the same moment. sqlx takes no lock for
-/// SQLite migrations, so two processes creating one file race: both see
-/// migration N pending and the loser's attempt fails ("table already
-/// exists", "duplicate column"). Each migration runs in its own transaction,
-/// so the loser's attempt left nothing behind; it tries again, finds N
-/// applied and goes on.
-pub async fn migrate(
-    pool: &SqlitePool,
+/// Connects a pool to an SQLite file and applies `migrator`'s pending
+/// migrations, while other processes may be opening the same file. Both
+/// steps can lose a race on a fresh file: switching it to WAL takes an
+/// exclusive lock that SQLite refuses at once ("database is locked")
+/// rather than waiting for, and sqlx takes no lock for SQLite migrations,
+/// so two processes may both see migration N pending and the loser's
+/// attempt fails ("table already exists"). Each migration runs in its own
+/// transaction, so a lost attempt left nothing behind: it tries again,
+/// finds N applied and goes on.
+pub async fn connect_migrated(
+    pool: SqlitePoolOptions,
+    options: SqliteConnectOptions,
     migrator: &sqlx::migrate::Migrator,
-) -> Result<(), sqlx::migrate::MigrateError> {
+) -> Result<SqlitePool, sqlx::migrate::MigrateError> {
     let mut attempt = 1;
     loop {
-        match migrator.run(pool).await {
-            Ok(()) => return Ok(()),
+        let result = match pool.clone().connect_with(options.clone()).await {
+            Ok(connected) => migrator.run(&connected).await.map(|()| connected),
+            Err(error) => Err(sqlx::migrate::MigrateError::Execute(error)),
+        };
+        match result {
+            Ok(connected) => return Ok(connected),
             Err(error) if attempt < MIGRATE_ATTEMPTS => {
-                tracing::debug!(%error, attempt, "migration raced another process; again");
+                tracing::debug!(%error, attempt, "opening raced another process; again");
                 tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
                 attempt += 1;
             }
@@ -139,13 +146,13 @@ impl SqliteEventStore {
         let options = connect_options(path);
         // Checkpoints run beside the writers (see `checkpoint_periodically`),
         // not inside whichever commit happens to cross the WAL's size.
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
-            .await?;
-        migrate(&write, &MIGRATOR)
-            .await
-            .map_err(|e| StoreError::Database(e.into()))?;
+        let write = connect_migrated(
+            SqlitePoolOptions::new().max_connections(1),
+            options.clone().pragma("wal_autocheckpoint", "0"),
+            &MIGRATOR,
+        )
+        .await
+        .map_err(|e| StoreError::from(sqlx::Error::from(e)))?;
         let filled = backfill_hashes(&write).await?;
         if filled > 0 {
             tracing::info!(

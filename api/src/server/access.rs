@@ -122,14 +122,15 @@ impl AccessDb {
         Ok(match backend {
             Backend::Sqlite(ledger) => {
                 let path = sqlite_path(ledger);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(ACCESS_CONNECTIONS_MAX)
-                    .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT)
-                    .connect_with(store::sqlite::connect_options(&path))
-                    .await?;
-                store::sqlite::migrate(&pool, &SQLITE_MIGRATOR)
-                    .await
-                    .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+                let pool = store::sqlite::connect_migrated(
+                    SqlitePoolOptions::new()
+                        .max_connections(ACCESS_CONNECTIONS_MAX)
+                        .acquire_timeout(ACCESS_ACQUIRE_TIMEOUT),
+                    store::sqlite::connect_options(&path),
+                    &SQLITE_MIGRATOR,
+                )
+                .await
+                .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
                 AccessDb::Sqlite(pool, store::sqlite::write_gate(&path))
             }
             Backend::Postgres(url) => AccessDb::Postgres(
