@@ -1,11 +1,13 @@
 //! `ledger serve`: the public routes answered from the read models, error
 //! bodies, and the real binary starting, answering and shutting down.
 
+mod process;
+
 use api::server::{Limits, Server};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::sync::Arc;
 use store::EventStore;
 use store::testing::TestSqlite;
@@ -117,16 +119,7 @@ fn ledger_serve_starts_on_sqlite_answers_and_stops_on_sigterm() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let address = process::read_address(&mut server);
     let mut connection = std::net::TcpStream::connect(&address).unwrap();
     write!(
         connection,

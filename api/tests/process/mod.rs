@@ -2,6 +2,9 @@
 //! started with a data folder and the bootstrap admin, its address read
 //! from the line it prints, killed (SIGKILL) when dropped.
 
+// Each test binary that includes this module uses only some of it.
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -36,7 +39,6 @@ pub struct Launch<'a> {
 
 /// Starts `ledger <args>` on `data_dir` (embedded SQLite) and waits for the
 /// `http://…` address it prints.
-#[allow(dead_code)] // Not every test binary uses every helper.
 pub fn start(args: &[&str], data_dir: &Path) -> Process {
     launch(args, data_dir, &Launch::default())
 }
@@ -64,18 +66,23 @@ pub fn launch(args: &[&str], data_dir: &Path, launch: &Launch) -> Process {
         command.stderr(file);
     }
     let mut child = command.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let address = read_address(&mut child);
     Process {
         child,
         url: format!("http://{address}"),
     }
+}
+
+/// The `host:port` a started `ledger` prints on its first line of
+/// standard output (which must be piped).
+pub fn read_address(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned()
 }
