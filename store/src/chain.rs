@@ -8,6 +8,7 @@
 //! (appends are serialized, so "the previous event" is well defined) over
 //! exactly the text it stores.
 
+use crate::model::NewEvent;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -35,6 +36,30 @@ pub struct Link<'a> {
     pub metadata: &'a str,
     /// When it was recorded.
     pub recorded_at: DateTime<Utc>,
+}
+
+impl<'a> Link<'a> {
+    /// The link of an event being appended at `version` of `stream_id`,
+    /// with its data and metadata as they will be stored.
+    pub fn appended(
+        stream_id: &'a str,
+        version: i64,
+        event: &'a NewEvent,
+        data: &'a str,
+        metadata: &'a str,
+        recorded_at: DateTime<Utc>,
+    ) -> Link<'a> {
+        Link {
+            stream_id,
+            version,
+            event_id: event.event_id,
+            event_type: &event.event_type,
+            schema_version: event.schema_version,
+            data,
+            metadata,
+            recorded_at,
+        }
+    }
 }
 
 /// How recording times are written wherever they are hashed or exported.

@@ -159,16 +159,14 @@ impl EventStore for MemoryEventStore {
                 );
                 previous = crate::chain::link(
                     &previous,
-                    &crate::chain::Link {
-                        stream_id: &append.stream_id,
+                    &crate::chain::Link::appended(
+                        &append.stream_id,
                         version,
-                        event_id: event.event_id,
-                        event_type: &event.event_type,
-                        schema_version: event.schema_version,
-                        data: &data,
-                        metadata: &metadata,
+                        event,
+                        &data,
+                        &metadata,
                         recorded_at,
-                    },
+                    ),
                 );
                 rows.push(RecordedEvent {
                     position: first_position + rows.len() as i64,

@@ -177,16 +177,14 @@ impl PostgresEventStore {
                 let version = first_version + offset as i64;
                 previous = chain::link(
                     &previous,
-                    &chain::Link {
-                        stream_id: &append.stream_id,
+                    &chain::Link::appended(
+                        &append.stream_id,
                         version,
-                        event_id: event.event_id,
-                        event_type: &event.event_type,
-                        schema_version: event.schema_version,
-                        data: &data,
-                        metadata: &metadata,
+                        event,
+                        &data,
+                        &metadata,
                         recorded_at,
-                    },
+                    ),
                 );
                 columns.stream_ids.push(append.stream_id.as_str());
                 columns.versions.push(version);
@@ -267,7 +265,7 @@ async fn chain_end(
 const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
      data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
 
-fn raw_row(row: &sqlx::postgres::PgRow) -> Result<(RawEvent, Option<String>), StoreError> {
+fn raw_row(row: &sqlx::postgres::PgRow) -> Result<RawEvent, StoreError> {
     let raw = RawEvent {
         position: row.try_get("position")?,
         stream_id: row.try_get("stream_id")?,
@@ -278,9 +276,9 @@ fn raw_row(row: &sqlx::postgres::PgRow) -> Result<(RawEvent, Option<String>), St
         data: row.try_get("data")?,
         metadata: row.try_get("metadata")?,
         recorded_at: row.try_get("recorded_at")?,
-        hash: None,
+        hash: row.try_get("hash")?,
     };
-    Ok((raw, row.try_get("hash")?))
+    Ok(raw)
 }
 
 /// Gives events written before hashes existed their hash, in position
@@ -319,7 +317,7 @@ async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
             break;
         }
         for row in &rows {
-            let (raw, _) = raw_row(row)?;
+            let raw = raw_row(row)?;
             after = raw.position;
             if after > end {
                 break;
@@ -356,9 +354,9 @@ impl PostgresEventStore {
                 return Ok(verifier.report());
             }
             for row in &rows {
-                let (raw, hash) = raw_row(row)?;
+                let raw = raw_row(row)?;
                 after = raw.position;
-                verifier.check(raw.position, &raw.link(), hash.as_deref());
+                verifier.check(raw.position, &raw.link(), raw.hash.as_deref());
             }
             progress(after);
         }
@@ -443,19 +441,7 @@ impl PostgresEventStore {
 }
 
 fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
-    RawEvent {
-        position: row.try_get("position")?,
-        stream_id: row.try_get("stream_id")?,
-        version: row.try_get("version")?,
-        event_id: row.try_get("event_id")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        data: row.try_get("data")?,
-        metadata: row.try_get("metadata")?,
-        recorded_at: row.try_get("recorded_at")?,
-        hash: row.try_get("hash")?,
-    }
-    .parse()
+    raw_row(row)?.parse()
 }
 
 #[async_trait]

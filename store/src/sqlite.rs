@@ -262,16 +262,14 @@ impl SqliteEventStore {
                 let version = first_version + offset as i64;
                 previous = chain::link(
                     &previous,
-                    &chain::Link {
-                        stream_id: &append.stream_id,
+                    &chain::Link::appended(
+                        &append.stream_id,
                         version,
-                        event_id: event.event_id,
-                        event_type: &event.event_type,
-                        schema_version: event.schema_version,
-                        data: &data,
-                        metadata: &metadata,
+                        event,
+                        &data,
+                        &metadata,
                         recorded_at,
-                    },
+                    ),
                 );
                 rows.push(BatchRow {
                     s: &append.stream_id,
@@ -390,7 +388,7 @@ async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
             break;
         }
         for row in &rows {
-            let (raw, _) = raw_row(row)?;
+            let raw = raw_row(row)?;
             after = raw.position;
             if after > end {
                 break;
@@ -412,8 +410,8 @@ async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
 const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
      data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
 
-/// A stored row as text, and its stored hash.
-fn raw_row(row: &sqlx::sqlite::SqliteRow) -> Result<(RawEvent, Option<String>), StoreError> {
+/// A stored row as text, with its stored hash.
+fn raw_row(row: &sqlx::sqlite::SqliteRow) -> Result<RawEvent, StoreError> {
     let position: i64 = row.try_get("position")?;
     let recorded_at: String = row.try_get("recorded_at")?;
     let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
@@ -432,9 +430,9 @@ fn raw_row(row: &sqlx::sqlite::SqliteRow) -> Result<(RawEvent, Option<String>), 
         data: row.try_get("data")?,
         metadata: row.try_get("metadata")?,
         recorded_at,
-        hash: None,
+        hash: row.try_get("hash")?,
     };
-    Ok((raw, row.try_get("hash")?))
+    Ok(raw)
 }
 
 impl SqliteEventStore {
@@ -456,9 +454,9 @@ impl SqliteEventStore {
                 return Ok(verifier.report());
             }
             for row in &rows {
-                let (raw, hash) = raw_row(row)?;
+                let raw = raw_row(row)?;
                 after = raw.position;
-                verifier.check(raw.position, &raw.link(), hash.as_deref());
+                verifier.check(raw.position, &raw.link(), raw.hash.as_deref());
             }
             progress(after);
         }
@@ -518,27 +516,7 @@ fn parse_uuid(text: &str, position: i64) -> Result<Uuid, StoreError> {
 }
 
 fn parse_row(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, StoreError> {
-    let position: i64 = row.try_get("position")?;
-    let recorded_at: String = row.try_get("recorded_at")?;
-    let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
-        .map_err(|e| StoreError::Corrupt {
-            position,
-            reason: format!("recorded_at: {e}"),
-        })?
-        .with_timezone(&Utc);
-    RawEvent {
-        position,
-        stream_id: row.try_get("stream_id")?,
-        version: row.try_get("version")?,
-        event_id: parse_uuid(row.try_get("event_id")?, position)?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        data: row.try_get("data")?,
-        metadata: row.try_get("metadata")?,
-        recorded_at,
-        hash: row.try_get("hash")?,
-    }
-    .parse()
+    raw_row(row)?.parse()
 }
 
 #[async_trait]
