@@ -335,6 +335,28 @@ fn print_drift(report: &DriftReport) {
             mismatch.last_balance_after
         );
     }
+    let entitlements = &trial.entitlements;
+    println!(
+        "  payouts checked against entitlements: {} ({} succeeded and awaiting their credit)",
+        entitlements.payouts_checked, entitlements.awaiting_credit
+    );
+    for violation in &entitlements.violations {
+        println!(
+            "  ENTITLEMENT {} at position {}: product {} holder {} payout {}: {}",
+            violation.rule,
+            violation.position,
+            violation.product_id,
+            violation.account_id,
+            violation.payout_id,
+            violation.detail
+        );
+    }
+    if entitlements.violation_count > entitlements.violations.len() as u64 {
+        println!(
+            "  ... {} entitlement violations in all",
+            entitlements.violation_count
+        );
+    }
     println!();
     if report.clean() {
         println!("no drift: every read model equals a fresh rebuild, and the trial balance holds");

@@ -1,8 +1,9 @@
 //! Payouts exactly once against `ledger fake-gateway` lying 30% of the time
-//! (half of the lies after paying): three workers and concurrent scheduling,
-//! then the same with every worker killed mid-run and new ones started.
-//! The gateway's own record must show one payment per holder per period,
-//! matching the ledger.
+//! (half of the lies after paying): three workers and concurrent scheduling
+//! of the same money under different labels, then the same with every
+//! worker killed mid-run and new ones started. The gateway's own record
+//! must show, per holder, the principal paid once and the term's interest
+//! once, matching the ledger.
 
 mod support;
 
@@ -51,6 +52,10 @@ fn settings(name: &str) -> WorkerSettings {
         lease: chrono::Duration::seconds(2),
         idle_pause: Duration::from_millis(50),
         retry_pause: chrono::Duration::milliseconds(100),
+        // The provider's timeout below: a claim recorded with less of its
+        // lease left than this is not used for a call.
+        call_timeout: chrono::Duration::milliseconds(400),
+        park_unknown_after: chrono::Duration::minutes(10),
     }
 }
 
@@ -83,15 +88,41 @@ async fn holders(api: &TestApi) -> Vec<(User, i64)> {
 }
 
 async fn schedule(api: &TestApi, period: &str) -> usize {
-    let reply = api
-        .post(
-            &format!("/v1/products/{PRODUCT}/payouts"),
-            &api.admin,
-            json!({"period": period, "kind": "interest", "days": DAYS}),
-        )
-        .await;
+    let reply = schedule_body(
+        api,
+        json!({"period": period, "kind": "interest", "days": DAYS}),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
     reply.body["scheduled"].as_u64().unwrap() as usize
+}
+
+async fn schedule_body(api: &TestApi, body: serde_json::Value) -> support::Reply {
+    api.post(&format!("/v1/products/{PRODUCT}/payouts"), &api.admin, body)
+        .await
+}
+
+/// Schedules the principal under `period`; its count of new payouts.
+async fn schedule_principal(api: &TestApi, period: &str) -> usize {
+    let reply = schedule_body(api, json!({"period": period, "kind": "principal"})).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    reply.body["scheduled"].as_u64().unwrap() as usize
+}
+
+/// Interest for the whole term under `period`: the number of new payouts,
+/// or `None` if the term was already used (409 `entitlement_exceeded`).
+async fn schedule_term(api: &TestApi, period: &str) -> Option<usize> {
+    let reply = schedule_body(
+        api,
+        json!({"period": period, "kind": "interest", "days": DAYS}),
+    )
+    .await;
+    if reply.status == StatusCode::CONFLICT {
+        assert_eq!(reply.code(), "entitlement_exceeded", "{reply:?}");
+        return None;
+    }
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    Some(reply.body["scheduled"].as_u64().unwrap() as usize)
 }
 
 async fn wait_until_all_succeeded(api: &TestApi, expected: usize) {
@@ -115,8 +146,14 @@ async fn wait_until_all_succeeded(api: &TestApi, expected: usize) {
 }
 
 /// The gateway's record and the ledger agree: one payment per payout key,
-/// each holder credited exactly its interest once.
-async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, i64)]) {
+/// each holder credited exactly its interest once (and its principal once,
+/// when `with_principal`).
+async fn check_exactly_once(
+    api: &TestApi,
+    gateway: &Gateway,
+    holders: &[(User, i64)],
+    with_principal: bool,
+) {
     let list: PaymentList = reqwest::get(format!("{}/payments", gateway.url))
         .await
         .unwrap()
@@ -165,31 +202,46 @@ async fn check_exactly_once(api: &TestApi, gateway: &Gateway, holders: &[(User, 
         timelines_unknown > 0 || ambiguous > 0,
         "the gateway lied 30% of the time, so some outcomes were unknown"
     );
+    // Per holder in the gateway's own record: what it paid under the
+    // holder's account, against what the holder is owed.
+    let mut paid_to: HashMap<&str, i64> = HashMap::new();
+    for payment in list.payments.iter().filter(|p| p.status == "succeeded") {
+        *paid_to.entry(payment.account_id.as_str()).or_default() += payment.amount;
+    }
     for (holder, principal) in holders {
         let interest = principal * RATE_BPS * DAYS / 3_650_000;
+        let owed = interest + if with_principal { *principal } else { 0 };
         let account = holder.account_id.as_deref().unwrap();
+        assert_eq!(
+            paid_to.get(account).copied().unwrap_or(0),
+            owed,
+            "the gateway paid holder {account} exactly what is owed"
+        );
         let balance = api
             .get(&format!("/v1/accounts/{account}"), &holder.token)
             .await;
-        assert_eq!(balance.body["total_paid_out"], interest, "{balance:?}");
+        assert_eq!(balance.body["total_paid_out"], owed, "{balance:?}");
         let ledger = api
             .get(
                 &format!("/v1/accounts/{account}/ledger?limit=1000"),
                 &holder.token,
             )
             .await;
-        let payouts: Vec<_> = ledger.body["entries"]
+        let mut payouts: Vec<i64> = ledger.body["entries"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|e| e["kind"] == "payout")
+            .map(|e| e["amount"].as_i64().unwrap())
             .collect();
-        if interest == 0 {
-            assert!(payouts.is_empty());
-        } else {
-            assert_eq!(payouts.len(), 1, "{ledger:?}");
-            assert_eq!(payouts[0]["amount"], interest);
-        }
+        payouts.sort();
+        let mut expected: Vec<i64> = [interest]
+            .into_iter()
+            .chain(with_principal.then_some(*principal))
+            .filter(|amount| *amount > 0)
+            .collect();
+        expected.sort();
+        assert_eq!(payouts, expected, "{ledger:?}");
     }
 }
 
@@ -243,19 +295,33 @@ async fn three_workers_and_concurrent_schedulers(kind: Kind) {
     let gateway = lying_gateway(7).await;
     api.server
         .start_payout_workers(provider(&gateway), 3, settings("w"));
-    let (first, second) = futures::join!(schedule(&api, "2026-Q4"), schedule(&api, "2026-Q4"));
+    // The same money under different labels, all at once: a payout job
+    // and a settlement job naming one payment differently.
+    let (first, second, third, maturity, settlement) = futures::join!(
+        schedule_term(&api, "2026-Q4"),
+        schedule_term(&api, "2026-Q4"),
+        schedule_term(&api, "Q4-settlement"),
+        schedule_principal(&api, "maturity"),
+        schedule_principal(&api, "2026-maturity"),
+    );
+    let interest: usize = [first, second, third].into_iter().flatten().sum();
     assert_eq!(
-        first + second,
+        interest, HOLDERS,
+        "the term's interest scheduled once across labels: {first:?} {second:?} {third:?}"
+    );
+    assert_eq!(
+        maturity + settlement,
         HOLDERS,
-        "concurrent schedulers create each payout once"
+        "principal scheduled once across labels"
     );
     assert_eq!(
-        schedule(&api, "2026-Q4").await,
-        0,
-        "a repeat schedules nothing"
+        schedule_term(&api, "2026-Q4-again").await,
+        None,
+        "the term is used up"
     );
-    wait_until_all_succeeded(&api, HOLDERS).await;
-    check_exactly_once(&api, &gateway, &holders).await;
+    assert_eq!(schedule_principal(&api, "final").await, 0);
+    wait_until_all_succeeded(&api, 2 * HOLDERS).await;
+    check_exactly_once(&api, &gateway, &holders, true).await;
     gateway.task.abort();
     api.stop().await;
 }
@@ -277,7 +343,7 @@ async fn workers_killed_mid_run_leave_nothing_paid_twice() {
     api.server
         .start_payout_workers(provider(&gateway), 3, settings("second"));
     wait_until_all_succeeded(&api, HOLDERS).await;
-    check_exactly_once(&api, &gateway, &holders).await;
+    check_exactly_once(&api, &gateway, &holders, false).await;
     gateway.task.abort();
     api.stop().await;
 }

@@ -83,6 +83,8 @@ pub enum AccountCommand {
         amount: Amount,
         /// The reservation's expiry.
         reservation_expires_at: DateTime<Utc>,
+        /// The product's currency; the account must hold the same.
+        currency: Currency,
     },
     /// Give a purchase's money back.
     Refund {
@@ -150,9 +152,18 @@ pub enum AccountRejection {
     /// The payout was credited before with another amount.
     #[error("payout already credited with another amount")]
     PayoutReused,
-    /// The balance would overflow.
-    #[error("balance would overflow")]
-    Overflow,
+    /// The amount, or a balance or total it would move, is beyond
+    /// `Amount::LIMIT`.
+    #[error("{0} would exceed the limit of 10^15 minor units")]
+    LimitExceeded(&'static str),
+    /// The product is sold in another currency than the account holds.
+    #[error("the product is in {product}, the account in {account}")]
+    CurrencyMismatch {
+        /// The account's currency.
+        account: Currency,
+        /// The product's currency.
+        product: Currency,
+    },
 }
 
 /// What happened to an account.
@@ -333,12 +344,16 @@ impl Decider for CustomerAccount {
                 product_id,
                 amount,
                 reservation_expires_at,
+                currency,
             } => decide_debit(
                 account,
-                *order_id,
-                product_id,
-                *amount,
-                *reservation_expires_at,
+                Debit {
+                    order_id: *order_id,
+                    product_id,
+                    amount: *amount,
+                    reservation_expires_at: *reservation_expires_at,
+                    currency: *currency,
+                },
                 now,
             )?,
             AccountCommand::Refund { order_id } => decide_refund(account, *order_id)?,
@@ -390,7 +405,27 @@ fn positive(amount: Amount) -> Result<(), AccountRejection> {
     if amount.is_zero() {
         return Err(AccountRejection::NonPositiveAmount);
     }
+    if !amount.within_limit() {
+        return Err(AccountRejection::LimitExceeded("the amount"));
+    }
     Ok(())
+}
+
+/// `total + amount`, refused beyond `Amount::LIMIT`.
+fn raise(total: Amount, amount: Amount, what: &'static str) -> Result<(), AccountRejection> {
+    total
+        .add_within_limit(amount)
+        .map(|_| ())
+        .ok_or(AccountRejection::LimitExceeded(what))
+}
+
+/// A purchase debit as `decide_debit` checks it.
+struct Debit<'a> {
+    order_id: OrderId,
+    product_id: &'a ProductId,
+    amount: Amount,
+    reservation_expires_at: DateTime<Utc>,
+    currency: Currency,
 }
 
 fn decide_deposit(
@@ -405,10 +440,12 @@ fn decide_deposit(
         Some(_) => return Err(AccountRejection::ReferenceReused),
         None => {}
     }
-    account
-        .available
-        .checked_add(amount)
-        .map_err(|_| AccountRejection::Overflow)?;
+    raise(account.available, amount, "the available balance")?;
+    raise(
+        account.total_deposited,
+        amount,
+        "the account's total deposited",
+    )?;
     Ok(Some(AccountEvent::FundsDeposited {
         account_id: account.account_id,
         amount,
@@ -418,12 +455,16 @@ fn decide_deposit(
 
 fn decide_debit(
     account: &OpenAccount,
-    order_id: OrderId,
-    product_id: &ProductId,
-    amount: Amount,
-    reservation_expires_at: DateTime<Utc>,
+    debit: Debit<'_>,
     now: DateTime<Utc>,
 ) -> Result<Option<AccountEvent>, AccountRejection> {
+    let Debit {
+        order_id,
+        product_id,
+        amount,
+        reservation_expires_at,
+        currency,
+    } = debit;
     positive(amount)?;
     if let Some(earlier) = account.purchases.get(&order_id) {
         if earlier.amount == amount && earlier.product_id == *product_id {
@@ -431,9 +472,20 @@ fn decide_debit(
         }
         return Err(AccountRejection::OrderReused);
     }
+    if currency != account.currency {
+        return Err(AccountRejection::CurrencyMismatch {
+            account: account.currency,
+            product: currency,
+        });
+    }
     if now >= reservation_expires_at {
         return Err(AccountRejection::ReservationExpired(reservation_expires_at));
     }
+    raise(
+        account.total_invested,
+        amount,
+        "the account's total invested",
+    )?;
     if account.available < amount {
         return Err(AccountRejection::InsufficientFunds {
             available: account.available,
@@ -459,10 +511,7 @@ fn decide_refund(
     if purchase.refunded {
         return Err(AccountRejection::AlreadyRefunded);
     }
-    account
-        .available
-        .checked_add(purchase.amount)
-        .map_err(|_| AccountRejection::Overflow)?;
+    raise(account.available, purchase.amount, "the available balance")?;
     Ok(Some(AccountEvent::PurchaseRefunded {
         account_id: account.account_id,
         order_id,
@@ -484,10 +533,12 @@ fn decide_payout_credit(
         Some(_) => return Err(AccountRejection::PayoutReused),
         None => {}
     }
-    account
-        .available
-        .checked_add(amount)
-        .map_err(|_| AccountRejection::Overflow)?;
+    raise(account.available, amount, "the available balance")?;
+    raise(
+        account.total_paid_out,
+        amount,
+        "the account's total paid out",
+    )?;
     Ok(Some(AccountEvent::PayoutCredited {
         account_id: account.account_id,
         payout_id,
@@ -515,6 +566,11 @@ fn decide_withdrawal(
             requested: amount,
         });
     }
+    raise(
+        account.total_withdrawn,
+        amount,
+        "the account's total withdrawn",
+    )?;
     Ok(Some(AccountEvent::FundsWithdrawn {
         account_id: account.account_id,
         amount,

@@ -27,6 +27,11 @@ impl Amount {
     pub const ZERO: Amount = Amount(0);
     /// The largest representable amount.
     pub const MAX: Amount = Amount(i64::MAX);
+    /// The largest amount, quota, deposit or running total the ledger
+    /// accepts: 10^15 minor units (10 trillion yuan). Commands whose effect
+    /// would push a balance or total beyond it are refused in `decide`, so
+    /// no `evolve` can ever overflow.
+    pub const LIMIT: Amount = Amount(1_000_000_000_000_000);
 
     /// Builds an amount from minor units; negative values are refused.
     pub const fn new(minor: i64) -> Result<Amount, AmountError> {
@@ -45,6 +50,18 @@ impl Amount {
     /// True when the amount is zero.
     pub const fn is_zero(self) -> bool {
         self.0 == 0
+    }
+
+    /// True when the amount is at most `Amount::LIMIT`.
+    pub const fn within_limit(self) -> bool {
+        self.0 <= Amount::LIMIT.0
+    }
+
+    /// `self + other` if the sum stays within `Amount::LIMIT`.
+    pub fn add_within_limit(self, other: Amount) -> Option<Amount> {
+        self.checked_add(other)
+            .ok()
+            .filter(|sum| sum.within_limit())
     }
 
     /// `self + other`, or `Overflow`.

@@ -7,9 +7,10 @@
 
 use crate::decider::{Decider, EventType};
 use crate::ids::{AccountId, PayoutId, ProductId, validate_reference};
-use crate::money::Amount;
+use crate::money::{Amount, Currency};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Most attempts a payout may make before an operator must step in.
 pub const PAYOUT_ATTEMPTS_MAX: u32 = 8;
@@ -17,8 +18,9 @@ pub const PAYOUT_ATTEMPTS_MAX: u32 = 8;
 /// Interest is computed in units of 1/`INTEREST_DENOMINATOR` of a minor
 /// unit: principal × annual_rate_bps × days over 365 days × 10,000 bps.
 pub const INTEREST_DENOMINATOR: u128 = 365 * 10_000;
-/// Longest interest period accepted, in days.
-pub const INTEREST_DAYS_MAX: u32 = 3_660;
+/// Longest interest run accepted, in days: a run never passes the
+/// product's own term, which is at most this.
+pub const INTEREST_DAYS_MAX: u32 = crate::product::TERM_DAYS_MAX;
 
 /// A holder's interest for a period, rounded down to a whole minor unit,
 /// and the remainder left behind, in 1/`INTEREST_DENOMINATOR` of a minor
@@ -38,8 +40,48 @@ pub fn interest_for(principal: Amount, annual_rate_bps: u32, days: u32) -> (Amou
     )
 }
 
-/// The record of one scheduling run for a product, period and kind: what
-/// was owed and what was scheduled (stream `payrun-{id}`, created once).
+/// One holder's payout in a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedPayout {
+    /// The holder.
+    pub account_id: AccountId,
+    /// Their confirmed principal.
+    pub principal: Amount,
+    /// What they are paid.
+    pub amount: Amount,
+    /// The rounding remainder, in 1/`INTEREST_DENOMINATOR` of a minor unit.
+    pub remainder: u128,
+}
+
+/// Each holder's payout: interest for `days` rounded down (remainders kept),
+/// or the principal.
+pub fn plan(
+    holdings: &BTreeMap<AccountId, Amount>,
+    annual_rate_bps: u32,
+    kind: PayoutKind,
+    days: u32,
+) -> Vec<PlannedPayout> {
+    holdings
+        .iter()
+        .map(|(&account_id, &principal)| {
+            let (amount, remainder) = match kind {
+                PayoutKind::Interest => interest_for(principal, annual_rate_bps, days),
+                PayoutKind::Principal => (principal, 0),
+            };
+            PlannedPayout {
+                account_id,
+                principal,
+                amount,
+                remainder,
+            }
+        })
+        .collect()
+}
+
+/// The record of one scheduling run for a product, period and kind
+/// (stream `payrun-{id}`), written by versions before payout runs were
+/// planned in the product stream (`ProductEvent::PayoutRunPlanned`); kept
+/// so old logs still decode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum PayoutRunEvent {
@@ -101,6 +143,38 @@ pub enum PayoutStatus {
     Succeeded,
     /// Definitively refused by the provider. Final.
     Failed,
+    /// Spent its attempts, or stayed unknown too long: waits for an
+    /// operator to retry or cancel it.
+    Parked,
+    /// Cancelled by an operator after the provider showed no payment for
+    /// its key. Final; its entitlement stays used.
+    Cancelled,
+}
+
+impl PayoutStatus {
+    /// The status as the API and read models name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PayoutStatus::Scheduled => "scheduled",
+            PayoutStatus::InFlight => "in_flight",
+            PayoutStatus::Unknown => "unknown",
+            PayoutStatus::Succeeded => "succeeded",
+            PayoutStatus::Failed => "failed",
+            PayoutStatus::Parked => "parked",
+            PayoutStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Every status, in the order a payout may pass through them.
+    pub const ALL: [PayoutStatus; 7] = [
+        PayoutStatus::Scheduled,
+        PayoutStatus::InFlight,
+        PayoutStatus::Unknown,
+        PayoutStatus::Succeeded,
+        PayoutStatus::Failed,
+        PayoutStatus::Parked,
+        PayoutStatus::Cancelled,
+    ];
 }
 
 /// What asking the provider about a payout's key found.
@@ -136,10 +210,18 @@ pub struct ScheduledPayout {
     pub kind: PayoutKind,
     /// How much.
     pub amount: Amount,
+    /// In what (the product's currency).
+    pub currency: Currency,
     /// Where it stands.
     pub status: PayoutStatus,
     /// Attempts claimed so far.
     pub attempts: u32,
+    /// Attempts allowed before it is parked (`PAYOUT_ATTEMPTS_MAX`, raised
+    /// by as much on every operator retry).
+    pub attempts_allowed: u32,
+    /// Parked with the last attempt's outcome unknown: a retry resumes at
+    /// the lookup, never at a new attempt.
+    pub parked_unresolved: bool,
     /// Until when the current attempt's claim holds.
     pub lease_until: Option<DateTime<Utc>>,
     /// Until when the last attempt's claim held (kept after it ended): a
@@ -182,6 +264,8 @@ pub enum PayoutCommand {
         kind: PayoutKind,
         /// How much.
         amount: Amount,
+        /// In what.
+        currency: Currency,
     },
     /// Claim an attempt until `lease_until`, before calling the provider.
     Attempt {
@@ -216,6 +300,20 @@ pub enum PayoutCommand {
         /// What it said.
         finding: ProviderFinding,
     },
+    /// Stop trying until an operator looks: the attempts are spent, or the
+    /// outcome stayed unknown too long.
+    Park {
+        /// Why.
+        reason: String,
+    },
+    /// An operator sends a parked payout back to work.
+    Retry,
+    /// An operator cancels a parked payout; `finding` is what the provider
+    /// said of its key just now, which must be "no such payment".
+    Cancel {
+        /// What the provider said.
+        finding: ProviderFinding,
+    },
 }
 
 /// Why a payout command was refused.
@@ -242,6 +340,10 @@ pub enum PayoutRejection {
     /// The lease has not run out.
     #[error("attempt is leased until {0}")]
     LeaseHeld(DateTime<Utc>),
+    /// The provider shows a payment (or a refusal) for the key: a cancel
+    /// would hide it.
+    #[error("the provider has a record for this payout's key: {0:?}")]
+    ProviderHasRecord(ProviderFinding),
     /// An outcome for another attempt than the one in flight (a stale
     /// worker's).
     #[error("outcome of attempt {got}, but attempt {current} is the latest")]
@@ -271,6 +373,10 @@ pub enum PayoutEvent {
         kind: PayoutKind,
         /// How much.
         amount: Amount,
+        /// In what (absent in events from before products had a currency
+        /// on payouts: CNY).
+        #[serde(default)]
+        currency: Currency,
     },
     /// An attempt was claimed; the provider is about to be called.
     PayoutAttempted {
@@ -301,6 +407,21 @@ pub enum PayoutEvent {
         /// What the provider said.
         finding: ProviderFinding,
     },
+    /// Parked until an operator retries or cancels it.
+    PayoutParked {
+        /// Why.
+        reason: String,
+        /// Whether the last attempt's outcome is still unknown.
+        unresolved: bool,
+    },
+    /// An operator sent it back to work, with `PAYOUT_ATTEMPTS_MAX` more
+    /// attempts; the provider is asked about the key before any of them.
+    PayoutRetried {},
+    /// An operator cancelled it after the provider showed no payment.
+    PayoutCancelled {
+        /// What the provider said of the key when it was cancelled.
+        finding: ProviderFinding,
+    },
 }
 
 impl EventType for PayoutEvent {
@@ -312,6 +433,9 @@ impl EventType for PayoutEvent {
             PayoutEvent::PayoutFailed { .. } => "payout_failed",
             PayoutEvent::PayoutOutcomeUnknown { .. } => "payout_outcome_unknown",
             PayoutEvent::PayoutReconciled { .. } => "payout_reconciled",
+            PayoutEvent::PayoutParked { .. } => "payout_parked",
+            PayoutEvent::PayoutRetried {} => "payout_retried",
+            PayoutEvent::PayoutCancelled { .. } => "payout_cancelled",
         }
     }
 }
@@ -338,10 +462,10 @@ impl Decider for Payout {
             }
             (Some(payout), _) => payout,
         };
-        use PayoutStatus::{InFlight, Scheduled, Unknown};
+        use PayoutStatus::{InFlight, Parked, Scheduled, Unknown};
         let event = match (payout.status, command) {
             (Scheduled, PayoutCommand::Attempt { lease_until }) => {
-                if payout.attempts >= PAYOUT_ATTEMPTS_MAX {
+                if payout.attempts >= payout.attempts_allowed {
                     return Err(PayoutRejection::TooManyAttempts);
                 }
                 PayoutEvent::PayoutAttempted {
@@ -395,6 +519,38 @@ impl Decider for Payout {
                     finding: finding.clone(),
                 }
             }
+            // Parked only when no new attempt may be made, or when the
+            // outcome stayed unknown (the caller bounds how long).
+            (Scheduled, PayoutCommand::Park { reason })
+                if payout.attempts >= payout.attempts_allowed =>
+            {
+                PayoutEvent::PayoutParked {
+                    reason: reason.clone(),
+                    unresolved: false,
+                }
+            }
+            (Unknown, PayoutCommand::Park { reason }) => PayoutEvent::PayoutParked {
+                reason: reason.clone(),
+                unresolved: true,
+            },
+            (Scheduled, PayoutCommand::Park { .. }) => {
+                return Err(PayoutRejection::WrongStatus(Scheduled));
+            }
+            (Parked, PayoutCommand::Retry) => PayoutEvent::PayoutRetried {},
+            (Parked, PayoutCommand::Cancel { finding }) => {
+                if *finding != ProviderFinding::NotFound {
+                    return Err(PayoutRejection::ProviderHasRecord(finding.clone()));
+                }
+                // A call may still be landing until the last claim ends.
+                if let Some(until) = payout.last_lease_until
+                    && now < until
+                {
+                    return Err(PayoutRejection::LeaseHeld(until));
+                }
+                PayoutEvent::PayoutCancelled {
+                    finding: finding.clone(),
+                }
+            }
             (status, _) => return Err(PayoutRejection::WrongStatus(status)),
         };
         Ok(vec![event])
@@ -408,6 +564,7 @@ impl Decider for Payout {
             period,
             kind,
             amount,
+            currency,
         } = event
         {
             assert!(state.payout.is_none(), "BUG: payout scheduled twice");
@@ -418,8 +575,11 @@ impl Decider for Payout {
                 period: period.clone(),
                 kind: *kind,
                 amount: *amount,
+                currency: *currency,
                 status: PayoutStatus::Scheduled,
                 attempts: 0,
+                attempts_allowed: PAYOUT_ATTEMPTS_MAX,
+                parked_unresolved: false,
                 lease_until: None,
                 last_lease_until: None,
                 provider_ref: None,
@@ -443,11 +603,12 @@ fn decide_schedule(command: &PayoutCommand) -> Result<Vec<PayoutEvent>, PayoutRe
         period,
         kind,
         amount,
+        currency,
     } = command
     else {
         unreachable!("BUG: decide_schedule called with another command")
     };
-    if amount.is_zero() {
+    if amount.is_zero() || !amount.within_limit() {
         return Err(PayoutRejection::NonPositiveAmount);
     }
     validate_reference(period).map_err(|_| PayoutRejection::InvalidPeriod)?;
@@ -458,6 +619,7 @@ fn decide_schedule(command: &PayoutCommand) -> Result<Vec<PayoutEvent>, PayoutRe
         period: period.clone(),
         kind: *kind,
         amount: *amount,
+        currency: *currency,
     }])
 }
 
@@ -506,6 +668,33 @@ fn evolve_scheduled(payout: &mut ScheduledPayout, event: &PayoutEvent) {
                 ProviderFinding::Refused { .. } => PayoutStatus::Failed,
                 ProviderFinding::NotFound => PayoutStatus::Scheduled,
             };
+        }
+        PayoutEvent::PayoutParked { unresolved, .. } => {
+            let from = if *unresolved {
+                PayoutStatus::Unknown
+            } else {
+                PayoutStatus::Scheduled
+            };
+            expect_status(payout, from);
+            payout.parked_unresolved = *unresolved;
+            payout.status = PayoutStatus::Parked;
+        }
+        PayoutEvent::PayoutRetried {} => {
+            expect_status(payout, PayoutStatus::Parked);
+            payout.attempts_allowed = payout.attempts + PAYOUT_ATTEMPTS_MAX;
+            // Back to work by way of a lookup: the provider is asked about
+            // the key before any new attempt, even if the last lookup said
+            // "no such payment" (a late payment may have landed since).
+            payout.status = if payout.attempts > 0 {
+                PayoutStatus::Unknown
+            } else {
+                PayoutStatus::Scheduled
+            };
+            payout.parked_unresolved = false;
+        }
+        PayoutEvent::PayoutCancelled { .. } => {
+            expect_status(payout, PayoutStatus::Parked);
+            payout.status = PayoutStatus::Cancelled;
         }
     }
     if payout.status != PayoutStatus::InFlight {

@@ -5,18 +5,19 @@
 //! `confirmed + pending <= quota`, always.
 
 use crate::decider::{Decider, EventType};
-use crate::ids::{AccountId, OrderId, ProductId};
+use crate::ids::{AccountId, OrderId, ProductId, validate_reference};
 use crate::money::{Amount, Currency};
+use crate::payout::{INTEREST_DENOMINATOR, PayoutKind, plan};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Longest product name accepted, in characters.
 pub const PRODUCT_NAME_LENGTH_MAX: usize = 200;
-/// Highest annual rate accepted, in basis points (100%).
-pub const ANNUAL_RATE_BPS_MAX: u32 = 10_000;
-/// Longest term accepted, in days (30 years).
-pub const TERM_DAYS_MAX: u32 = 10_950;
+/// Highest annual rate accepted, in basis points (1,000%).
+pub const ANNUAL_RATE_BPS_MAX: u32 = 100_000;
+/// Longest term accepted, in days (100 years).
+pub const TERM_DAYS_MAX: u32 = 36_500;
 
 /// The fixed terms a product is listed with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,8 +50,8 @@ impl ProductTerms {
         if self.name.chars().any(char::is_control) {
             return invalid("name must not contain control characters");
         }
-        if self.quota.is_zero() {
-            return invalid("quota must be positive");
+        if self.quota.is_zero() || !self.quota.within_limit() {
+            return invalid("quota must be 1 to 10^15 minor units");
         }
         if self.min_purchase.is_zero() || self.min_purchase > self.max_purchase {
             return invalid("min_purchase must be positive and at most max_purchase");
@@ -59,10 +60,10 @@ impl ProductTerms {
             return invalid("max_purchase must be at most the quota");
         }
         if self.annual_rate_bps > ANNUAL_RATE_BPS_MAX {
-            return invalid("annual_rate_bps must be at most 10000");
+            return invalid("annual_rate_bps must be at most 100000");
         }
         if self.term_days == 0 || self.term_days > TERM_DAYS_MAX {
-            return invalid("term_days must be 1 to 10950");
+            return invalid("term_days must be 1 to 36500");
         }
         Ok(())
     }
@@ -80,6 +81,8 @@ pub enum ReleaseReason {
     Cancelled,
     /// Not confirmed before its expiry.
     Expired,
+    /// The buyer's account holds another currency than the product.
+    CurrencyMismatch,
 }
 
 /// Where a reservation stands.
@@ -143,6 +146,11 @@ pub struct Sale {
     pub terms: ProductTerms,
     /// Whether new reservations are taken.
     pub open: bool,
+    /// Whether the sale was ever opened (payouts need a sale that opened
+    /// and then closed).
+    pub ever_opened: bool,
+    /// The payout runs planned against this product's holders.
+    pub payouts: PayoutPlan,
     /// Sum of confirmed reservations.
     pub confirmed: Amount,
     /// Sum of pending reservations.
@@ -155,7 +163,70 @@ pub struct Sale {
     pub refusals: HashMap<OrderId, Refusal>,
 }
 
+/// One planned payout run: a period's interest, or the principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutRun {
+    /// The operator's label.
+    pub period: String,
+    /// Interest or principal.
+    pub kind: PayoutKind,
+    /// Days of interest (interest only).
+    pub days: Option<u32>,
+    /// The first day of the term this run pays (0-based; interest runs use
+    /// the term's days in order, so runs never overlap).
+    pub first_day: u32,
+}
+
+/// What has been planned to pay a product's holders: the entitlement used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PayoutPlan {
+    /// Runs by period label.
+    pub runs: BTreeMap<String, PayoutRun>,
+    /// Days of the term whose interest is planned.
+    pub interest_days: u32,
+    /// Interest planned so far, summed over holders (rounded down each).
+    pub interest_total: Amount,
+    /// The period label the principal was planned under, once it was.
+    pub principal_period: Option<String>,
+}
+
+impl PayoutPlan {
+    /// Whether any payout run was planned.
+    pub fn any(&self) -> bool {
+        !self.runs.is_empty()
+    }
+}
+
 impl Sale {
+    /// Each holder's confirmed principal: what the payouts are computed on.
+    pub fn holdings(&self) -> BTreeMap<AccountId, Amount> {
+        let mut holdings: BTreeMap<AccountId, Amount> = BTreeMap::new();
+        for reservation in self.reservations.values() {
+            if reservation.state == ReservationState::Confirmed {
+                let held = holdings
+                    .entry(reservation.account_id)
+                    .or_insert(Amount::ZERO);
+                *held = held
+                    .checked_add(reservation.amount)
+                    .expect("BUG: holdings above the quota");
+            }
+        }
+        holdings
+    }
+
+    /// Whether payouts may be planned: the sale opened, then closed, and
+    /// nothing is still pending (so the holdings are final).
+    pub fn payouts_allowed(&self) -> bool {
+        self.ever_opened && !self.open && self.pending.is_zero()
+    }
+
+    /// Days of the term whose interest is not planned yet.
+    pub fn interest_days_remaining(&self) -> u32 {
+        self.terms
+            .term_days
+            .saturating_sub(self.payouts.interest_days)
+    }
+
     /// Quota neither pending nor confirmed.
     pub fn available(&self) -> Amount {
         self.terms
@@ -255,6 +326,16 @@ pub enum ProductCommand {
         /// The order.
         order_id: OrderId,
     },
+    /// Plan a payout run for the holders: the principal (once per product,
+    /// whatever the label), or the next `days` of the term's interest.
+    PlanPayoutRun {
+        /// The operator's label (1 to 128 printable characters).
+        period: String,
+        /// Interest or principal.
+        kind: PayoutKind,
+        /// Days of interest (interest only).
+        days: Option<u32>,
+    },
 }
 
 /// Why a product command was refused.
@@ -301,6 +382,42 @@ pub enum ProductRejection {
     /// Expire was asked before the expiry time.
     #[error("reservation does not expire before {0}")]
     NotYetExpired(DateTime<Utc>),
+    /// A payout run's parameters are malformed.
+    #[error("{0}")]
+    InvalidPayoutRun(String),
+    /// Payouts need a sale that opened and closed with nothing pending.
+    #[error(
+        "payouts are planned only once the sale has opened and closed with no reservation pending"
+    )]
+    SaleNotClosed,
+    /// The sale cannot reopen: its holders' payouts are planned.
+    #[error("payouts of this product are scheduled; the sale cannot reopen")]
+    PayoutsScheduled,
+    /// The period was planned before with other parameters.
+    #[error("period {period:?} was scheduled before as {kind:?} with days {days:?}")]
+    PayoutRunMismatch {
+        /// The label.
+        period: String,
+        /// Its kind then.
+        kind: PayoutKind,
+        /// Its days then.
+        days: Option<u32>,
+    },
+    /// More interest days asked for than the term has left.
+    #[error(
+        "{requested} days of interest asked, but only {remaining} of the {term_days}-day term remain"
+    )]
+    EntitlementExceeded {
+        /// Days asked.
+        requested: u32,
+        /// Days left.
+        remaining: u32,
+        /// The term.
+        term_days: u32,
+    },
+    /// A total would pass `Amount::LIMIT`.
+    #[error("{0} would exceed the limit of 10^15 minor units")]
+    LimitExceeded(&'static str),
 }
 
 /// What happened to a product.
@@ -360,6 +477,33 @@ pub enum ProductEvent {
         /// Why.
         reason: RefusalReason,
     },
+    /// A payout run was planned: the holders' entitlement it uses. Its
+    /// payouts are created from the holdings (fixed once planned: the sale
+    /// cannot reopen) with ids derived from the product, the kind, the
+    /// first day and the holder, never from the label.
+    PayoutRunPlanned {
+        /// The operator's label.
+        period: String,
+        /// Interest or principal.
+        kind: PayoutKind,
+        /// Days of interest (interest only).
+        days: Option<u32>,
+        /// First day of the term paid (interest; 0 for principal).
+        first_day: u32,
+        /// Holders of confirmed orders.
+        holders: u32,
+        /// Payouts (holders whose amount rounds to zero get none).
+        payouts: u32,
+        /// Sum of the holders' principal.
+        principal_total: Amount,
+        /// Sum of the payouts' amounts.
+        paid_total: Amount,
+        /// Sum of the rounding remainders, in 1/`denominator` of a minor
+        /// unit (interest; zero for principal).
+        remainder_total: u64,
+        /// `INTEREST_DENOMINATOR`.
+        denominator: u64,
+    },
 }
 
 impl EventType for ProductEvent {
@@ -372,6 +516,7 @@ impl EventType for ProductEvent {
             ProductEvent::ReservationConfirmed { .. } => "reservation_confirmed",
             ProductEvent::ReservationReleased { .. } => "reservation_released",
             ProductEvent::PurchaseRefused { .. } => "purchase_refused",
+            ProductEvent::PayoutRunPlanned { .. } => "payout_run_planned",
         }
     }
 }
@@ -418,6 +563,7 @@ impl Decider for ProductSale {
         match command {
             ProductCommand::List { .. } => unreachable!("BUG: handled above"),
             ProductCommand::Open if sale.open => Ok(vec![]),
+            ProductCommand::Open if sale.payouts.any() => Err(ProductRejection::PayoutsScheduled),
             ProductCommand::Open => Ok(vec![ProductEvent::SaleOpened {}]),
             ProductCommand::Close if !sale.open => Ok(vec![]),
             ProductCommand::Close => Ok(vec![ProductEvent::SaleClosed {}]),
@@ -456,6 +602,9 @@ impl Decider for ProductSale {
                     ReleaseReason::Expired,
                 )])
             }
+            ProductCommand::PlanPayoutRun { period, kind, days } => {
+                decide_payout_run(sale, period, *kind, *days)
+            }
         }
     }
 
@@ -466,6 +615,8 @@ impl Decider for ProductSale {
                 product_id: product_id.clone(),
                 terms: terms.clone(),
                 open: false,
+                ever_opened: false,
+                payouts: PayoutPlan::default(),
                 confirmed: Amount::ZERO,
                 pending: Amount::ZERO,
                 confirmed_orders: 0,
@@ -544,6 +695,95 @@ fn decide_purchase(
     }])
 }
 
+fn decide_payout_run(
+    sale: &Sale,
+    period: &str,
+    kind: PayoutKind,
+    days: Option<u32>,
+) -> Result<Vec<ProductEvent>, ProductRejection> {
+    let invalid = |why: String| Err(ProductRejection::InvalidPayoutRun(why));
+    if validate_reference(period).is_err() {
+        return invalid("period must be 1 to 128 printable characters".into());
+    }
+    let term_days = sale.terms.term_days;
+    match (kind, days) {
+        (PayoutKind::Interest, Some(days)) if (1..=term_days).contains(&days) => {}
+        (PayoutKind::Interest, _) => {
+            return invalid(format!(
+                "interest needs days, 1 to the product's term of {term_days}"
+            ));
+        }
+        (PayoutKind::Principal, None) => {}
+        (PayoutKind::Principal, Some(_)) => return invalid("principal takes no days".into()),
+    }
+    if !sale.payouts_allowed() {
+        return Err(ProductRejection::SaleNotClosed);
+    }
+    // The same label again: the same run (nothing new), or a mistake.
+    if let Some(run) = sale.payouts.runs.get(period) {
+        if (run.kind, run.days) == (kind, days) {
+            return Ok(vec![]);
+        }
+        return Err(ProductRejection::PayoutRunMismatch {
+            period: period.to_owned(),
+            kind: run.kind,
+            days: run.days,
+        });
+    }
+    let holdings = sale.holdings();
+    let (first_day, run_days) = match (kind, days) {
+        // Principal is owed once per holder: under any other label it is
+        // the run already planned.
+        (PayoutKind::Principal, _) if sale.payouts.principal_period.is_some() => return Ok(vec![]),
+        (PayoutKind::Principal, _) => (0, 0),
+        (PayoutKind::Interest, Some(days)) => {
+            let remaining = sale.interest_days_remaining();
+            if days > remaining {
+                return Err(ProductRejection::EntitlementExceeded {
+                    requested: days,
+                    remaining,
+                    term_days,
+                });
+            }
+            (sale.payouts.interest_days, days)
+        }
+        (PayoutKind::Interest, None) => unreachable!("BUG: checked above"),
+    };
+    let planned = plan(&holdings, sale.terms.annual_rate_bps, kind, run_days);
+    let sum = |f: fn(&crate::payout::PlannedPayout) -> Amount| {
+        planned
+            .iter()
+            .try_fold(Amount::ZERO, |total, p| total.add_within_limit(f(p)))
+    };
+    let principal_total =
+        sum(|p| p.principal).ok_or(ProductRejection::LimitExceeded("the holders' principal"))?;
+    let paid_total =
+        sum(|p| p.amount).ok_or(ProductRejection::LimitExceeded("the interest owed"))?;
+    if kind == PayoutKind::Interest
+        && sale
+            .payouts
+            .interest_total
+            .add_within_limit(paid_total)
+            .is_none()
+    {
+        return Err(ProductRejection::LimitExceeded("the interest owed"));
+    }
+    let remainder_total: u128 = planned.iter().map(|p| p.remainder).sum();
+    Ok(vec![ProductEvent::PayoutRunPlanned {
+        period: period.to_owned(),
+        kind,
+        days,
+        first_day,
+        holders: u32::try_from(planned.len()).unwrap_or(u32::MAX),
+        payouts: u32::try_from(planned.iter().filter(|p| !p.amount.is_zero()).count())
+            .unwrap_or(u32::MAX),
+        principal_total,
+        paid_total,
+        remainder_total: u64::try_from(remainder_total).unwrap_or(u64::MAX),
+        denominator: u64::try_from(INTEREST_DENOMINATOR).expect("BUG: small constant"),
+    }])
+}
+
 fn pending_reservation<'a>(
     sale: &'a Sale,
     order_id: &OrderId,
@@ -570,7 +810,10 @@ fn released(order_id: OrderId, reservation: &Reservation, reason: ReleaseReason)
 fn evolve_sale(sale: &mut Sale, event: &ProductEvent) {
     match event {
         ProductEvent::ProductListed { .. } => unreachable!("BUG: handled by evolve"),
-        ProductEvent::SaleOpened {} => sale.open = true,
+        ProductEvent::SaleOpened {} => {
+            sale.open = true;
+            sale.ever_opened = true;
+        }
         ProductEvent::SaleClosed {} => sale.open = false,
         ProductEvent::QuotaReserved {
             order_id,
@@ -628,6 +871,48 @@ fn evolve_sale(sale: &mut Sale, event: &ProductEvent) {
             };
             let previous = sale.refusals.insert(*order_id, refusal);
             assert!(previous.is_none(), "BUG: order refused twice");
+        }
+        ProductEvent::PayoutRunPlanned {
+            period,
+            kind,
+            days,
+            first_day,
+            paid_total,
+            ..
+        } => {
+            let plan = &mut sale.payouts;
+            let run = PayoutRun {
+                period: period.clone(),
+                kind: *kind,
+                days: *days,
+                first_day: *first_day,
+            };
+            match kind {
+                PayoutKind::Principal => {
+                    assert!(
+                        plan.principal_period.is_none(),
+                        "BUG: principal planned twice"
+                    );
+                    plan.principal_period = Some(period.clone());
+                }
+                PayoutKind::Interest => {
+                    assert_eq!(
+                        *first_day, plan.interest_days,
+                        "BUG: interest runs out of order"
+                    );
+                    plan.interest_days += days.expect("BUG: interest run without days");
+                    assert!(
+                        plan.interest_days <= sale.terms.term_days,
+                        "BUG: interest beyond the term"
+                    );
+                    plan.interest_total = plan
+                        .interest_total
+                        .checked_add(*paid_total)
+                        .expect("BUG: interest total overflow");
+                }
+            }
+            let previous = plan.runs.insert(period.clone(), run);
+            assert!(previous.is_none(), "BUG: payout run planned twice");
         }
     }
 }

@@ -267,6 +267,7 @@ fn debit(n: u128, minor: i64, expires: i64) -> AccountCommand {
         product_id: product(),
         amount: amount(minor),
         reservation_expires_at: at(expires),
+        currency: Currency::CNY,
     }
 }
 
@@ -416,6 +417,7 @@ fn scheduled() -> PayoutEvent {
         period: "2026-11".into(),
         kind: PayoutKind::Interest,
         amount: amount(12),
+        currency: Currency::CNY,
     }
 }
 

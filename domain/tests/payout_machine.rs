@@ -112,6 +112,7 @@ fn scheduled_world() -> World {
         period: "2026-Q4".into(),
         kind: PayoutKind::Interest,
         amount: Amount::new(100).unwrap(),
+        currency: domain::Currency::CNY,
     }));
     world
 }

@@ -184,6 +184,7 @@ fn account_steps() -> impl Strategy<Value = Vec<Step<AccountCommand>>> {
                 product_id,
                 amount: amount(m),
                 reservation_expires_at: start() + Duration::seconds(ttl),
+                currency: Currency::CNY,
             })
         }),
         2 => (0u128..16).prop_map(|o| Step::Command(AccountCommand::Refund {
@@ -272,6 +273,7 @@ proptest! {
             period: "2026-11".into(),
             kind: PayoutKind::Interest,
             amount: amount(100),
+            currency: Currency::CNY,
         });
         let mut paid = 0;
         let mut finished = false;

@@ -31,6 +31,9 @@ pub struct EngineSettings {
     pub batch_max: usize,
     /// How often a writer looks for expired reservations.
     pub sweep_period: std::time::Duration,
+    /// How often the recovery sweep (`recovery::run`) looks for products
+    /// with orders left in flight and no writer.
+    pub recovery_period: std::time::Duration,
 }
 
 impl Default for EngineSettings {
@@ -40,6 +43,7 @@ impl Default for EngineSettings {
             queue_max: 10_000,
             batch_max: 1_000,
             sweep_period: std::time::Duration::from_secs(1),
+            recovery_period: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -129,6 +133,35 @@ impl Engine {
     /// What the engine has done so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// The engine's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.inner.clock.now()
+    }
+
+    /// Starts a product's writer if none runs in this process, so it loads
+    /// the product and repairs what a crash left (pending reservations,
+    /// refunds owed) without waiting for a request. Returns whether a writer
+    /// was started.
+    pub fn recover(&self, product_id: &ProductId) -> bool {
+        {
+            let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
+            if writers
+                .get(product_id)
+                .is_some_and(|w| !w.inbox.is_closed())
+            {
+                return false;
+            }
+        }
+        self.writer(product_id);
+        EngineStats::bump(&self.inner.stats.recoveries_started);
+        true
+    }
+
+    /// Counts a payout a worker parked (for metrics).
+    pub fn note_payout_parked(&self) {
+        EngineStats::bump(&self.inner.stats.payouts_parked);
     }
 
     /// Purchases queued per product and not yet taken by its writer (for

@@ -34,6 +34,9 @@ pub enum PurchaseError {
     /// The payment could not be taken (account missing or closed).
     #[error("payment failed")]
     PaymentFailed,
+    /// The buyer's account is in another currency than the product.
+    #[error("the account's currency is not the product's")]
+    CurrencyMismatch,
     /// The reservation expired before the payment.
     #[error("the reservation expired before payment")]
     Expired,

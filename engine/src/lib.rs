@@ -11,6 +11,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod payouts;
+pub mod recovery;
 pub mod stats;
 pub mod writer;
 

@@ -18,13 +18,11 @@ use crate::engine::Engine;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::account::AccountCommand;
-use domain::ids::validate_reference;
 use domain::payout::{
-    INTEREST_DAYS_MAX, INTEREST_DENOMINATOR, PAYOUT_ATTEMPTS_MAX, Payout, PayoutCommand,
-    PayoutEvent, PayoutKind, PayoutRunEvent, PayoutState, PayoutStatus, ProviderFinding,
-    ScheduledPayout, interest_for,
+    Payout, PayoutCommand, PayoutEvent, PayoutKind, PayoutState, PayoutStatus, PlannedPayout,
+    ProviderFinding, ScheduledPayout, plan,
 };
-use domain::product::{ProductSale, ReservationState};
+use domain::product::{PayoutRun, ProductCommand, ProductRejection, ProductSale, Sale};
 use domain::{AccountId, Amount, Currency, Decider, PayoutId, ProductId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,32 +30,31 @@ use std::time::Duration;
 use store::{EventStore, ExpectedVersion, StoreError, StreamAppend, StreamOutcome};
 use uuid::Uuid;
 
-/// Namespace of payout ids derived from (product, period, kind, holder).
+/// Namespace of payout ids derived from (product, kind, first day, holder).
 const PAYOUT_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d70_6179_6f75_7473_2121);
 /// Most payout streams created in one append.
 pub const SCHEDULE_APPEND_MAX: usize = 500;
+/// Most load-decide-append rounds of a scheduling call before it answers
+/// `Contention` (another writer kept moving the product stream).
+const SCHEDULE_ROUNDS_MAX: usize = 16;
 /// Most decide-and-append steps a worker takes on one payout in one pass.
 const PAYOUT_STEPS_MAX: usize = 8;
 
-/// The payout of one holder for one product, period and kind.
+/// The payout of one holder for one run: the principal (once per product,
+/// whatever the run's label), or the interest of the term's days from
+/// `first_day` on. The label never enters the id, so two labels for the
+/// same money name the same payout.
 pub fn payout_id_for(
     product_id: &ProductId,
-    period: &str,
     kind: PayoutKind,
+    first_day: u32,
     account_id: AccountId,
 ) -> PayoutId {
-    let kind = match kind {
-        PayoutKind::Interest => "interest",
-        PayoutKind::Principal => "principal",
+    let name = match kind {
+        PayoutKind::Interest => format!("{product_id}/interest/day-{first_day}/{account_id}"),
+        PayoutKind::Principal => format!("{product_id}/principal/{account_id}"),
     };
-    let name = format!("{product_id}/{period}/{kind}/{account_id}");
     PayoutId(Uuid::new_v5(&PAYOUT_NAMESPACE, name.as_bytes()))
-}
-
-/// The stream recording one scheduling run.
-pub fn run_stream(product_id: &ProductId, period: &str, kind: PayoutKind) -> String {
-    let id = payout_id_for(product_id, period, kind, AccountId(Uuid::nil()));
-    format!("payrun-{id}")
 }
 
 /// What to schedule.
@@ -69,7 +66,7 @@ pub struct ScheduleRequest {
     pub period: String,
     /// Interest or principal.
     pub kind: PayoutKind,
-    /// Days of interest (interest only; 1 to 3,660).
+    /// Days of interest (interest only; 1 to the product's term).
     pub days: Option<u32>,
     /// Who asked.
     pub context: RequestContext,
@@ -78,18 +75,51 @@ pub struct ScheduleRequest {
 /// Why payouts could not be scheduled.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    /// The request is malformed.
+    /// The request is malformed (label, days).
     #[error("{0}")]
     Invalid(String),
     /// No such product.
     #[error("no such product")]
     UnknownProduct,
-    /// Principal is paid only once the sale is closed.
-    #[error("the sale is still open; principal is paid after it closes")]
-    SaleOpen,
+    /// The sale has not opened and closed, or a reservation is pending.
+    #[error("{0}")]
+    SaleNotClosed(String),
+    /// More interest days asked for than the term has left.
+    #[error("{message}")]
+    EntitlementExceeded {
+        /// Days of the term left.
+        remaining: u32,
+        /// What to tell the caller.
+        message: String,
+    },
+    /// The period was scheduled before with other parameters.
+    #[error("{0}")]
+    Conflict(String),
+    /// A total would pass the 10^15 limit.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// Other writers kept moving the product stream; try again.
+    #[error("the product stream kept changing; try again")]
+    Contention,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<ProductRejection> for ScheduleError {
+    fn from(rejection: ProductRejection) -> ScheduleError {
+        let message = rejection.to_string();
+        match rejection {
+            ProductRejection::NotListed => ScheduleError::UnknownProduct,
+            ProductRejection::SaleNotClosed => ScheduleError::SaleNotClosed(message),
+            ProductRejection::EntitlementExceeded { remaining, .. } => {
+                ScheduleError::EntitlementExceeded { remaining, message }
+            }
+            ProductRejection::PayoutRunMismatch { .. } => ScheduleError::Conflict(message),
+            ProductRejection::LimitExceeded(_) => ScheduleError::LimitExceeded(message),
+            _ => ScheduleError::Invalid(message),
+        }
+    }
 }
 
 /// What a scheduling call did.
@@ -101,169 +131,128 @@ pub struct ScheduleReport {
     pub existing: usize,
     /// Holders whose amount rounds to zero (no payout).
     pub zero: usize,
-}
-
-/// One holder's payout in a plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedPayout {
-    /// The holder.
-    pub account_id: AccountId,
-    /// Their confirmed principal.
-    pub principal: Amount,
-    /// What they are paid.
-    pub amount: Amount,
-    /// The rounding remainder, in 1/`INTEREST_DENOMINATOR` of a minor unit.
-    pub remainder: u128,
-}
-
-/// Each holder's payout: interest rounded down (remainders kept and
-/// summed), or the principal.
-pub fn plan(
-    holdings: &BTreeMap<AccountId, Amount>,
-    annual_rate_bps: u32,
-    kind: PayoutKind,
-    days: u32,
-) -> Vec<PlannedPayout> {
-    holdings
-        .iter()
-        .map(|(&account_id, &principal)| {
-            let (amount, remainder) = match kind {
-                PayoutKind::Interest => interest_for(principal, annual_rate_bps, days),
-                PayoutKind::Principal => (principal, 0),
-            };
-            PlannedPayout {
-                account_id,
-                principal,
-                amount,
-                remainder,
-            }
-        })
-        .collect()
+    /// The position the product stream's run record is at, or the last
+    /// payout created (for reading one's own writes).
+    pub position: i64,
 }
 
 /// Schedules a product's payouts for a period; safe to call any number of
-/// times, concurrently, from any node.
+/// times, concurrently, from any node, under any labels: the run is first
+/// planned in the product stream (`PayoutRunPlanned`, fenced by the
+/// stream's version), which bounds it by what the holders are owed, and its
+/// payouts are then created with ids that do not depend on the label
+/// ("no stream" expected, so each exists once).
 pub async fn schedule(
     store: &dyn EventStore,
     request: &ScheduleRequest,
 ) -> Result<ScheduleReport, ScheduleError> {
-    validate_reference(&request.period).map_err(|_| {
-        ScheduleError::Invalid("period must be 1 to 128 printable characters".into())
-    })?;
-    let days = match (request.kind, request.days) {
-        (PayoutKind::Interest, Some(days)) if (1..=INTEREST_DAYS_MAX).contains(&days) => days,
-        (PayoutKind::Interest, _) => {
-            return Err(ScheduleError::Invalid(
-                "interest needs days, 1 to 3660".into(),
-            ));
-        }
-        (PayoutKind::Principal, None) => 0,
-        (PayoutKind::Principal, Some(_)) => {
-            return Err(ScheduleError::Invalid("principal takes no days".into()));
-        }
+    let stream = request.product_id.stream();
+    let command = ProductCommand::PlanPayoutRun {
+        period: request.period.clone(),
+        kind: request.kind,
+        days: request.days,
     };
-    let mut product = Loaded::default();
-    product
-        .catch_up::<ProductSale>(store, &request.product_id.stream())
-        .await?;
-    let Some(sale) = product.state.sale.as_ref() else {
-        return Err(ScheduleError::UnknownProduct);
-    };
-    if request.kind == PayoutKind::Principal && sale.open {
-        return Err(ScheduleError::SaleOpen);
-    }
-    let mut holdings: BTreeMap<AccountId, Amount> = BTreeMap::new();
-    for reservation in sale.reservations.values() {
-        if reservation.state == ReservationState::Confirmed {
-            let held = holdings
-                .entry(reservation.account_id)
-                .or_insert(Amount::ZERO);
-            *held = held
-                .checked_add(reservation.amount)
-                .expect("BUG: holdings above the quota");
+    for _round in 0..SCHEDULE_ROUNDS_MAX {
+        let mut product = Loaded::default();
+        product.catch_up::<ProductSale>(store, &stream).await?;
+        if product.state.sale.is_none() {
+            return Err(ScheduleError::UnknownProduct);
         }
+        let events = ProductSale::decide(&product.state, &command, Utc::now())?;
+        let mut position = 0;
+        if !events.is_empty() {
+            let metadata = request.context.metadata(None, None);
+            match store
+                .append(
+                    &stream,
+                    expected_after(product.version),
+                    encode_all(&events, &metadata),
+                )
+                .await
+            {
+                Ok(appended) => position = appended.last_position,
+                Err(StoreError::Conflict(_)) => continue,
+                Err(error) => return Err(error.into()),
+            }
+            for event in &events {
+                product.state = ProductSale::evolve(std::mem::take(&mut product.state), event);
+            }
+        }
+        let sale = product.state.sale.as_ref().expect("BUG: checked above");
+        let run_period = match request.kind {
+            PayoutKind::Principal => sale.payouts.principal_period.as_deref(),
+            PayoutKind::Interest => Some(request.period.as_str()),
+        };
+        let run = run_period
+            .and_then(|period| sale.payouts.runs.get(period))
+            .expect("BUG: a planned run is in the state");
+        let mut report = create_payouts(store, request, sale, run).await?;
+        report.position = report.position.max(position);
+        return Ok(report);
     }
-    let planned = plan(&holdings, sale.terms.annual_rate_bps, request.kind, days);
+    Err(ScheduleError::Contention)
+}
+
+/// Creates the payouts of a planned run that do not exist yet.
+async fn create_payouts(
+    store: &dyn EventStore,
+    request: &ScheduleRequest,
+    sale: &Sale,
+    run: &PayoutRun,
+) -> Result<ScheduleReport, ScheduleError> {
+    let planned = plan(
+        &sale.holdings(),
+        sale.terms.annual_rate_bps,
+        run.kind,
+        run.days.unwrap_or(0),
+    );
     let mut report = ScheduleReport::default();
     let payouts: Vec<&PlannedPayout> = planned.iter().filter(|p| !p.amount.is_zero()).collect();
     report.zero = planned.len() - payouts.len();
     for chunk in payouts.chunks(SCHEDULE_APPEND_MAX) {
         let appends = chunk
             .iter()
-            .map(|p| schedule_append(request, p))
+            .map(|p| schedule_append(request, sale, run, p))
             .collect::<Vec<_>>();
         for outcome in store.append_batch(appends).await? {
             match outcome {
-                StreamOutcome::Appended(appended) if !appended.duplicate => report.scheduled += 1,
+                StreamOutcome::Appended(appended) if !appended.duplicate => {
+                    report.scheduled += 1;
+                    report.position = report.position.max(appended.last_position);
+                }
                 StreamOutcome::Appended(_) | StreamOutcome::Conflict(_) => report.existing += 1,
             }
         }
     }
-    record_run(store, request, days, &planned, payouts.len()).await?;
     Ok(report)
 }
 
-fn schedule_append(request: &ScheduleRequest, planned: &PlannedPayout) -> StreamAppend {
+fn schedule_append(
+    request: &ScheduleRequest,
+    sale: &Sale,
+    run: &PayoutRun,
+    planned: &PlannedPayout,
+) -> StreamAppend {
     let payout_id = payout_id_for(
-        &request.product_id,
-        &request.period,
-        request.kind,
+        &sale.product_id,
+        run.kind,
+        run.first_day,
         planned.account_id,
     );
     let event = PayoutEvent::PayoutScheduled {
         payout_id,
-        product_id: request.product_id.clone(),
+        product_id: sale.product_id.clone(),
         account_id: planned.account_id,
-        period: request.period.clone(),
-        kind: request.kind,
+        period: run.period.clone(),
+        kind: run.kind,
         amount: planned.amount,
+        currency: sale.terms.currency,
     };
     let metadata = request.context.metadata(Some(payout_id.0), None);
     StreamAppend {
         stream_id: payout_id.stream(),
         expected: ExpectedVersion::NoStream,
         events: encode_all(&[event], &metadata),
-    }
-}
-
-/// Records the run's totals once (the first caller's record stands).
-async fn record_run(
-    store: &dyn EventStore,
-    request: &ScheduleRequest,
-    days: u32,
-    planned: &[PlannedPayout],
-    payouts: usize,
-) -> Result<(), StoreError> {
-    let sum = |f: fn(&PlannedPayout) -> Amount| {
-        planned
-            .iter()
-            .try_fold(Amount::ZERO, |total, p| total.checked_add(f(p)))
-    };
-    let remainder_total: u128 = planned.iter().map(|p| p.remainder).sum();
-    let event = PayoutRunEvent::PayoutRunScheduled {
-        product_id: request.product_id.clone(),
-        period: request.period.clone(),
-        kind: request.kind,
-        days: (request.kind == PayoutKind::Interest).then_some(days),
-        holders: u32::try_from(planned.len()).unwrap_or(u32::MAX),
-        payouts: u32::try_from(payouts).unwrap_or(u32::MAX),
-        principal_total: sum(|p| p.principal).expect("BUG: principal above i64"),
-        paid_total: sum(|p| p.amount).expect("BUG: payouts above i64"),
-        remainder_total: u64::try_from(remainder_total).unwrap_or(u64::MAX),
-        denominator: u64::try_from(INTEREST_DENOMINATOR).expect("BUG: small constant"),
-    };
-    let metadata = request.context.metadata(None, None);
-    let stream = run_stream(&request.product_id, &request.period, request.kind);
-    match store
-        .append(
-            &stream,
-            ExpectedVersion::NoStream,
-            encode_all(&[event], &metadata),
-        )
-        .await
-    {
-        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
-        Err(error) => Err(error),
     }
 }
 
@@ -333,6 +322,13 @@ pub struct WorkerSettings {
     /// Wait before retrying a payout the provider could not settle,
     /// doubled per attempt made (at most 64×).
     pub retry_pause: chrono::Duration,
+    /// The longest a provider call may take (the gateway's timeout): the
+    /// provider is called only while the claim's lease still covers a whole
+    /// call from now.
+    pub call_timeout: chrono::Duration,
+    /// How long after its last claim ended an outcome may stay unknown
+    /// (the provider cannot say) before the payout is parked.
+    pub park_unknown_after: chrono::Duration,
 }
 
 impl Default for WorkerSettings {
@@ -342,6 +338,8 @@ impl Default for WorkerSettings {
             lease: chrono::Duration::seconds(30),
             idle_pause: Duration::from_millis(500),
             retry_pause: chrono::Duration::seconds(1),
+            call_timeout: chrono::Duration::seconds(10),
+            park_unknown_after: chrono::Duration::hours(1),
         }
     }
 }
@@ -363,6 +361,12 @@ pub struct PassReport {
     pub open: usize,
     /// Lost races with another worker (skipped).
     pub conflicts: usize,
+    /// Claims whose lease no longer covered a provider call when they were
+    /// recorded: the provider was not called (the claim expires and is
+    /// reconciled).
+    pub lease_too_short: usize,
+    /// Payouts parked in this pass.
+    pub parked: usize,
 }
 
 /// A payout worker.
@@ -404,7 +408,7 @@ impl PayoutIndex {
                             self.open.remove(&payout_id);
                             self.uncredited.insert(payout_id, ());
                         }
-                        "payout_failed" => {
+                        "payout_failed" | "payout_parked" | "payout_cancelled" => {
                             self.open.remove(&payout_id);
                         }
                         "payout_reconciled" => {
@@ -507,9 +511,13 @@ impl PayoutWorker {
             report.examined += 1;
             let final_status = self.work_on(payout_id, &mut report).await?;
             match final_status {
-                Some(PayoutStatus::Succeeded | PayoutStatus::Failed) => {
+                Some(PayoutStatus::Succeeded | PayoutStatus::Failed | PayoutStatus::Cancelled) => {
                     self.index.open.remove(&payout_id);
                     report.settled += 1;
+                }
+                // Waits for an operator; a retry puts it back in the index.
+                Some(PayoutStatus::Parked) => {
+                    self.index.open.remove(&payout_id);
                 }
                 _ => report.open += 1,
             }
@@ -573,7 +581,9 @@ impl PayoutWorker {
                     }
                     return Ok(Some(PayoutStatus::Succeeded));
                 }
-                PayoutStatus::Failed => return Ok(Some(PayoutStatus::Failed)),
+                PayoutStatus::Failed | PayoutStatus::Parked | PayoutStatus::Cancelled => {
+                    return Ok(Some(payout.status));
+                }
                 PayoutStatus::InFlight => {
                     let lease_until = payout.lease_until.expect("BUG: in flight without a lease");
                     if now < lease_until {
@@ -593,6 +603,16 @@ impl PayoutWorker {
                         self.not_before.insert(payout_id, until);
                         return Ok(Some(PayoutStatus::Unknown));
                     }
+                    let unknown_since = payout.last_lease_until.unwrap_or(now);
+                    if now >= unknown_since + self.settings.park_unknown_after {
+                        let reason = format!(
+                            "outcome unknown for more than {} s after the last claim",
+                            self.settings.park_unknown_after.num_seconds()
+                        );
+                        self.park(payout_id, &state, version, reason, report)
+                            .await?;
+                        continue;
+                    }
                     report.lookups += 1;
                     match self.provider.lookup(&payout.idempotency_key()).await {
                         LookupOutcome::Found(finding) => PayoutCommand::Reconcile { finding },
@@ -605,9 +625,11 @@ impl PayoutWorker {
                     }
                 }
                 PayoutStatus::Scheduled => {
-                    if payout.attempts >= PAYOUT_ATTEMPTS_MAX {
-                        tracing::error!(%payout_id, "payout spent its attempts; an operator must look");
-                        return Ok(Some(PayoutStatus::Scheduled));
+                    if payout.attempts >= payout.attempts_allowed {
+                        let reason = format!("spent {} attempts", payout.attempts);
+                        self.park(payout_id, &state, version, reason, report)
+                            .await?;
+                        continue;
                     }
                     if self.not_before.get(&payout_id).is_some_and(|t| now < *t) {
                         return Ok(Some(PayoutStatus::Scheduled));
@@ -624,6 +646,18 @@ impl PayoutWorker {
                         .is_none()
                     {
                         report.conflicts += 1;
+                        return Ok(Some(PayoutStatus::InFlight));
+                    }
+                    // The claim is durable now; call only if its lease still
+                    // covers a whole call from here (a slow append, a paused
+                    // process). Otherwise leave the attempt to expire: a
+                    // lookup after its lease settles it, so no two calls for
+                    // one payout are ever in flight at once.
+                    let claimed_at = self.clock.now();
+                    if claimed_at + self.settings.call_timeout >= lease_until {
+                        tracing::warn!(%payout_id, %lease_until, %claimed_at,
+                            "claim recorded too late to cover a provider call; leaving it to expire");
+                        report.lease_too_short += 1;
                         return Ok(Some(PayoutStatus::InFlight));
                     }
                     report.payments_asked += 1;
@@ -686,6 +720,33 @@ impl PayoutWorker {
         Ok(self.load(payout_id).await?.0.payout.map(|p| p.status))
     }
 
+    /// Parks a payout (it waits for an operator); logged once, by the
+    /// worker whose append parks it.
+    async fn park(
+        &self,
+        payout_id: PayoutId,
+        state: &PayoutState,
+        version: i64,
+        reason: String,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let command = PayoutCommand::Park {
+            reason: reason.clone(),
+        };
+        if self
+            .step(payout_id, state, version, command)
+            .await?
+            .is_some()
+        {
+            report.parked += 1;
+            self.engine.note_payout_parked();
+            tracing::error!(%payout_id, %reason, "payout parked; an operator must retry or cancel it");
+        } else {
+            report.conflicts += 1;
+        }
+        Ok(())
+    }
+
     /// The pause before retrying a payout after `attempts` attempts:
     /// `retry_pause` doubled per attempt, at most 64 times as long.
     fn backoff(&self, attempts: u32) -> chrono::Duration {
@@ -720,6 +781,141 @@ fn payment(payout: &ScheduledPayout) -> PaymentRequest {
         idempotency_key: payout.idempotency_key(),
         account_id: payout.account_id,
         amount: payout.amount,
-        currency: Currency::CNY,
+        currency: payout.currency,
     }
+}
+
+/// Why an operator's action on a payout was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PayoutActionError {
+    /// No such payout.
+    #[error("no such payout")]
+    NotFound,
+    /// The payout is not in a state the action applies to.
+    #[error("{0}")]
+    Conflict(String),
+    /// The provider could not be asked (or none is configured).
+    #[error("the payment provider cannot tell now: {0}")]
+    ProviderUnavailable(String),
+    /// Another worker or operator kept moving the payout; try again.
+    #[error("the payout kept changing; try again")]
+    Contention,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an operator's action appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayoutActionReport {
+    /// The payout's status after it.
+    pub status: PayoutStatus,
+    /// The position the action's event reached.
+    pub position: i64,
+}
+
+/// An operator sends a parked payout back to work (`PayoutRetried`): the
+/// provider is asked about its key before any new attempt.
+pub async fn retry_parked(
+    store: &dyn EventStore,
+    clock: &dyn Clock,
+    payout_id: PayoutId,
+    context: &RequestContext,
+) -> Result<PayoutActionReport, PayoutActionError> {
+    act_on_parked(store, clock, payout_id, context, PayoutCommand::Retry).await
+}
+
+/// An operator cancels a parked payout, once the provider's own record
+/// shows no payment for its key (asked here, after the last claim's lease).
+/// The payout stays in the log as `cancelled`: its entitlement stays used
+/// and it is never created again.
+pub async fn cancel_parked(
+    store: &dyn EventStore,
+    provider: &dyn PaymentProvider,
+    clock: &dyn Clock,
+    payout_id: PayoutId,
+    context: &RequestContext,
+) -> Result<PayoutActionReport, PayoutActionError> {
+    let payout = load_payout(store, payout_id).await?.0;
+    if payout.status != PayoutStatus::Parked {
+        return Err(not_parked(&payout));
+    }
+    let finding = match provider.lookup(&payout.idempotency_key()).await {
+        LookupOutcome::Found(finding) => finding,
+        LookupOutcome::Unknown { detail } => {
+            return Err(PayoutActionError::ProviderUnavailable(detail));
+        }
+    };
+    act_on_parked(
+        store,
+        clock,
+        payout_id,
+        context,
+        PayoutCommand::Cancel { finding },
+    )
+    .await
+}
+
+fn not_parked(payout: &ScheduledPayout) -> PayoutActionError {
+    PayoutActionError::Conflict(format!(
+        "the payout is {}, not parked",
+        payout.status.name()
+    ))
+}
+
+async fn load_payout(
+    store: &dyn EventStore,
+    payout_id: PayoutId,
+) -> Result<(ScheduledPayout, i64), PayoutActionError> {
+    let mut loaded: Loaded<PayoutState> = Loaded::default();
+    loaded
+        .catch_up::<Payout>(store, &payout_id.stream())
+        .await?;
+    let payout = loaded.state.payout.ok_or(PayoutActionError::NotFound)?;
+    Ok((payout, loaded.version))
+}
+
+async fn act_on_parked(
+    store: &dyn EventStore,
+    clock: &dyn Clock,
+    payout_id: PayoutId,
+    context: &RequestContext,
+    command: PayoutCommand,
+) -> Result<PayoutActionReport, PayoutActionError> {
+    for _round in 0..PAYOUT_STEPS_MAX {
+        let (payout, version) = load_payout(store, payout_id).await?;
+        if payout.status != PayoutStatus::Parked {
+            return Err(not_parked(&payout));
+        }
+        let state = PayoutState {
+            payout: Some(payout),
+        };
+        let events = Payout::decide(&state, &command, clock.now())
+            .map_err(|rejection| PayoutActionError::Conflict(rejection.to_string()))?;
+        let metadata = context.metadata(Some(payout_id.0), None);
+        match store
+            .append(
+                &payout_id.stream(),
+                expected_after(version),
+                encode_all(&events, &metadata),
+            )
+            .await
+        {
+            Ok(appended) => {
+                let status = events
+                    .iter()
+                    .fold(state, Payout::evolve)
+                    .payout
+                    .map(|p| p.status)
+                    .expect("BUG: a scheduled payout stays scheduled");
+                return Ok(PayoutActionReport {
+                    status,
+                    position: appended.last_position,
+                });
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(PayoutActionError::Contention)
 }

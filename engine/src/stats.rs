@@ -21,6 +21,11 @@ pub struct EngineStats {
     pub sold_out_from_memory: AtomicU64,
     /// Payments refunded because their reservation ended released.
     pub refunds: AtomicU64,
+    /// Payouts this process's workers parked (for an operator).
+    pub payouts_parked: AtomicU64,
+    /// Products whose writer the recovery sweep started (expired
+    /// reservations or refunds owed, with no traffic to start it).
+    pub recoveries_started: AtomicU64,
 }
 
 /// A plain copy of the counters.
@@ -42,6 +47,10 @@ pub struct StatsSnapshot {
     pub sold_out_from_memory: u64,
     /// See [`EngineStats::refunds`].
     pub refunds: u64,
+    /// See [`EngineStats::payouts_parked`].
+    pub payouts_parked: u64,
+    /// See [`EngineStats::recoveries_started`].
+    pub recoveries_started: u64,
 }
 
 impl EngineStats {
@@ -62,6 +71,8 @@ impl EngineStats {
             purchases_refused: read(&self.purchases_refused),
             sold_out_from_memory: read(&self.sold_out_from_memory),
             refunds: read(&self.refunds),
+            payouts_parked: read(&self.payouts_parked),
+            recoveries_started: read(&self.recoveries_started),
         }
     }
 }

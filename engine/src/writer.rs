@@ -523,6 +523,7 @@ impl ProductWriter {
                             product_id: self.product_id.clone(),
                             amount: reservation.amount,
                             reservation_expires_at: reservation.expires_at,
+                            currency: sale.terms.currency,
                         },
                         correlation_id: Some(order_id.0),
                         context: self
@@ -546,6 +547,9 @@ impl ProductWriter {
                 }
                 JobOutcome::Rejected(AccountRejection::ReservationExpired(_)) => {
                     Settlement::Release(ReleaseReason::Expired)
+                }
+                JobOutcome::Rejected(AccountRejection::CurrencyMismatch { .. }) => {
+                    Settlement::Release(ReleaseReason::CurrencyMismatch)
                 }
                 JobOutcome::Rejected(rejection) => {
                     tracing::info!(%order_id, %rejection, "payment refused");
@@ -772,6 +776,7 @@ fn released_error(reason: ReleaseReason) -> PurchaseError {
     match reason {
         ReleaseReason::InsufficientFunds => PurchaseError::InsufficientFunds,
         ReleaseReason::Expired => PurchaseError::Expired,
+        ReleaseReason::CurrencyMismatch => PurchaseError::CurrencyMismatch,
         ReleaseReason::PaymentFailed | ReleaseReason::Cancelled => PurchaseError::PaymentFailed,
     }
 }

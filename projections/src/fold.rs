@@ -10,7 +10,7 @@ use crate::schema::{
     TIMELINE_EVENTS, Table,
 };
 use domain::account::AccountEvent;
-use domain::payout::{PayoutEvent, ProviderFinding};
+use domain::payout::{PayoutEvent, PayoutKind, ProviderFinding};
 use domain::posting::LedgerAccount;
 use domain::product::ProductEvent;
 use serde::Serialize;
@@ -244,6 +244,8 @@ impl Fold for SaleFold {
                 max_purchase: terms.max_purchase.minor(),
                 annual_rate_bps: i64::from(terms.annual_rate_bps),
                 term_days: i64::from(terms.term_days),
+                principal_scheduled: 0,
+                interest_days: 0,
                 listed_at: envelope.occurred_at.clone(),
                 updated_at: String::new(),
                 position: 0,
@@ -268,6 +270,15 @@ impl Fold for SaleFold {
                 row.released += 1;
             }
             ProductEvent::PurchaseRefused { .. } => row.refused += 1,
+            ProductEvent::PayoutRunPlanned {
+                kind,
+                days,
+                paid_total,
+                ..
+            } => match kind {
+                PayoutKind::Principal => row.principal_scheduled = paid_total.minor(),
+                PayoutKind::Interest => row.interest_days += i64::from(days.unwrap_or(0)),
+            },
         }
         row.available = checked(
             envelope,
@@ -898,6 +909,14 @@ impl Fold for PayoutsFold {
                 }
                 ProviderFinding::NotFound => "scheduled",
             },
+            PayoutEvent::PayoutParked { reason, .. } => {
+                row.last_error = Some(reason.clone());
+                "parked"
+            }
+            // Back to work through a lookup of its key (see the decider).
+            PayoutEvent::PayoutRetried {} if row.attempts > 0 => "unknown",
+            PayoutEvent::PayoutRetried {} => "scheduled",
+            PayoutEvent::PayoutCancelled { .. } => "cancelled",
         };
         row.status = status.to_owned();
         if status != "in_flight" {

@@ -290,6 +290,7 @@ impl History {
             product_id,
             amount,
             reservation_expires_at: self.now + Duration::seconds(60),
+            currency: Currency::CNY,
         };
         let paid = self.account(account, debit, correlation);
         if !paid {
@@ -329,9 +330,12 @@ impl History {
         if self.holdings.is_empty() {
             return;
         }
+        // Each holding is paid its term's interest once, so no holder is
+        // ever paid beyond what the product owes (the drift check's
+        // entitlement oracle holds on generated histories too).
         let slot = self.rng.random_range(0..self.holdings.len());
-        let (account, product, principal) = self.holdings[slot];
-        let interest = principal.minor() * 450 / 10_000 / 4;
+        let (account, product, principal) = self.holdings.swap_remove(slot);
+        let interest = domain::payout::interest_for(principal, 450, 90).0.minor();
         if interest == 0 {
             return;
         }
@@ -348,6 +352,7 @@ impl History {
                 period: format!("q{}", self.payouts),
                 kind: PayoutKind::Interest,
                 amount: amount(interest),
+                currency: Currency::CNY,
             },
             PayoutCommand::Attempt {
                 lease_until: self.now + Duration::seconds(30),

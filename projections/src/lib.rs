@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod db;
 pub mod drift;
+pub mod entitlement;
 pub mod envelope;
 pub mod error;
 pub mod fold;

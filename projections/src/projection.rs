@@ -44,7 +44,11 @@ impl Projection {
     /// The shape of its tables. Bump it when a table definition or a fold
     /// changes: a projection whose stored shape differs is rebuilt at start.
     pub fn schema_version(self) -> i64 {
-        1
+        match self {
+            // 2: payout runs planned (principal_scheduled, interest_days).
+            Projection::SaleProgress => 2,
+            Projection::Accounts | Projection::Orders | Projection::Payouts => 1,
+        }
     }
 
     /// Its tables.

@@ -295,3 +295,48 @@ pub async fn payouts(
         .fetch_all(pool)
         .await?))
 }
+
+/// How many payouts are in each status (for metrics).
+pub async fn payout_status_counts(
+    db: &ReadDb,
+) -> Result<std::collections::BTreeMap<String, i64>, ProjectionError> {
+    const SQL: &str = "SELECT status, COUNT(*) FROM payouts GROUP BY status";
+    let rows: Vec<(String, i64)> =
+        on_reader!(db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+    Ok(rows.into_iter().collect())
+}
+
+/// What a product's holders are owed and how much of it payout runs have
+/// planned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Entitlement {
+    /// The product.
+    pub product_id: String,
+    /// The term in days (interest is owed for at most this many).
+    pub term_days: i64,
+    /// The holders' confirmed principal.
+    pub principal_total: i64,
+    /// Principal planned to be paid back.
+    pub principal_scheduled: i64,
+    /// Days of the term whose interest is planned.
+    pub interest_days_scheduled: i64,
+    /// Days of the term whose interest may still be planned.
+    pub interest_days_remaining: i64,
+    /// The last event reflected.
+    pub position: i64,
+}
+
+/// One product's entitlement, from its sale progress row.
+pub async fn entitlement(
+    db: &ReadDb,
+    product_id: &str,
+) -> Result<Option<Entitlement>, ProjectionError> {
+    const SQL: &str = "SELECT product_id, term_days, confirmed AS principal_total, \
+                       principal_scheduled, interest_days AS interest_days_scheduled, \
+                       term_days - interest_days AS interest_days_remaining, position \
+                       FROM sale_progress WHERE product_id = $1";
+    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+        .bind(product_id)
+        .fetch_optional(pool)
+        .await?))
+}

@@ -40,6 +40,11 @@ pub struct SaleRow {
     pub annual_rate_bps: i64,
     /// Term in days.
     pub term_days: i64,
+    /// Principal planned to be paid back to the holders (the confirmed
+    /// amount, once its run is planned).
+    pub principal_scheduled: i64,
+    /// Days of the term whose interest is planned.
+    pub interest_days: i64,
     /// When the product was listed.
     pub listed_at: String,
     /// When the row last changed.

@@ -329,6 +329,8 @@ pub const SALE_PROGRESS: Table = Table {
         ("max_purchase", Type::Integer),
         ("annual_rate_bps", Type::Integer),
         ("term_days", Type::Integer),
+        ("principal_scheduled", Type::Integer),
+        ("interest_days", Type::Integer),
         ("listed_at", Type::Text),
         ("updated_at", Type::Text),
         ("position", Type::Integer),

@@ -1,8 +1,10 @@
 //! The trial balance: every event's postings sum to zero, the whole ledger
-//! sums to zero, and every customer account's balance in the read models
-//! equals the sum of its postings in the log.
+//! sums to zero, every customer account's balance in the read models
+//! equals the sum of its postings in the log, and no holder is scheduled or
+//! paid beyond what they are owed (`entitlement`).
 
 use crate::apply::Observer;
+use crate::entitlement::{EntitlementCheck, EntitlementReport};
 use crate::envelope::{Envelope, Fact};
 use crate::error::ProjectionError;
 use domain::posting::{LedgerAccount, is_balanced};
@@ -16,6 +18,7 @@ pub struct PostingSums {
     unbalanced: Vec<i64>,
     by_class: BTreeMap<&'static str, i128>,
     customers: HashMap<String, i128>,
+    entitlements: EntitlementCheck,
 }
 
 impl PostingSums {
@@ -28,6 +31,7 @@ impl PostingSums {
     }
 
     fn add(&mut self, envelope: &Envelope) {
+        self.entitlements.add(envelope);
         let Fact::Account(event) = &envelope.fact else {
             return;
         };
@@ -110,12 +114,17 @@ pub struct TrialBalance {
     pub mismatches: Vec<BalanceMismatch>,
     /// Customer accounts compared.
     pub accounts_checked: usize,
+    /// Payouts against what each holder is owed.
+    pub entitlements: EntitlementReport,
 }
 
 impl TrialBalance {
     /// Whether everything balances.
     pub fn holds(&self) -> bool {
-        self.unbalanced_events.is_empty() && self.net == 0 && self.mismatches.is_empty()
+        self.unbalanced_events.is_empty()
+            && self.net == 0
+            && self.mismatches.is_empty()
+            && self.entitlements.holds()
     }
 
     /// Compares the sums from the log with the stored balances.
@@ -158,6 +167,7 @@ impl TrialBalance {
             totals: sums.by_class,
             mismatches,
             accounts_checked,
+            entitlements: sums.entitlements.report(),
         }
     }
 }

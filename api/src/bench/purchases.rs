@@ -581,6 +581,7 @@ impl BuyerRun {
             product_id: product_id(),
             amount: self.amount,
             reservation_expires_at: now + Span::seconds(30),
+            currency: domain::Currency::CNY,
         };
         let debited = match CustomerAccount::decide(&self.account.state, &debit, Utc::now()) {
             Ok(events) => events,

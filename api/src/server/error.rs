@@ -38,6 +38,9 @@ pub enum ApiError {
     PayloadTooLarge,
     /// 422 `insufficient_funds`.
     InsufficientFunds,
+    /// 422 `currency_mismatch`: the buyer's account holds another currency
+    /// than the product.
+    CurrencyMismatch,
     /// 429 `rate_limited`, with `Retry-After` seconds.
     RateLimited(u64),
     /// 503 `overloaded`: load shed, with `Retry-After` seconds.
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::InFlight => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::InsufficientFunds => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds"),
+            ApiError::CurrencyMismatch => (StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -91,6 +95,9 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge => "the request body is over the limit".into(),
             ApiError::InsufficientFunds => "the available balance is below the amount".into(),
+            ApiError::CurrencyMismatch => {
+                "the account's currency is not the product's currency".into()
+            }
             ApiError::RateLimited(_) => "too many requests; slow down".into(),
             ApiError::Overloaded(_) => "the queue is full; retry shortly".into(),
             ApiError::Unavailable(what) => {
@@ -186,6 +193,18 @@ impl From<engine::CommandError> for ApiError {
                 ApiError::InvalidRequest(error.to_string())
             }
             CommandError::Account(A::InsufficientFunds { .. }) => ApiError::InsufficientFunds,
+            CommandError::Account(A::CurrencyMismatch { .. }) => ApiError::CurrencyMismatch,
+            CommandError::Account(A::LimitExceeded(_))
+            | CommandError::Product(P::LimitExceeded(_)) => {
+                ApiError::Conflict("limit_exceeded", error.to_string())
+            }
+            CommandError::Product(P::SaleNotClosed) => {
+                ApiError::Conflict("sale_not_closed", error.to_string())
+            }
+            CommandError::Product(P::EntitlementExceeded { .. }) => {
+                ApiError::Conflict("entitlement_exceeded", error.to_string())
+            }
+            CommandError::Product(P::InvalidPayoutRun(why)) => ApiError::InvalidRequest(why),
             CommandError::Product(rejection) => {
                 ApiError::Conflict("conflict", rejection.to_string())
             }

@@ -86,6 +86,15 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("ledger_engine_purchases_confirmed").set(engine.purchases_confirmed as f64);
     metrics::gauge!("ledger_engine_purchases_refused").set(engine.purchases_refused as f64);
     metrics::gauge!("ledger_engine_product_conflicts").set(engine.product_conflicts as f64);
+    metrics::gauge!("ledger_engine_payouts_parked").set(engine.payouts_parked as f64);
+    metrics::gauge!("ledger_engine_recoveries_started").set(engine.recoveries_started as f64);
+    // Payouts by status, from the read model (a fixed set of labels).
+    if let Ok(counts) = projections::query::payout_status_counts(&state.db).await {
+        for status in domain::payout::PayoutStatus::ALL {
+            let count = counts.get(status.name()).copied().unwrap_or(0);
+            metrics::gauge!("ledger_payouts", "status" => status.name()).set(count as f64);
+        }
+    }
     let mut response = prometheus().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

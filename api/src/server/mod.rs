@@ -68,6 +68,14 @@ pub struct ServeOptions {
     /// Payout workers this node runs when a gateway is set.
     #[arg(long, env = "LEDGER_PAYOUT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub payout_workers: u32,
+    /// How long a payout's outcome may stay unknown (the gateway cannot
+    /// say) after its last claim ended before it is parked for an operator.
+    #[arg(long, env = "LEDGER_PAYOUT_PARK_UNKNOWN_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub payout_park_unknown_after: Duration,
+    /// How often every product is checked for reservations past their
+    /// expiry and refunds owed, so a crash is repaired without traffic.
+    #[arg(long, env = "LEDGER_RECOVERY_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    pub recovery_period: Duration,
 }
 
 /// Limits on clients and requests.
@@ -144,6 +152,9 @@ pub struct AppState {
     pub limits: Limits,
     /// Requests per client.
     pub limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    /// The payment provider, when this node pays out (an operator's cancel
+    /// asks it about the payout's key).
+    pub provider: Option<Arc<dyn engine::payouts::PaymentProvider>>,
 }
 
 impl AppState {
@@ -173,6 +184,7 @@ pub struct Server {
     pub state: AppState,
     runner: Runner,
     housekeeping: tokio::task::JoinHandle<()>,
+    recovery: tokio::task::JoinHandle<()>,
     payout_stop: tokio::sync::watch::Sender<bool>,
     payout_workers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -205,6 +217,7 @@ impl Server {
         let access = AccessDb::open(backend).await?;
         let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
         let statuses = runner.statuses();
+        let recovery_period = settings.recovery_period;
         let engine = Engine::new(store.clone(), Arc::new(SystemClock), settings);
         let quota =
             Quota::per_second(NonZeroU32::new(limits.rate_per_second.max(1)).expect("max(1)"))
@@ -220,14 +233,24 @@ impl Server {
             statuses,
             limits,
             limiter: Arc::new(RateLimiter::keyed(quota)),
+            provider: None,
         };
         auth::warm_up().await;
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
+        let payout_stop = tokio::sync::watch::channel(false).0;
+        // Repairs what a crash left in any product, with no traffic needed.
+        let recovery = tokio::spawn(engine::recovery::run(
+            state.store.clone(),
+            state.engine.clone(),
+            recovery_period,
+            payout_stop.subscribe(),
+        ));
         Ok(Server {
             state,
             runner,
             housekeeping,
-            payout_stop: tokio::sync::watch::channel(false).0,
+            recovery,
+            payout_stop,
             payout_workers: Vec::new(),
         })
     }
@@ -239,6 +262,7 @@ impl Server {
         count: u32,
         settings: engine::payouts::WorkerSettings,
     ) {
+        self.state.provider = Some(provider.clone());
         for index in 0..count {
             let worker = engine::payouts::PayoutWorker::new(
                 self.state.store.clone(),
@@ -302,6 +326,7 @@ impl Server {
         for worker in self.payout_workers {
             let _ = worker.await;
         }
+        let _ = self.recovery.await;
         self.housekeeping.abort();
         self.state.feed.stop();
         self.state.engine.halt();
@@ -373,6 +398,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let settings = EngineSettings {
         queue_max: options.purchase_queue_max.max(1),
         reservation_ttl: chrono::Duration::from_std(options.reservation_ttl)?,
+        recovery_period: options.recovery_period,
         ..EngineSettings::default()
     };
     let mut server =
@@ -388,6 +414,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             let settings = engine::payouts::WorkerSettings {
                 name: format!("payout-worker-{}", std::process::id()),
                 lease: chrono::Duration::from_std(options.payout_lease)?,
+                call_timeout: chrono::Duration::from_std(options.gateway_timeout)?,
+                park_unknown_after: chrono::Duration::from_std(options.payout_park_unknown_after)?,
                 ..Default::default()
             };
             server.start_payout_workers(Arc::new(provider), options.payout_workers, settings);

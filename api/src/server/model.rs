@@ -70,8 +70,10 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
 
 /// A positive amount in minor units.
 pub fn positive_amount(minor: i64) -> Result<domain::Amount, ApiError> {
-    if minor <= 0 {
-        return Err(ApiError::InvalidRequest("amount must be positive".into()));
+    if minor <= 0 || minor > domain::Amount::LIMIT.minor() {
+        return Err(ApiError::InvalidRequest(
+            "amount must be 1 to 10^15 minor units".into(),
+        ));
     }
     domain::Amount::new(minor).map_err(|e| ApiError::InvalidRequest(e.to_string()))
 }
@@ -161,7 +163,7 @@ pub struct MeResponse {
 #[serde(deny_unknown_fields)]
 pub struct DepositRequest {
     /// Minor units, positive.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1e15)]
     pub amount: i64,
     /// External reference, unique per account: a repeat is not a second
     /// deposit. 1 to 128 characters, no leading or trailing whitespace, no
@@ -286,19 +288,19 @@ pub struct CreateProductRequest {
     )]
     pub name: String,
     /// Total amount that can be sold, minor units.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1e15)]
     pub quota: i64,
     /// Smallest single purchase (at most `max_purchase`).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1e15)]
     pub min_purchase: i64,
     /// Largest single purchase (at most `quota`).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1e15)]
     pub max_purchase: i64,
-    /// Annual interest rate, basis points.
-    #[schema(maximum = 10_000)]
+    /// Annual interest rate, basis points (at most 100,000).
+    #[schema(maximum = 100_000)]
     pub annual_rate_bps: u32,
-    /// Term in days.
-    #[schema(minimum = 1, maximum = 10_950)]
+    /// Term in days (1 to 36,500); it starts when the sale closes.
+    #[schema(minimum = 1, maximum = 36_500)]
     pub term_days: u32,
     /// ISO 4217 code; CNY when absent.
     #[schema(pattern = r"^[A-Z]{3}$")]
@@ -330,8 +332,9 @@ pub struct SchedulePayoutsRequest {
     pub period: String,
     /// `interest` or `principal`.
     pub kind: PayoutKindName,
-    /// Days of interest (interest only), 1 to 3660.
-    #[schema(minimum = 1, maximum = 3660)]
+    /// Days of interest (interest only), 1 to the product's term; runs use
+    /// up the term's days in order.
+    #[schema(minimum = 1, maximum = 36_500)]
     pub days: Option<u32>,
 }
 
@@ -349,8 +352,42 @@ pub enum PayoutKindName {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SchedulePayoutsResponse {
     /// Payouts this call created (0 when an earlier or concurrent call
-    /// created them).
+    /// created them, or when the same money was scheduled under another
+    /// label).
     pub scheduled: usize,
+    /// The log position this call's writes reached (0 when it wrote
+    /// nothing).
+    pub position: i64,
+}
+
+/// `GET /v1/products/{product_id}/entitlements`: what the holders are owed
+/// and how much of it is scheduled.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EntitlementResponse {
+    /// The product.
+    pub product_id: String,
+    /// The term in days.
+    pub term_days: i64,
+    /// The holders' confirmed principal.
+    pub principal_total: i64,
+    /// Principal scheduled to be paid back.
+    pub principal_scheduled: i64,
+    /// Days of the term whose interest is scheduled.
+    pub interest_days_scheduled: i64,
+    /// Days of the term whose interest may still be scheduled.
+    pub interest_days_remaining: i64,
+}
+
+/// What an operator's action on a parked payout did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PayoutActionResponse {
+    /// The payout.
+    pub payout_id: String,
+    /// Its status after the action (`unknown` or `scheduled` after a retry,
+    /// `cancelled` after a cancel).
+    pub status: String,
+    /// The log position the action reached.
+    pub position: i64,
 }
 
 /// `POST /v1/products/{product_id}/purchases`.
@@ -358,7 +395,7 @@ pub struct SchedulePayoutsResponse {
 #[serde(deny_unknown_fields)]
 pub struct PurchaseRequest {
     /// Minor units, positive.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1e15)]
     pub amount: i64,
 }
 
@@ -491,7 +528,8 @@ pub struct PayoutResponse {
     pub period: String,
     /// `interest` or `principal`.
     pub kind: String,
-    /// `scheduled`, `in_flight`, `unknown`, `succeeded`, `failed`.
+    /// `scheduled`, `in_flight`, `unknown`, `succeeded`, `failed`,
+    /// `parked` (waits for an operator's retry or cancel) or `cancelled`.
     pub status: String,
     /// Calls made to the provider.
     pub attempts: i64,

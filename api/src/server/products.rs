@@ -84,8 +84,9 @@ fn terms(request: &CreateProductRequest) -> Result<ProductTerms, ApiError> {
         None => Currency::CNY,
     };
     let amount = |field: &str, minor: i64| {
-        positive_amount(minor)
-            .map_err(|_| ApiError::InvalidRequest(format!("{field} must be positive")))
+        positive_amount(minor).map_err(|_| {
+            ApiError::InvalidRequest(format!("{field} must be 1 to 10^15 minor units"))
+        })
     };
     Ok(ProductTerms {
         name: name.to_owned(),
@@ -250,6 +251,7 @@ fn outcome_label(error: &PurchaseError) -> &'static str {
         PurchaseError::InsufficientFunds => "insufficient_funds",
         PurchaseError::PaymentFailed => "payment_failed",
         PurchaseError::Expired => "expired",
+        PurchaseError::CurrencyMismatch => "currency_mismatch",
         PurchaseError::KeyReused => "idempotency_key_reused",
         PurchaseError::Invalid(_) => "invalid",
         PurchaseError::Overloaded => "overloaded",
@@ -273,6 +275,7 @@ fn purchase_error(error: PurchaseError) -> ApiError {
             ApiError::InvalidRequest(error.to_string())
         }
         PurchaseError::InsufficientFunds => ApiError::InsufficientFunds,
+        PurchaseError::CurrencyMismatch => ApiError::CurrencyMismatch,
         PurchaseError::PaymentFailed | PurchaseError::Expired => {
             ApiError::Conflict("conflict", error.to_string())
         }
@@ -321,7 +324,13 @@ pub async fn schedule_payouts(
         .map_err(|error| match error {
             ScheduleError::Invalid(why) => ApiError::InvalidRequest(why),
             ScheduleError::UnknownProduct => ApiError::NotFound,
-            ScheduleError::SaleOpen => ApiError::Conflict("conflict", error.to_string()),
+            ScheduleError::SaleNotClosed(why) => ApiError::Conflict("sale_not_closed", why),
+            ScheduleError::EntitlementExceeded { message, .. } => {
+                ApiError::Conflict("entitlement_exceeded", message)
+            }
+            ScheduleError::Conflict(why) => ApiError::Conflict("conflict", why),
+            ScheduleError::Contention => ApiError::Conflict("conflict", error.to_string()),
+            ScheduleError::LimitExceeded(why) => ApiError::Conflict("limit_exceeded", why),
             ScheduleError::Store(store) => ApiError::from(store),
         })?;
     tracing::info!(
@@ -335,6 +344,7 @@ pub async fn schedule_payouts(
         StatusCode::ACCEPTED,
         Json(SchedulePayoutsResponse {
             scheduled: report.scheduled,
+            position: report.position,
         }),
     ))
 }

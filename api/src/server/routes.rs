@@ -157,6 +157,24 @@ pub fn table() -> Vec<RouteSpec> {
         ),
         route(
             get_.clone(),
+            "/v1/products/{product_id}/entitlements",
+            Roles(PAYOUT_READERS),
+            get(orders::entitlements),
+        ),
+        route(
+            post_.clone(),
+            "/v1/payouts/{payout_id}/retry",
+            Roles(OPERATORS),
+            post(orders::retry_payout),
+        ),
+        route(
+            post_.clone(),
+            "/v1/payouts/{payout_id}/cancel",
+            Roles(OPERATORS),
+            post(orders::cancel_payout),
+        ),
+        route(
+            get_.clone(),
             "/v1/progress",
             Public,
             get(handlers::all_progress),

@@ -265,6 +265,12 @@ impl TestApi {
         );
     }
 
+    /// Serves the server's state as it is now (after payout workers were
+    /// started, say, which give the handlers a payment provider).
+    pub fn refresh_router(&mut self) {
+        self.router = self.server.router();
+    }
+
     /// Stops the server.
     pub async fn stop(self) {
         self.server.stop().await;
