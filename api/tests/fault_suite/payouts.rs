@@ -1,8 +1,10 @@
-//! Payout storm: interest for two periods scheduled from every node at
-//! once, paid through `ledger fake-gateway` lying about a third of its
-//! calls (hanging without paying, paying late, answering 5xx after paying),
-//! with a node killed mid-run. The gateway's own record must show exactly
-//! one payment per holder per period, equal to what the ledger credited.
+//! Payout storm: the same money scheduled under different labels from
+//! every node at once (interest for a two-period term under three labels,
+//! the principal under two), paid through `ledger fake-gateway` lying about
+//! a third of its calls (hanging without paying, paying late, answering 5xx
+//! after paying), with a node killed mid-run. The gateway's own record must
+//! show exactly one payment per payout and, per holder, the principal once
+//! and interest for at most the term, equal to what the ledger credited.
 
 use crate::client;
 use crate::cluster::Cluster;
@@ -14,7 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const HOLDERS: usize = 20;
-const PERIODS: [&str; 2] = ["2026-H2", "2027-H1"];
+/// Interest labels, all asked for at once; the term holds two of them.
+const PERIODS: [&str; 3] = ["2026-H2", "2027-H1", "2027-H1-settlement"];
+/// Interest runs the term holds.
+const RUNS: i64 = 2;
+/// Principal labels, all asked for at once; the principal is paid once.
+const MATURITIES: [&str; 2] = ["maturity", "bond-settlement"];
 const RATE_BPS: i64 = 500;
 const DAYS: i64 = 180;
 /// Bound on waiting for every payout to settle.
@@ -86,32 +93,56 @@ pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
     let admin = client::admin(&api.http, &urls[0]).await;
     let principals = holders(&api, &urls[0], &admin).await;
 
-    // Every node schedules every period at once.
-    let calls = urls.iter().flat_map(|base| {
-        PERIODS.map(|period| {
+    // Every node schedules every label at once.
+    let bodies: Vec<(&str, Value)> = PERIODS
+        .iter()
+        .map(|period| {
             let body = json!({"period": period, "kind": "interest", "days": DAYS});
-            let (api, admin) = (&api, &admin);
+            (*period, body)
+        })
+        .chain(MATURITIES.iter().map(|period| {
+            let body = json!({"period": period, "kind": "principal"});
+            (*period, body)
+        }))
+        .collect();
+    let (api_ref, admin_ref, bodies_ref) = (&api, &admin, &bodies);
+    let calls = urls.iter().flat_map(|base| {
+        bodies_ref.iter().map(move |(period, body)| {
+            let (api, admin) = (api_ref, admin_ref);
             async move {
                 let (status, reply) = api
-                    .post(base, "/v1/products/bond/payouts", admin, body)
+                    .post(base, "/v1/products/bond/payouts", admin, body.clone())
                     .await;
-                (period, status, reply["scheduled"].as_u64().unwrap_or(0))
+                let code = reply["error"].as_str().unwrap_or_default().to_owned();
+                (
+                    *period,
+                    status,
+                    code,
+                    reply["scheduled"].as_u64().unwrap_or(0),
+                )
             }
         })
     });
     let answers = futures::future::join_all(calls).await;
     let mut scheduled: HashMap<&str, u64> = HashMap::new();
-    for (period, status, count) in &answers {
-        assert_eq!(*status, 202, "scheduling {period}");
-        *scheduled.entry(period).or_default() += count;
+    let mut refused = 0;
+    for (period, status, code, count) in &answers {
+        let interest = PERIODS.contains(period);
+        match (*status, code.as_str()) {
+            (202, _) => *scheduled.entry(period).or_default() += count,
+            (409, "entitlement_exceeded") if interest => refused += 1,
+            other => panic!("scheduling {period}: {other:?}"),
+        }
     }
+    let interest_created: u64 = PERIODS.iter().filter_map(|p| scheduled.get(p)).sum();
+    let principal_created: u64 = MATURITIES.iter().filter_map(|p| scheduled.get(p)).sum();
     report.check(
-        "scheduling from every node at once created each payout once",
-        PERIODS
-            .iter()
-            .all(|p| scheduled.get(p) == Some(&(HOLDERS as u64))),
+        "the same money under many labels, from every node at once, was scheduled once",
+        interest_created == RUNS as u64 * HOLDERS as u64
+            && principal_created == HOLDERS as u64
+            && refused > 0,
         format!(
-            "{} calls; created per period: {scheduled:?}, {HOLDERS} holders",
+            "{} calls; created per label: {scheduled:?}; {refused} refused as beyond the term; {HOLDERS} holders",
             answers.len()
         ),
     );
@@ -119,7 +150,7 @@ pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
     // Kill a node once a quarter of the payouts are settled, with its
     // workers in the middle of paying the rest.
     let started = Instant::now();
-    let total = HOLDERS * PERIODS.len();
+    let total = HOLDERS * (RUNS as usize + 1);
     let mut at_kill = Vec::new();
     while started.elapsed() < SETTLE_LIMIT {
         at_kill = payouts(&api, &urls[0], &admin).await;
@@ -185,12 +216,12 @@ pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
         ),
     );
 
-    gateway_checks(&api, &gateway.url, &listed, report).await;
+    gateway_checks(&api, &gateway.url, &listed, &principals, report).await;
     credit_checks(&api, &urls[0], &admin, &principals, report).await;
     report.requests = api.requests.load(Ordering::Relaxed);
     report.outcome = format!(
-        "{total} payouts ({HOLDERS} holders × {} periods) from {nodes} node(s); {struck} with {settled_at_kill} settled; {attempts} attempts; {}",
-        PERIODS.len(),
+        "{total} payouts ({HOLDERS} holders × {RUNS} interest runs + principal, {} labels) from {nodes} node(s); {struck} with {settled_at_kill} settled; {attempts} attempts; {}",
+        PERIODS.len() + MATURITIES.len(),
         report.outcome
     );
     cluster.kill_all();
@@ -207,7 +238,7 @@ pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
 async fn holders(api: &Api, base: &str, admin: &str) -> Vec<(String, i64)> {
     let product = json!({"product_id": "bond", "name": "Bond", "quota": 100_000_000,
         "min_purchase": 1, "max_purchase": 10_000_000, "annual_rate_bps": RATE_BPS,
-        "term_days": DAYS});
+        "term_days": DAYS * RUNS});
     client::open_product(&api.http, base, admin, product).await;
     let mut holders = Vec::new();
     for index in 0..HOLDERS {
@@ -248,8 +279,21 @@ async fn payouts(api: &Api, base: &str, admin: &str) -> Vec<Value> {
     listed["payouts"].as_array().cloned().unwrap_or_default()
 }
 
-/// The gateway's record: one succeeded payment per payout, of its amount.
-async fn gateway_checks(api: &Api, gateway: &str, listed: &[Value], report: &mut Report) {
+/// What a holder is owed in all: the principal and the term's interest
+/// paid in `RUNS` runs, each rounded down.
+fn owed(principal: i64) -> i64 {
+    principal + RUNS * (principal * RATE_BPS * DAYS / 3_650_000)
+}
+
+/// The gateway's record: one succeeded payment per payout, of its amount;
+/// per holder, what is owed and no more.
+async fn gateway_checks(
+    api: &Api,
+    gateway: &str,
+    listed: &[Value],
+    principals: &[(String, i64)],
+    report: &mut Report,
+) {
     let record: Value = api
         .http
         .get(format!("{gateway}/payments"))
@@ -293,10 +337,47 @@ async fn gateway_checks(api: &Api, gateway: &str, listed: &[Value], report: &mut
         wrong == 0,
         format!("{wrong} payouts without a matching payment"),
     );
+    let mut per_holder: HashMap<String, i64> = HashMap::new();
+    for payment in record.iter().filter(|p| p["status"] == "succeeded") {
+        *per_holder
+            .entry(
+                payment["account_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += payment["amount"].as_i64().unwrap_or_default();
+    }
+    let beyond: Vec<String> = principals
+        .iter()
+        .filter(|(account, principal)| per_holder.get(account).copied() != Some(owed(*principal)))
+        .map(|(account, principal)| {
+            format!(
+                "{account}: paid {:?}, owed {}",
+                per_holder.get(account),
+                owed(*principal)
+            )
+        })
+        .collect();
+    // The most interest the term allows, from the raw figures.
+    let term_cap: i64 = principals
+        .iter()
+        .map(|(_, p)| p + p * RATE_BPS * DAYS * RUNS / 3_650_000)
+        .sum();
+    let paid_total: i64 = per_holder.values().sum();
+    report.check(
+        "per holder, the gateway paid the principal once and the term's interest, no more",
+        beyond.is_empty() && paid_total <= term_cap,
+        format!(
+            "{} holders paid {paid_total} in all (term allows {term_cap}); off: {beyond:?}",
+            per_holder.len()
+        ),
+    );
     report.outcome = format!("gateway recorded {} payments", record.len());
 }
 
-/// Each holder was credited its floored interest once per period.
+/// Each holder was credited its principal once and its floored interest
+/// once per interest run.
 async fn credit_checks(
     api: &Api,
     base: &str,
@@ -306,7 +387,7 @@ async fn credit_checks(
 ) {
     let mut off = Vec::new();
     for (account, principal) in principals {
-        let expected = PERIODS.len() as i64 * (principal * RATE_BPS * DAYS / 3_650_000);
+        let expected = owed(*principal);
         let mut paid_out = Value::Null;
         // The read models may lag a moment behind the log.
         for _ in 0..100 {
@@ -324,7 +405,7 @@ async fn credit_checks(
         }
     }
     report.check(
-        "each holder credited its interest once per period",
+        "each holder credited its principal once and its interest once per run",
         off.is_empty(),
         format!("{} of {} holders off {off:?}", off.len(), principals.len()),
     );
