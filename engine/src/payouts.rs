@@ -831,7 +831,7 @@ pub async fn retry_parked(
 /// and it is never created again.
 pub async fn cancel_parked(
     store: &dyn EventStore,
-    provider: &dyn PaymentProvider,
+    provider: Option<&dyn PaymentProvider>,
     clock: &dyn Clock,
     payout_id: PayoutId,
     context: &RequestContext,
@@ -840,6 +840,12 @@ pub async fn cancel_parked(
     if payout.status != PayoutStatus::Parked {
         return Err(not_parked(&payout));
     }
+    // Without a provider nobody can confirm that no payment was made.
+    let Some(provider) = provider else {
+        return Err(PayoutActionError::Conflict(
+            "no payment provider is configured on this node: nothing can confirm the payout was not paid".into(),
+        ));
+    };
     let finding = match provider.lookup(&payout.idempotency_key()).await {
         LookupOutcome::Found(finding) => finding,
         LookupOutcome::Unknown { detail } => {
