@@ -1,0 +1,622 @@
+//! The oracle is itself tested: forged logs, written straight into a store
+//! (memory and SQLite), each breaking one rule, each expected to be reported
+//! by the audit under that rule's name at the position of the event that
+//! broke it, and nothing else. A clean log beside them is reported clean, so
+//! an oracle that reported everything would fail too.
+
+use chrono::{DateTime, TimeZone, Utc};
+use domain::account::AccountEvent;
+use domain::payout::PayoutKind;
+use domain::product::{ProductEvent, ProductTerms, RefusalReason, ReleaseReason};
+use domain::{AccountId, Amount, Currency, EventType, OrderId, PayoutId, ProductId};
+use engine::oracle::{Oracle, Rule};
+use serde::Serialize;
+use std::sync::Arc;
+use store::model::{ExpectedVersion, Metadata};
+use store::testing::TestSqlite;
+use store::{EventStore, MemoryEventStore, codec};
+use uuid::Uuid;
+
+const QUOTA: i64 = 100;
+
+fn amount(minor: i64) -> Amount {
+    Amount::new(minor).expect("a valid amount")
+}
+
+fn expires() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_900_000_000, 0).unwrap()
+}
+
+fn product_id() -> ProductId {
+    ProductId::parse("forged-bond").unwrap()
+}
+
+fn buyer(n: u128) -> AccountId {
+    AccountId(Uuid::from_u128(0xA000 + n))
+}
+
+fn order(n: u128) -> OrderId {
+    OrderId(Uuid::from_u128(0x0D00 + n))
+}
+
+/// One forged event, product or account.
+#[derive(Clone)]
+enum Forged {
+    Product(ProductEvent),
+    Account(AccountEvent),
+}
+
+/// A log being forged into a store, remembering each event's position.
+struct Forge {
+    store: Arc<dyn EventStore>,
+}
+
+impl Forge {
+    async fn write(&self, event: &Forged) -> i64 {
+        match event {
+            Forged::Product(event) => self.append(&product_id().stream(), event).await,
+            Forged::Account(event) => {
+                let stream = account_of(event).stream();
+                self.append(&stream, event).await
+            }
+        }
+    }
+
+    async fn append<E: Serialize + EventType>(&self, stream: &str, event: &E) -> i64 {
+        let new = codec::encode(event, Uuid::now_v7(), Metadata::default());
+        self.store
+            .append(stream, ExpectedVersion::Any, vec![new])
+            .await
+            .expect("forged event appended")
+            .last_position
+    }
+}
+
+fn account_of(event: &AccountEvent) -> AccountId {
+    match event {
+        AccountEvent::AccountOpened { account_id, .. }
+        | AccountEvent::FundsDeposited { account_id, .. }
+        | AccountEvent::PurchaseDebited { account_id, .. }
+        | AccountEvent::PurchaseRefunded { account_id, .. }
+        | AccountEvent::PayoutCredited { account_id, .. }
+        | AccountEvent::FundsWithdrawn { account_id, .. } => *account_id,
+    }
+}
+
+fn listed() -> Forged {
+    Forged::Product(ProductEvent::ProductListed {
+        product_id: product_id(),
+        terms: ProductTerms {
+            name: "Forged bond".into(),
+            currency: Currency::CNY,
+            quota: amount(QUOTA),
+            min_purchase: amount(1),
+            max_purchase: amount(QUOTA),
+            annual_rate_bps: 500,
+            term_days: 90,
+        },
+    })
+}
+
+fn opened() -> Forged {
+    Forged::Product(ProductEvent::SaleOpened {})
+}
+
+fn closed() -> Forged {
+    Forged::Product(ProductEvent::SaleClosed {})
+}
+
+fn reserve(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Product(ProductEvent::QuotaReserved {
+        order_id: order(n),
+        account_id: buyer(who),
+        amount: amount(units),
+        expires_at: expires(),
+    })
+}
+
+fn confirm(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Product(ProductEvent::ReservationConfirmed {
+        order_id: order(n),
+        account_id: buyer(who),
+        amount: amount(units),
+    })
+}
+
+fn release(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Product(ProductEvent::ReservationReleased {
+        order_id: order(n),
+        account_id: buyer(who),
+        amount: amount(units),
+        reason: ReleaseReason::InsufficientFunds,
+    })
+}
+
+fn refuse(n: u128, who: u128, units: i64, reason: RefusalReason) -> Forged {
+    Forged::Product(ProductEvent::PurchaseRefused {
+        order_id: order(n),
+        account_id: buyer(who),
+        amount: amount(units),
+        reason,
+    })
+}
+
+fn open_account(who: u128) -> Forged {
+    Forged::Account(AccountEvent::AccountOpened {
+        account_id: buyer(who),
+        currency: Currency::CNY,
+    })
+}
+
+fn deposit(who: u128, units: i64, reference: &str) -> Forged {
+    Forged::Account(AccountEvent::FundsDeposited {
+        account_id: buyer(who),
+        amount: amount(units),
+        reference: reference.into(),
+    })
+}
+
+fn debit(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Account(AccountEvent::PurchaseDebited {
+        account_id: buyer(who),
+        order_id: order(n),
+        product_id: product_id(),
+        amount: amount(units),
+    })
+}
+
+fn refund(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Account(AccountEvent::PurchaseRefunded {
+        account_id: buyer(who),
+        order_id: order(n),
+        product_id: product_id(),
+        amount: amount(units),
+    })
+}
+
+fn payout(n: u128, who: u128, units: i64) -> Forged {
+    Forged::Account(AccountEvent::PayoutCredited {
+        account_id: buyer(who),
+        payout_id: PayoutId(Uuid::from_u128(0xB000 + n)),
+        product_id: product_id(),
+        kind: PayoutKind::Interest,
+        amount: amount(units),
+    })
+}
+
+fn withdraw(who: u128, units: i64, reference: &str) -> Forged {
+    Forged::Account(AccountEvent::FundsWithdrawn {
+        account_id: buyer(who),
+        amount: amount(units),
+        reference: reference.into(),
+    })
+}
+
+/// A listed, open product and two funded buyers (1 with 100, 2 with 50).
+fn setting() -> Vec<Forged> {
+    vec![
+        listed(),
+        opened(),
+        open_account(1),
+        deposit(1, 100, "d-1"),
+        open_account(2),
+        deposit(2, 50, "d-2"),
+    ]
+}
+
+/// Which check a case expects its violations from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum When {
+    /// At every position.
+    Always,
+    /// Once every reservation is resolved.
+    Settled,
+}
+
+/// A forged log: the events after the setting, and the violations expected,
+/// each as (rule, index into `events` of the event that broke it; `None`
+/// for the last position of the log).
+struct Case {
+    name: &'static str,
+    events: Vec<Forged>,
+    when: When,
+    expected: Vec<(Rule, Option<usize>)>,
+}
+
+fn cases() -> Vec<Case> {
+    use Rule::*;
+    use When::*;
+    vec![
+        Case {
+            name: "clean: bought, refused, released and refunded, paid out, withdrawn",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                confirm(1, 1, 60),
+                refuse(2, 2, 50, RefusalReason::InsufficientQuota),
+                reserve(3, 2, 40),
+                debit(3, 2, 40),
+                release(3, 2, 40),
+                refund(3, 2, 40),
+                reserve(4, 2, 40),
+                debit(4, 2, 40),
+                confirm(4, 2, 40),
+                refuse(5, 2, 1, RefusalReason::SoldOut),
+                payout(1, 1, 7),
+                withdraw(1, 47, "w-1"),
+                closed(),
+                refuse(6, 1, 1, RefusalReason::SaleNotOpen),
+            ],
+            when: Settled,
+            expected: vec![],
+        },
+        Case {
+            name: "oversold",
+            events: vec![reserve(1, 1, 60), reserve(2, 2, 50)],
+            when: Always,
+            expected: vec![(Oversold, Some(1))],
+        },
+        Case {
+            name: "oversold by a confirmed order and a pending one",
+            events: vec![
+                reserve(1, 1, 100),
+                debit(1, 1, 100),
+                confirm(1, 1, 100),
+                reserve(2, 2, 1),
+            ],
+            when: Always,
+            expected: vec![(Oversold, Some(3))],
+        },
+        Case {
+            name: "undersold: refused for want of quota with enough left",
+            events: vec![
+                reserve(1, 1, 60),
+                refuse(2, 2, 40, RefusalReason::InsufficientQuota),
+            ],
+            when: Always,
+            expected: vec![(Undersold, Some(1))],
+        },
+        Case {
+            name: "undersold: refused as sold out before everything was confirmed",
+            events: vec![reserve(1, 1, 100), refuse(2, 2, 1, RefusalReason::SoldOut)],
+            when: Always,
+            expected: vec![(Undersold, Some(1))],
+        },
+        Case {
+            name: "confirmed twice",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                confirm(1, 1, 60),
+                confirm(1, 1, 60),
+            ],
+            when: Always,
+            expected: vec![(ConfirmedTwice, Some(3))],
+        },
+        Case {
+            name: "released after confirmation",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                confirm(1, 1, 60),
+                release(1, 1, 60),
+            ],
+            when: Always,
+            expected: vec![(SettledTwice, Some(3))],
+        },
+        Case {
+            name: "confirmation of an order never reserved",
+            events: vec![confirm(1, 1, 60)],
+            when: Always,
+            expected: vec![(UnknownReservation, Some(0))],
+        },
+        Case {
+            name: "confirmation for another amount",
+            events: vec![reserve(1, 1, 60), debit(1, 1, 60), confirm(1, 1, 59)],
+            when: Always,
+            expected: vec![(SettlementMismatch, Some(2))],
+        },
+        Case {
+            name: "reserved twice",
+            events: vec![reserve(1, 1, 10), reserve(1, 1, 10)],
+            when: Always,
+            expected: vec![(ReservedTwice, Some(1))],
+        },
+        Case {
+            name: "refused after its reservation",
+            events: vec![
+                reserve(1, 1, 10),
+                refuse(1, 1, 10, RefusalReason::SaleNotOpen),
+            ],
+            when: Always,
+            expected: vec![(ReservedTwice, Some(1))],
+        },
+        Case {
+            name: "reserved while closed",
+            events: vec![closed(), reserve(1, 1, 10)],
+            when: Always,
+            expected: vec![(ReservedWhileClosed, Some(1))],
+        },
+        Case {
+            name: "reservation above the maximum purchase",
+            events: vec![reserve(1, 1, QUOTA + 1)],
+            when: Always,
+            expected: vec![(Oversold, Some(0)), (ReservationOutOfRange, Some(0))],
+        },
+        Case {
+            name: "listed twice",
+            events: vec![listed()],
+            when: Always,
+            expected: vec![(NotListedOnce, Some(0))],
+        },
+        Case {
+            name: "account opened twice",
+            events: vec![open_account(1)],
+            when: Always,
+            expected: vec![(NotOpenedOnce, Some(0))],
+        },
+        Case {
+            name: "deposit before the account was opened",
+            events: vec![deposit(3, 10, "d-3")],
+            when: Always,
+            expected: vec![(NotOpenedOnce, Some(0))],
+        },
+        Case {
+            name: "confirmation without a debit",
+            events: vec![reserve(1, 1, 60), confirm(1, 1, 60)],
+            when: Always,
+            expected: vec![(ConfirmedWithoutDebit, Some(1))],
+        },
+        Case {
+            name: "confirmation after the debit was refunded",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                refund(1, 1, 60),
+                confirm(1, 1, 60),
+            ],
+            when: Always,
+            expected: vec![(ConfirmedWithoutDebit, Some(3))],
+        },
+        Case {
+            name: "confirmation paid by another buyer",
+            events: vec![reserve(1, 1, 40), debit(1, 2, 40), confirm(1, 1, 40)],
+            when: Always,
+            expected: vec![(DebitMismatch, Some(1)), (ConfirmedWithoutDebit, Some(2))],
+        },
+        Case {
+            name: "debit without a reservation",
+            events: vec![debit(1, 1, 60)],
+            when: Always,
+            expected: vec![(DebitWithoutReservation, Some(0))],
+        },
+        Case {
+            name: "debit without confirmation",
+            events: vec![reserve(1, 1, 60), debit(1, 1, 60)],
+            when: Settled,
+            expected: vec![
+                (StillPending, Some(0)),
+                (DebitWithoutConfirmation, Some(1)),
+                (MoneyNotConserved, None),
+            ],
+        },
+        Case {
+            name: "debited twice",
+            events: vec![
+                reserve(1, 1, 30),
+                debit(1, 1, 30),
+                debit(1, 1, 30),
+                confirm(1, 1, 30),
+            ],
+            when: Always,
+            expected: vec![(DebitedTwice, Some(2))],
+        },
+        Case {
+            name: "a refund missing",
+            events: vec![reserve(1, 1, 60), debit(1, 1, 60), release(1, 1, 60)],
+            when: Settled,
+            expected: vec![(RefundMissing, Some(1)), (MoneyNotConserved, None)],
+        },
+        Case {
+            name: "a refund of an order never debited",
+            events: vec![reserve(1, 1, 60), release(1, 1, 60), refund(1, 1, 60)],
+            when: Always,
+            expected: vec![(RefundWithoutDebit, Some(2))],
+        },
+        Case {
+            name: "refunded twice",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                release(1, 1, 60),
+                refund(1, 1, 60),
+                refund(1, 1, 60),
+            ],
+            when: Always,
+            expected: vec![(RefundWithoutDebit, Some(4))],
+        },
+        Case {
+            name: "a confirmed order refunded",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                confirm(1, 1, 60),
+                refund(1, 1, 60),
+            ],
+            when: Settled,
+            expected: vec![(RefundOfConfirmed, Some(3)), (MoneyNotConserved, None)],
+        },
+        Case {
+            name: "a negative balance from a debit",
+            events: vec![reserve(1, 2, 60), debit(1, 2, 60), confirm(1, 2, 60)],
+            when: Always,
+            expected: vec![(NegativeBalance, Some(1))],
+        },
+        Case {
+            name: "a negative balance from a withdrawal",
+            events: vec![withdraw(2, 51, "w-2")],
+            when: Always,
+            expected: vec![(NegativeBalance, Some(0))],
+        },
+        Case {
+            name: "a payout credited twice",
+            events: vec![payout(1, 1, 5), payout(1, 1, 5)],
+            when: Always,
+            expected: vec![(PayoutCreditedTwice, Some(1))],
+        },
+        Case {
+            name: "one payout credited to two holders",
+            events: vec![payout(1, 1, 5), payout(1, 2, 5)],
+            when: Always,
+            expected: vec![(PayoutCreditedTwice, Some(1))],
+        },
+    ]
+}
+
+/// Forges every case into a fresh store from `fresh` and audits it.
+async fn check_cases<F, Fut>(fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (Arc<dyn EventStore>, Box<dyn std::any::Any>)>,
+{
+    for case in cases() {
+        let (store, _keep) = fresh().await;
+        let forge = Forge {
+            store: store.clone(),
+        };
+        for event in setting() {
+            forge.write(&event).await;
+        }
+        let mut positions = Vec::new();
+        for event in &case.events {
+            positions.push(forge.write(event).await);
+        }
+        let head = store.head().await.expect("head");
+        let audit = engine::audit::audit(store.as_ref())
+            .await
+            .expect("the forged log is readable");
+        let found = match case.when {
+            When::Always => audit.always_violations(),
+            When::Settled => audit.settled_violations(),
+        };
+        let mut found: Vec<(Rule, i64)> = found.iter().map(|v| (v.rule, v.position)).collect();
+        let mut expected: Vec<(Rule, i64)> = case
+            .expected
+            .iter()
+            .map(|(rule, index)| (*rule, index.map_or(head, |index| positions[index])))
+            .collect();
+        found.sort();
+        expected.sort();
+        assert_eq!(
+            found,
+            expected,
+            "{}: {:#?}",
+            case.name,
+            audit.settled_violations()
+        );
+        if case.when == When::Always && !case.expected.is_empty() {
+            // An always-rule broken is broken for the settled check too.
+            let settled = audit.settled_violations();
+            for (rule, position) in &expected {
+                assert!(
+                    settled
+                        .iter()
+                        .any(|v| v.rule == *rule && v.position == *position),
+                    "{}: {rule} not among the settled violations {settled:#?}",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn forged_logs_are_reported_by_rule_and_position_in_memory() {
+    check_cases(|| async {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        (store, Box::new(()) as Box<dyn std::any::Any>)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forged_logs_are_reported_by_rule_and_position_on_sqlite() {
+    check_cases(|| async {
+        let test = TestSqlite::create().await.expect("sqlite");
+        let store: Arc<dyn EventStore> = Arc::new(test.store.clone());
+        (store, Box::new(test) as Box<dyn std::any::Any>)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_reported_not_folded() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+    let forge = Forge {
+        store: store.clone(),
+    };
+    for event in setting() {
+        forge.write(&event).await;
+    }
+    // `evolve` would panic on the second reservation (over-reserved): the
+    // audit reports it instead, and stops folding the product stream only.
+    forge.write(&reserve(1, 1, 60)).await;
+    forge.write(&reserve(2, 2, 50)).await;
+    let audit = engine::audit::audit(store.as_ref()).await.expect("audit");
+    assert!(audit.sale(&product_id()).is_none());
+    assert!(audit.broken.contains(&product_id().stream()));
+    assert!(audit.accounts.contains_key(&buyer(1).stream()));
+    assert_eq!(audit.oracle.held(&product_id()), 110);
+    assert_eq!(audit.oracle.held_peak(&product_id()), 110);
+}
+
+#[test]
+fn the_oracle_counts_from_the_events() {
+    let mut oracle = Oracle::new();
+    let stream = product_id().stream();
+    let mut position = 0;
+    let feed = |oracle: &mut Oracle, position: &mut i64, event: Forged| {
+        *position += 1;
+        match event {
+            Forged::Product(event) => oracle.observe_product(*position, &stream, &event),
+            Forged::Account(event) => {
+                oracle.observe_account(*position, &account_of(&event).stream(), &event)
+            }
+        }
+    };
+    for event in setting() {
+        assert!(!feed(&mut oracle, &mut position, event));
+    }
+    for event in [
+        reserve(1, 1, 60),
+        debit(1, 1, 60),
+        confirm(1, 1, 60),
+        reserve(2, 2, 30),
+        debit(2, 2, 30),
+        release(2, 2, 30),
+        refund(2, 2, 30),
+        reserve(3, 2, 25),
+    ] {
+        assert!(!feed(&mut oracle, &mut position, event));
+    }
+    assert_eq!(oracle.quota(&product_id()), QUOTA);
+    assert_eq!(oracle.confirmed(&product_id()), 60);
+    assert_eq!(oracle.held(&product_id()), 85);
+    assert_eq!(oracle.held_peak(&product_id()), 90);
+    assert_eq!(oracle.confirmed_orders(&product_id()), 1);
+    assert_eq!(oracle.head(), position);
+    assert!(
+        feed(&mut oracle, &mut position, reserve(4, 1, 16)),
+        "oversold by one"
+    );
+    assert!(
+        oracle.always_violations()[0]
+            .to_string()
+            .starts_with(&format!("oversold at position {position} ({stream}): "))
+    );
+    let unknown = ProductId::parse("unknown").unwrap();
+    assert_eq!(oracle.quota(&unknown), 0);
+    assert_eq!(oracle.confirmed(&unknown), 0);
+    assert_eq!(oracle.held(&unknown), 0);
+    assert_eq!(oracle.held_peak(&unknown), 0);
+}
