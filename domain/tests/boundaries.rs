@@ -10,7 +10,11 @@ use domain::account::{AccountCommand, AccountEvent, AccountRejection, CustomerAc
 use domain::ids::{
     IDENTIFIER_LENGTH_MAX, REFERENCE_LENGTH_MAX, validate_identifier, validate_reference,
 };
-use domain::payout::{INTEREST_DENOMINATOR, PayoutKind, interest_for};
+use domain::payout::{
+    INTEREST_DENOMINATOR, Payout, PayoutCommand, PayoutEvent, PayoutKind, PayoutRejection,
+    PayoutRunEvent, ProviderFinding, interest_for,
+};
+use domain::posting::{LedgerAccount, is_balanced, transfer};
 use domain::product::{
     ANNUAL_RATE_BPS_MAX, PRODUCT_NAME_LENGTH_MAX, ProductCommand, ProductEvent, ProductRejection,
     ProductSale, ProductTerms, TERM_DAYS_MAX,
@@ -398,4 +402,106 @@ fn amounts_and_currencies_display_as_stored() {
     assert_eq!(Amount::ZERO.to_string(), "0");
     assert_eq!(Currency::CNY.to_string(), "CNY");
     assert_eq!(Currency::parse("USD").unwrap().to_string(), "USD");
+}
+
+// ---- payouts and postings -----------------------------------------------
+
+fn payout_history(lease: i64) -> Vec<PayoutEvent> {
+    vec![
+        PayoutEvent::PayoutScheduled {
+            payout_id: PayoutId(Uuid::from_u128(3)),
+            product_id: product(),
+            account_id: buyer(),
+            period: "2026-11".into(),
+            kind: PayoutKind::Interest,
+            amount: amount(12),
+        },
+        PayoutEvent::PayoutAttempted {
+            attempt: 1,
+            idempotency_key: Uuid::from_u128(3).to_string(),
+            lease_until: at(lease),
+        },
+    ]
+}
+
+fn decide_payout(
+    history: &[PayoutEvent],
+    command: &PayoutCommand,
+    second: i64,
+) -> Result<Vec<PayoutEvent>, PayoutRejection> {
+    Payout::decide(&Payout::replay(history), command, at(second))
+}
+
+#[test]
+fn an_outcome_of_another_attempt_than_the_current_one_is_stale() {
+    let history = payout_history(30);
+    let succeeded = |attempt| PayoutCommand::RecordSucceeded {
+        attempt,
+        provider_ref: "p-1".into(),
+    };
+    assert_eq!(
+        decide_payout(&history, &succeeded(2), 1),
+        Err(PayoutRejection::StaleAttempt { got: 2, current: 1 })
+    );
+    assert_eq!(
+        decide_payout(&history, &succeeded(1), 1),
+        Ok(vec![PayoutEvent::PayoutSucceeded {
+            provider_ref: "p-1".into()
+        }])
+    );
+}
+
+#[test]
+fn not_found_counts_from_the_end_of_the_last_lease_exactly() {
+    let mut history = payout_history(30);
+    history.push(PayoutEvent::PayoutOutcomeUnknown {
+        detail: "timeout".into(),
+    });
+    let reconcile = PayoutCommand::Reconcile {
+        finding: ProviderFinding::NotFound,
+    };
+    assert_eq!(
+        decide_payout(&history, &reconcile, 29),
+        Err(PayoutRejection::LeaseHeld(at(30)))
+    );
+    assert_eq!(
+        decide_payout(&history, &reconcile, 30),
+        Ok(vec![PayoutEvent::PayoutReconciled {
+            finding: ProviderFinding::NotFound
+        }])
+    );
+}
+
+#[test]
+fn postings_balance_only_when_debits_equal_credits_and_all_are_positive() {
+    let cash = LedgerAccount::PlatformCash;
+    let customer = LedgerAccount::CustomerAvailable {
+        account_id: buyer(),
+    };
+    let balanced = transfer(cash.clone(), customer.clone(), amount(5));
+    assert!(is_balanced(&balanced));
+    assert!(is_balanced(&[]));
+    let mut lopsided = balanced.clone();
+    lopsided[1].amount = amount(6);
+    assert!(!is_balanced(&lopsided));
+    assert!(!is_balanced(&balanced[..1]));
+    // Zero on both sides nets to zero but is no entry.
+    assert!(!is_balanced(&transfer(cash, customer, Amount::ZERO)));
+}
+
+#[test]
+fn payout_run_events_have_their_stable_name() {
+    let run = PayoutRunEvent::PayoutRunScheduled {
+        product_id: product(),
+        period: "2026-Q4".into(),
+        kind: PayoutKind::Interest,
+        days: Some(90),
+        holders: 1,
+        payouts: 1,
+        principal_total: amount(10_000),
+        paid_total: amount(110),
+        remainder_total: 3_500_000,
+        denominator: 3_650_000,
+    };
+    assert_eq!(run.event_type(), "payout_run_scheduled");
 }
