@@ -620,3 +620,42 @@ fn the_oracle_counts_from_the_events() {
     assert_eq!(oracle.held(&unknown), 0);
     assert_eq!(oracle.held_peak(&unknown), 0);
 }
+
+#[tokio::test]
+async fn a_clean_log_is_folded_for_look_ups() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+    let forge = Forge {
+        store: store.clone(),
+    };
+    let clean = cases().remove(0);
+    assert!(clean.expected.is_empty(), "the first case is the clean one");
+    let events: Vec<Forged> = setting().into_iter().chain(clean.events).collect();
+    for event in &events {
+        forge.write(event).await;
+    }
+    let audit = engine::audit::audit(store.as_ref()).await.expect("audit");
+    assert_eq!(audit.events, events.len() as u64);
+    assert!(audit.broken.is_empty());
+    let sale = audit.sale(&product_id()).expect("listed");
+    assert_eq!(sale.confirmed.minor(), QUOTA);
+    assert_eq!(
+        audit.reservation(&order(1)),
+        Some(domain::product::ReservationState::Confirmed)
+    );
+    assert_eq!(
+        audit.reservation(&order(3)),
+        Some(domain::product::ReservationState::Released)
+    );
+    assert_eq!(
+        audit.reservation(&order(2)),
+        None,
+        "refused, never reserved"
+    );
+    let account = audit.accounts[&buyer(1).stream()]
+        .account
+        .as_ref()
+        .expect("opened");
+    assert_eq!(account.available.minor(), 0);
+    assert!(audit.always_violations().is_empty());
+    assert!(audit.settled_violations().is_empty());
+}
