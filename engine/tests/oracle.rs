@@ -31,6 +31,14 @@ fn product_id() -> ProductId {
     ProductId::parse("forged-bond").unwrap()
 }
 
+fn other_product() -> ProductId {
+    ProductId::parse("other-bond").unwrap()
+}
+
+fn ghost_product() -> ProductId {
+    ProductId::parse("ghost-bond").unwrap()
+}
+
 fn buyer(n: u128) -> AccountId {
     AccountId(Uuid::from_u128(0xA000 + n))
 }
@@ -44,6 +52,10 @@ fn order(n: u128) -> OrderId {
 enum Forged {
     Product(ProductEvent),
     Account(AccountEvent),
+    /// A product event in another product's stream.
+    OtherProduct(ProductEvent),
+    /// An account event in the stream of another account than it names.
+    Stray(AccountId, AccountEvent),
 }
 
 /// A log being forged into a store, remembering each event's position.
@@ -59,6 +71,8 @@ impl Forge {
                 let stream = account_of(event).stream();
                 self.append(&stream, event).await
             }
+            Forged::OtherProduct(event) => self.append(&other_product().stream(), event).await,
+            Forged::Stray(owner, event) => self.append(&owner.stream(), event).await,
         }
     }
 
@@ -161,6 +175,15 @@ fn debit(n: u128, who: u128, units: i64) -> Forged {
         account_id: buyer(who),
         order_id: order(n),
         product_id: product_id(),
+        amount: amount(units),
+    })
+}
+
+fn debit_of(n: u128, who: u128, units: i64, product_id: ProductId) -> Forged {
+    Forged::Account(AccountEvent::PurchaseDebited {
+        account_id: buyer(who),
+        order_id: order(n),
+        product_id,
         amount: amount(units),
     })
 }
@@ -465,6 +488,101 @@ fn cases() -> Vec<Case> {
             expected: vec![(PayoutCreditedTwice, Some(1))],
         },
         Case {
+            name: "a balance beyond what an amount holds",
+            events: vec![
+                open_account(3),
+                deposit(3, i64::MAX, "d-3"),
+                deposit(3, 1, "d-4"),
+            ],
+            when: Always,
+            expected: vec![(BalanceOverflow, Some(2))],
+        },
+        Case {
+            name: "a reservation below the minimum purchase",
+            events: vec![reserve(1, 1, 0)],
+            when: Always,
+            expected: vec![(ReservationOutOfRange, Some(0))],
+        },
+        Case {
+            name: "a confirmation in another product's stream",
+            events: vec![
+                Forged::OtherProduct(match listed() {
+                    Forged::Product(ProductEvent::ProductListed { terms, .. }) => {
+                        ProductEvent::ProductListed {
+                            product_id: other_product(),
+                            terms,
+                        }
+                    }
+                    _ => unreachable!("listed() lists"),
+                }),
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                Forged::OtherProduct(ProductEvent::ReservationConfirmed {
+                    order_id: order(1),
+                    account_id: buyer(1),
+                    amount: amount(60),
+                }),
+            ],
+            when: Always,
+            expected: vec![(UnknownReservation, Some(3))],
+        },
+        Case {
+            name: "a debit of another amount than reserved",
+            events: vec![reserve(1, 1, 60), debit(1, 1, 50)],
+            when: Always,
+            expected: vec![(DebitMismatch, Some(1))],
+        },
+        Case {
+            name: "a debit for another product than reserved",
+            events: vec![reserve(1, 1, 60), debit_of(1, 1, 60, other_product())],
+            when: Always,
+            expected: vec![(DebitMismatch, Some(1))],
+        },
+        Case {
+            name: "money taken for a product never listed",
+            events: vec![debit_of(1, 1, 60, ghost_product())],
+            when: Settled,
+            expected: vec![
+                (DebitWithoutReservation, Some(0)),
+                (DebitWithoutConfirmation, Some(0)),
+                (MoneyNotConserved, None),
+            ],
+        },
+        Case {
+            name: "a refund of another amount than debited",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                release(1, 1, 60),
+                refund(1, 1, 50),
+            ],
+            when: Always,
+            expected: vec![(RefundWithoutDebit, Some(3))],
+        },
+        Case {
+            name: "a refund to another buyer than the one debited",
+            events: vec![
+                reserve(1, 1, 60),
+                debit(1, 1, 60),
+                release(1, 1, 60),
+                refund(1, 2, 60),
+            ],
+            when: Always,
+            expected: vec![(RefundWithoutDebit, Some(3))],
+        },
+        Case {
+            name: "an account's event in another account's stream",
+            events: vec![Forged::Stray(
+                buyer(2),
+                match deposit(1, 5, "d-9") {
+                    Forged::Account(event) => event,
+                    _ => unreachable!("deposit() is an account event"),
+                },
+            )],
+            when: Always,
+            expected: vec![(NotOpenedOnce, Some(0))],
+        },
+        Case {
             name: "one payout credited to two holders",
             events: vec![payout(1, 1, 5), payout(1, 2, 5)],
             when: Always,
@@ -562,11 +680,18 @@ async fn a_broken_stream_is_reported_not_folded() {
     // audit reports it instead, and stops folding the product stream only.
     forge.write(&reserve(1, 1, 60)).await;
     forge.write(&reserve(2, 2, 50)).await;
+    // Sound events after the break are not folded either.
+    forge.write(&release(2, 2, 50)).await;
+    // The same for an account: overdrawn, then a deposit.
+    forge.write(&withdraw(2, 51, "w-2")).await;
+    forge.write(&deposit(2, 10, "d-5")).await;
     let audit = engine::audit::audit(store.as_ref()).await.expect("audit");
     assert!(audit.sale(&product_id()).is_none());
     assert!(audit.broken.contains(&product_id().stream()));
+    assert!(audit.broken.contains(&buyer(2).stream()));
+    assert!(!audit.accounts.contains_key(&buyer(2).stream()));
     assert!(audit.accounts.contains_key(&buyer(1).stream()));
-    assert_eq!(audit.oracle.held(&product_id()), 110);
+    assert_eq!(audit.oracle.held(&product_id()), 60);
     assert_eq!(audit.oracle.held_peak(&product_id()), 110);
 }
 
@@ -582,6 +707,7 @@ fn the_oracle_counts_from_the_events() {
             Forged::Account(event) => {
                 oracle.observe_account(*position, &account_of(&event).stream(), &event)
             }
+            Forged::OtherProduct(_) | Forged::Stray(..) => unreachable!("not fed here"),
         }
     };
     for event in setting() {
