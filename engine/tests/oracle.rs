@@ -373,6 +373,12 @@ fn cases() -> Vec<Case> {
             expected: vec![(NotListedOnce, Some(0))],
         },
         Case {
+            name: "a product event before its listing",
+            events: vec![Forged::OtherProduct(ProductEvent::SaleOpened {})],
+            when: Always,
+            expected: vec![(NotListedOnce, Some(0))],
+        },
+        Case {
             name: "account opened twice",
             events: vec![open_account(1)],
             when: Always,
