@@ -770,6 +770,8 @@ async fn a_clean_log_is_folded_for_look_ups() {
     assert!(audit.broken.is_empty());
     let sale = audit.sale(&product_id()).expect("listed");
     assert_eq!(sale.confirmed.minor(), QUOTA);
+    assert_eq!(audit.oracle.confirmed_orders(&product_id()), 2);
+    assert_eq!(audit.oracle.confirmed(&product_id()), QUOTA);
     assert_eq!(
         audit.reservation(&order(1)),
         Some(domain::product::ReservationState::Confirmed)
