@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
-use support::{Kind, TestApi, User};
+use support::{Kind, Reply, TestApi, User};
 
 const PRODUCT: &str = "fund-2026-a";
 
@@ -111,9 +111,14 @@ async fn walkthrough(api: &TestApi) {
         .await;
     let events = timeline.body["events"].as_array().unwrap();
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert!(
-        types.contains(&"quota_reserved") || types.len() >= 3,
-        "{types:?}"
+    assert_eq!(
+        types,
+        [
+            "quota_reserved",
+            "purchase_debited",
+            "reservation_confirmed"
+        ],
+        "reserve, debit, confirm, in log order"
     );
     // Every event the purchase caused carries the buyer and the request.
     for event in events {
@@ -144,11 +149,8 @@ async fn walkthrough(api: &TestApi) {
     assert_eq!(progress.body["confirmed"], 80_000);
     assert_eq!(progress.body["orders"], 2);
     assert_eq!(progress.body["status"], "open");
-    let sum: i64 = ["confirmed", "reserved", "available"]
-        .iter()
-        .map(|f| progress.body[f].as_i64().unwrap())
-        .sum();
-    assert_eq!(sum, 100_000);
+    assert_eq!(progress.body["reserved"], 0);
+    assert_eq!(progress.body["available"], 100_000 - 80_000);
 
     // A repeated deposit reference is not a second deposit.
     let deposits = format!("/v1/accounts/{account}/deposits");
@@ -572,15 +574,33 @@ async fn concurrent_buyers_never_overbook(api: &TestApi) {
                     api.buy(buyer, "hot", amount, &key),
                     api.buy(buyer, "hot", amount, &key)
                 );
-                for reply in [first, second] {
-                    match reply.status {
-                        StatusCode::CREATED => {
-                            confirmed
-                                .insert(reply.body["order_id"].as_str().unwrap().into(), amount);
-                        }
-                        StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY => {}
-                        other => panic!("unexpected {other}: {reply:?}"),
+                // The key's settled answer; each concurrent reply either is
+                // that same answer or says the key was still in flight.
+                let last = api.buy(buyer, "hot", amount, &key).await;
+                let in_flight = |reply: &Reply| {
+                    reply.status == StatusCode::CONFLICT && reply.body["error"] == "conflict"
+                };
+                let decided: Vec<&Reply> = [&first, &second]
+                    .into_iter()
+                    .filter(|reply| !in_flight(reply))
+                    .collect();
+                assert!(
+                    !decided.is_empty(),
+                    "{key}: both replies in flight: {first:?} {second:?}"
+                );
+                for reply in decided {
+                    assert_eq!(
+                        (reply.status, &reply.body["order_id"], &reply.body["error"]),
+                        (last.status, &last.body["order_id"], &last.body["error"]),
+                        "{key}: one key, two answers: {reply:?} then {last:?}"
+                    );
+                }
+                match last.status {
+                    StatusCode::CREATED => {
+                        confirmed.insert(last.body["order_id"].as_str().unwrap().into(), amount);
                     }
+                    StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY => {}
+                    other => panic!("unexpected {other}: {last:?}"),
                 }
             }
             confirmed
@@ -594,11 +614,21 @@ async fn concurrent_buyers_never_overbook(api: &TestApi) {
     assert_eq!(progress.body["confirmed"], confirmed_total, "{progress:?}");
     assert_eq!(progress.body["orders"], orders as i64);
     assert!(confirmed_total <= QUOTA);
-    let sum: i64 = ["confirmed", "reserved", "available"]
-        .iter()
-        .map(|f| progress.body[f].as_i64().unwrap())
-        .sum();
-    assert_eq!(sum, QUOTA);
+    // Every purchase is settled: nothing reserved, the rest available.
+    assert_eq!(progress.body["reserved"], 0, "{progress:?}");
+    assert_eq!(
+        progress.body["available"],
+        QUOTA - confirmed_total,
+        "{progress:?}"
+    );
+    let audit = engine::audit::audit(api.server.state.store.as_ref())
+        .await
+        .unwrap();
+    let violations = audit.settled_violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let hot = domain::ProductId::parse("hot").unwrap();
+    assert_eq!(audit.oracle.confirmed(&hot), confirmed_total);
+    assert!(audit.oracle.held_peak(&hot) <= QUOTA);
     for (buyer, mine) in buyers.iter().zip(&results) {
         let account = buyer.account_id.as_deref().unwrap();
         let balance = api

@@ -336,7 +336,15 @@ async fn workers_killed_mid_run_leave_nothing_paid_twice() {
         .start_payout_workers(provider(&gateway), 3, settings("first"));
     // Kill every worker mid-run, as a crash would: claims stay in flight,
     // provider calls are abandoned half-way.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Killed once they are under way: the first attempts are in the log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count_events(&api, "payout_attempted").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first workers made no attempt within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     api.server.kill_payout_workers();
     let attempted = count_events(&api, "payout_attempted").await;
     assert!(attempted > 0, "the first workers got going");

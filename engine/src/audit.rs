@@ -1,28 +1,32 @@
-//! The log auditor: reads the whole log, folds every stream with the domain
-//! deciders, and lists every broken invariant. Used by tests, benchmarks and
-//! the CLI; it trusts nothing but the events.
+//! The log auditor: reads the whole log once, feeds every product and
+//! account event to the independent `oracle` (which checks the ledger's
+//! rules from the raw events with arithmetic of its own), and folds every
+//! stream with the domain deciders for the tests' and benchmarks' look-ups.
+//! A stream whose event broke a rule is no longer folded (`evolve` would
+//! panic on it): the violation is reported instead. Used by tests,
+//! benchmarks and the CLI; it trusts nothing but the events.
 
+use crate::oracle::{Oracle, Violation};
 use domain::account::{AccountEvent, AccountState, CustomerAccount};
-use domain::posting::{LedgerAccount, is_balanced};
 use domain::product::{ProductEvent, ProductSale, ProductState, ReservationState, Sale};
-use domain::{AccountId, Decider, OrderId, ProductId};
-use std::collections::HashMap;
+use domain::{Decider, OrderId, ProductId};
+use std::collections::{HashMap, HashSet};
 use store::{EventStore, StoreError, codec};
 
 /// Events read per page while auditing.
 const AUDIT_PAGE: usize = 5_000;
 
-/// Everything the log says, folded per stream.
+/// Everything the log says: the oracle's findings and every sound stream folded.
 #[derive(Debug, Default)]
 pub struct Audit {
-    /// Product states by stream.
+    /// The independent oracle, fed every product and account event.
+    pub oracle: Oracle,
+    /// Product states by stream (streams that broke a rule left out).
     pub products: HashMap<String, ProductState>,
-    /// Account states by stream.
+    /// Account states by stream (streams that broke a rule left out).
     pub accounts: HashMap<String, AccountState>,
-    /// Each customer's available balance summed from postings.
-    pub posted: HashMap<AccountId, i128>,
-    /// Events whose postings do not balance (positions).
-    pub unbalanced: Vec<i64>,
+    /// Streams no longer folded because one of their events broke a rule.
+    pub broken: HashSet<String>,
     /// Events read.
     pub events: u64,
 }
@@ -43,117 +47,53 @@ pub async fn audit(store: &dyn EventStore) -> Result<Audit, StoreError> {
                 position: error.position,
                 reason: error.to_string(),
             };
-            if recorded.stream_id.starts_with("product-") {
+            let (position, stream) = (recorded.position, recorded.stream_id.as_str());
+            if stream.starts_with("product-") {
                 let event: ProductEvent = codec::decode(&recorded).map_err(corrupt)?;
-                let state = audit
-                    .products
-                    .remove(&recorded.stream_id)
-                    .unwrap_or_default();
-                audit
-                    .products
-                    .insert(recorded.stream_id, ProductSale::evolve(state, &event));
-            } else if recorded.stream_id.starts_with("account-") {
+                let broke = audit.oracle.observe_product(position, stream, &event);
+                audit.fold_product(stream, &event, broke);
+            } else if stream.starts_with("account-") {
                 let event: AccountEvent = codec::decode(&recorded).map_err(corrupt)?;
-                audit.post(recorded.position, &event);
-                let state = audit
-                    .accounts
-                    .remove(&recorded.stream_id)
-                    .unwrap_or_default();
-                audit
-                    .accounts
-                    .insert(recorded.stream_id, CustomerAccount::evolve(state, &event));
+                let broke = audit.oracle.observe_account(position, stream, &event);
+                audit.fold_account(stream, &event, broke);
             }
         }
     }
 }
 
 impl Audit {
-    fn post(&mut self, position: i64, event: &AccountEvent) {
-        let postings = event.postings();
-        if !postings.is_empty() && !is_balanced(&postings) {
-            self.unbalanced.push(position);
+    fn fold_product(&mut self, stream: &str, event: &ProductEvent, broke: bool) {
+        if broke || self.broken.contains(stream) {
+            self.products.remove(stream);
+            self.broken.insert(stream.to_owned());
+            return;
         }
-        for posting in &postings {
-            if let LedgerAccount::CustomerAvailable { account_id } = posting.account {
-                *self.posted.entry(account_id).or_default() += posting.signed_minor();
-            }
-        }
+        let state = self.products.remove(stream).unwrap_or_default();
+        let state = ProductSale::evolve(state, event);
+        self.products.insert(stream.to_owned(), state);
     }
 
-    /// Invariants that hold at every instant; returns every violation.
-    pub fn always_violations(&self) -> Vec<String> {
-        let mut violations: Vec<String> = self
-            .unbalanced
-            .iter()
-            .map(|p| format!("unbalanced postings at position {p}"))
-            .collect();
-        for (stream, product) in &self.products {
-            let Some(sale) = &product.sale else { continue };
-            let total = sale.confirmed.minor() + sale.pending.minor() + sale.available().minor();
-            if total != sale.terms.quota.minor() {
-                violations.push(format!(
-                    "{stream}: confirmed + pending + available = {total}, quota {}",
-                    sale.terms.quota
-                ));
-            }
+    fn fold_account(&mut self, stream: &str, event: &AccountEvent, broke: bool) {
+        if broke || self.broken.contains(stream) {
+            self.accounts.remove(stream);
+            self.broken.insert(stream.to_owned());
+            return;
         }
-        for (stream, account) in &self.accounts {
-            let Some(open) = &account.account else {
-                continue;
-            };
-            let posted = self.posted.get(&open.account_id).copied().unwrap_or(0);
-            if posted < 0 || i128::from(open.available.minor()) != posted {
-                violations.push(format!(
-                    "{stream}: available {} but postings sum to {posted}",
-                    open.available
-                ));
-            }
-        }
-        violations
+        let state = self.accounts.remove(stream).unwrap_or_default();
+        let state = CustomerAccount::evolve(state, event);
+        self.accounts.insert(stream.to_owned(), state);
     }
 
-    /// Invariants that hold once every reservation is resolved: no pending
-    /// quota, and an order is confirmed exactly when one unrefunded debit pays it.
-    pub fn settled_violations(&self) -> Vec<String> {
-        let mut violations = self.always_violations();
-        let debits = self.debits();
-        for (stream, product) in &self.products {
-            let Some(sale) = &product.sale else { continue };
-            if !sale.pending.is_zero() {
-                violations.push(format!("{stream}: {} still pending", sale.pending));
-            }
-            for (order_id, reservation) in &sale.reservations {
-                let paid = debits.get(order_id).copied().unwrap_or(0);
-                let expected = u32::from(reservation.state == ReservationState::Confirmed);
-                if reservation.state != ReservationState::Pending && paid != expected {
-                    violations.push(format!(
-                        "order {order_id} is {:?} and paid {paid} times",
-                        reservation.state
-                    ));
-                }
-            }
-        }
-        for order_id in debits.keys() {
-            if self.reservation(order_id).is_none() {
-                violations.push(format!(
-                    "money taken for {order_id}, which has no reservation"
-                ));
-            }
-        }
-        violations
+    /// Rules that hold at every position (see `oracle`); every violation, in log order.
+    pub fn always_violations(&self) -> Vec<Violation> {
+        self.oracle.always_violations()
     }
 
-    /// Unrefunded debits per order.
-    pub fn debits(&self) -> HashMap<OrderId, u32> {
-        let mut debits = HashMap::new();
-        for account in self.accounts.values().filter_map(|a| a.account.as_ref()) {
-            for (order_id, purchase) in &account.purchases {
-                if !purchase.refunded {
-                    *debits.entry(*order_id).or_default() += 1;
-                }
-            }
-        }
-        debits
+    /// Rules that hold once every reservation is resolved (see `oracle`):
+    /// the always rules, nothing pending, every debit confirmed or refunded,
+    /// each product's money conserved.
+    pub fn settled_violations(&self) -> Vec<Violation> {
+        self.oracle.settled_violations()
     }
 
     /// The state of one order's reservation, if it has one.

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod oracle;
 pub mod payouts;
 pub mod recovery;
 pub mod stats;

@@ -122,6 +122,18 @@ async fn check(
         sale.confirmed_orders as usize,
         outcomes.values().filter(|o| o.is_ok()).count()
     );
+    // The same from the oracle's own sums over the raw events.
+    let oracle = &audit.oracle;
+    assert_eq!(oracle.confirmed(product_id), sold, "oracle: confirmed");
+    assert_eq!(
+        oracle.confirmed_orders(product_id),
+        outcomes.values().filter(|o| o.is_ok()).count(),
+        "oracle: confirmed orders"
+    );
+    assert!(
+        oracle.held_peak(product_id) <= oracle.quota(product_id),
+        "never oversold"
+    );
     let refusals: Vec<_> = outcomes.values().filter_map(|o| o.as_ref().err()).collect();
     assert!(
         refusals

@@ -76,7 +76,20 @@ async fn a_full_queue_sheds_load_at_once_and_loses_nothing() {
             tokio::spawn(async move { engine.purchase(request).await })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    support::wait_until(
+        "two purchases queued behind the held append",
+        std::time::Duration::from_secs(10),
+        || {
+            let depths = engine.queue_depths();
+            let product_id = &product_id;
+            async move {
+                depths
+                    .iter()
+                    .any(|(queued, depth)| queued == product_id && *depth == 2)
+            }
+        },
+    )
+    .await;
     let shed = engine.purchase(request(&product_id, buyer, "k3")).await;
     assert_eq!(
         shed,

@@ -126,11 +126,14 @@ impl Crashed {
             .await
     }
 
-    /// Lets the restarted writer load the product and run its recovery.
+    /// Lets the restarted writer load the product and run its recovery:
+    /// the first snapshot is answered in the turn that reloads and queues
+    /// the recovery, the second after that turn ended; then the log settles.
     async fn restart(&self) -> Engine {
         let engine = self.engine();
         engine.sale(&self.product_id).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        engine.sale(&self.product_id).await.unwrap();
+        support::wait_settled(self.store.as_ref()).await;
         engine
     }
 
@@ -240,7 +243,7 @@ async fn an_operator_cancelling_a_paid_reservation_refunds_it() {
         .await
     {
         Ok(_) => {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            support::wait_settled(crashed.store.as_ref()).await;
             assert_eq!(
                 crashed.available().await,
                 1_000,

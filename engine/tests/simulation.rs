@@ -308,6 +308,13 @@ async fn settle(world: &mut World, keys: &[(AccountId, String, i64)], mut covera
         .filter(|p| p.refunded);
     coverage.refunds += refunded.count() as u64;
     let answers = world.answers.lock().unwrap();
+    let successes = answers.values().filter(|(_, seen)| seen[0].is_ok()).count();
+    assert_eq!(
+        audit.oracle.confirmed_orders(&world.product_id),
+        successes,
+        "seed {}: confirmed orders in the log (oracle) = successful purchases",
+        world.seed
+    );
     for (_, seen) in answers.values() {
         match seen[0] {
             Ok(_) => coverage.confirmed += 1,

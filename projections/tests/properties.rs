@@ -1,6 +1,11 @@
 //! Properties over random histories: read models built incrementally (in
 //! random batch sizes, interleaved with appends) equal a full rebuild, agree
 //! with the deciders' own states, and pass the trial balance.
+//!
+//! Case counts: 48 random histories on SQLite and 16 on PostgreSQL by
+//! default, twice as many as before (what CI runs: one to two minutes on
+//! two cores); the long mode
+//! `LEDGER_PROJECTION_CASES=N` runs N on each backend.
 
 mod support;
 
@@ -152,8 +157,16 @@ fn run(backend: &'static str, case: Case) {
     });
 }
 
+/// Random histories per backend: `LEDGER_PROJECTION_CASES`, else `default`.
+fn case_count(default: u32) -> u32 {
+    std::env::var("LEDGER_PROJECTION_CASES")
+        .ok()
+        .map(|cases| cases.parse().expect("LEDGER_PROJECTION_CASES is a number"))
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: case_count(48), ..ProptestConfig::default() })]
 
     #[test]
     fn sqlite_incremental_equals_rebuild(case in cases()) {
@@ -162,7 +175,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: case_count(16), ..ProptestConfig::default() })]
 
     #[test]
     fn postgres_incremental_equals_rebuild(case in cases()) {

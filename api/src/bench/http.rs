@@ -116,10 +116,14 @@ pub struct HttpChecks {
     pub confirmed_in_log: i64,
     /// Pending units in the log.
     pub pending_in_log: i64,
-    /// Available units in the log.
+    /// Available units in the log (quota less reserved and not released).
     pub available_in_log: i64,
-    /// confirmed + pending + available = quota, in the log.
-    pub quota_conserved: bool,
+    /// The most units ever reserved and not released at once, summed by the
+    /// oracle from the raw events.
+    pub held_peak_in_log: i64,
+    /// Never more reserved and not released than the quota, at any position
+    /// (the independent oracle, `engine::oracle`).
+    pub never_oversold: bool,
     /// The log's confirmed units equal the sum of 201 answers.
     pub confirmed_matches_answers: bool,
     /// Distinct order ids answered 201 equal the 201 answers (no purchase
@@ -488,14 +492,13 @@ async fn check(
     let store: &dyn EventStore = server.state.store.as_ref();
     let audit = engine::audit::audit(store).await?;
     let product_id = ProductId::parse(PRODUCT).expect("BUG: static id");
-    let sale = audit
-        .sale(&product_id)
-        .ok_or_else(|| anyhow::anyhow!("the product vanished"))?;
-    let (confirmed, pending, available) = (
-        sale.confirmed.minor(),
-        sale.pending.minor(),
-        sale.available().minor(),
-    );
+    let oracle = &audit.oracle;
+    let quota = oracle.quota(&product_id);
+    anyhow::ensure!(quota > 0, "the product vanished");
+    let confirmed = oracle.confirmed(&product_id);
+    let held = oracle.held(&product_id);
+    let held_peak = oracle.held_peak(&product_id);
+    let (pending, available) = (held - confirmed, quota - held);
     let answered: i64 = outcome
         .confirmed_orders
         .iter()
@@ -533,7 +536,7 @@ async fn check(
         .keys()
         .all(|label| !label.starts_with('5') || label == "503 overloaded");
     let violations = audit.settled_violations();
-    let quota_conserved = confirmed + pending + available == options.quota;
+    let never_oversold = held_peak <= quota && quota == options.quota;
     let confirmed_matches_answers = confirmed == answered;
     let orders_distinct = distinct.len() == outcome.confirmed_orders.len();
     Ok(HttpChecks {
@@ -541,18 +544,23 @@ async fn check(
         confirmed_in_log: confirmed,
         pending_in_log: pending,
         available_in_log: available,
-        quota_conserved,
+        held_peak_in_log: held_peak,
+        never_oversold,
         confirmed_matches_answers,
         orders_distinct,
         progress_matches_log,
         no_server_errors,
-        ok: quota_conserved
+        ok: never_oversold
             && confirmed_matches_answers
             && orders_distinct
             && progress_matches_log
             && no_server_errors
             && violations.is_empty(),
-        violations: violations.into_iter().take(20).collect(),
+        violations: violations
+            .iter()
+            .take(20)
+            .map(ToString::to_string)
+            .collect(),
     })
 }
 
@@ -589,14 +597,16 @@ fn print_table(report: &HttpReport) {
     }
     let c = &report.checks;
     println!(
-        "  checks: {} events audited; confirmed {} + pending {} + available {} = quota: {}; \
+        "  checks: {} events audited; confirmed {}, pending {}, available {}; peak reserved {}, \
+         never oversold: {}; \
          confirmed = 201 answers: {}; distinct orders: {}; progress = log: {}; no 5xx: {}; \
          violations: {} => {}",
         c.events_audited,
         c.confirmed_in_log,
         c.pending_in_log,
         c.available_in_log,
-        c.quota_conserved,
+        c.held_peak_in_log,
+        c.never_oversold,
         c.confirmed_matches_answers,
         c.orders_distinct,
         c.progress_matches_log,

@@ -120,10 +120,14 @@ pub struct Checks {
     pub confirmed_in_log: i64,
     /// Pending units in the log.
     pub pending_in_log: i64,
-    /// Available units in the log.
+    /// Available units in the log (quota less reserved and not released).
     pub available_in_log: i64,
-    /// confirmed + pending + available = quota.
-    pub quota_conserved: bool,
+    /// The most units ever reserved and not released at once, summed by the
+    /// oracle from the raw events.
+    pub held_peak_in_log: i64,
+    /// Never more reserved and not released than the quota, at any position
+    /// (the independent oracle, `engine::oracle`).
+    pub never_oversold: bool,
     /// The log's confirmed units equal the sum of successful purchases.
     pub confirmed_matches_successes: bool,
     /// Violations of the ledger's invariants (empty when all hold).
@@ -423,26 +427,30 @@ async fn run_mode(
 
 async fn check(store: &dyn EventStore, sold: i64) -> anyhow::Result<Checks> {
     let audit = engine::audit::audit(store).await?;
-    let sale = audit
-        .sale(&product_id())
-        .ok_or_else(|| anyhow::anyhow!("the product vanished"))?;
-    let (confirmed, pending, available) = (
-        sale.confirmed.minor(),
-        sale.pending.minor(),
-        sale.available().minor(),
-    );
-    let quota_conserved = confirmed + pending + available == sale.terms.quota.minor();
+    let product_id = product_id();
+    let oracle = &audit.oracle;
+    let quota = oracle.quota(&product_id);
+    anyhow::ensure!(quota > 0, "the product vanished");
+    let confirmed = oracle.confirmed(&product_id);
+    let held = oracle.held(&product_id);
+    let held_peak = oracle.held_peak(&product_id);
+    let never_oversold = held_peak <= quota;
     let violations = audit.settled_violations();
     let confirmed_matches_successes = confirmed == sold;
     Ok(Checks {
         events_audited: audit.events,
         confirmed_in_log: confirmed,
-        pending_in_log: pending,
-        available_in_log: available,
-        quota_conserved,
+        pending_in_log: held - confirmed,
+        available_in_log: quota - held,
+        held_peak_in_log: held_peak,
+        never_oversold,
         confirmed_matches_successes,
-        ok: quota_conserved && confirmed_matches_successes && violations.is_empty(),
-        violations: violations.into_iter().take(20).collect(),
+        ok: never_oversold && confirmed_matches_successes && violations.is_empty(),
+        violations: violations
+            .iter()
+            .take(20)
+            .map(ToString::to_string)
+            .collect(),
     })
 }
 
@@ -704,13 +712,14 @@ fn print_table(report: &PurchaseReport) {
     for m in &report.modes {
         let c = &m.checks;
         println!(
-            "checks ({:?}): {} events audited; confirmed {} + pending {} + available {} = quota: {}; confirmed = successes: {}; violations: {} => {}",
+            "checks ({:?}): {} events audited; confirmed {}, pending {}, available {}; peak reserved {}, never oversold: {}; confirmed = successes: {}; violations: {} => {}",
             m.mode,
             c.events_audited,
             c.confirmed_in_log,
             c.pending_in_log,
             c.available_in_log,
-            c.quota_conserved,
+            c.held_peak_in_log,
+            c.never_oversold,
             c.confirmed_matches_successes,
             c.violations.len(),
             if c.ok { "ok" } else { "FAILED" }

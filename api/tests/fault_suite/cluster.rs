@@ -136,6 +136,23 @@ impl Cluster {
         self.nodes.clear();
     }
 
+    /// Audits the log the nodes left with the independent oracle
+    /// (`engine::oracle`, through `engine::audit`); every node must be stopped.
+    pub async fn audit(&self) -> engine::audit::Audit {
+        assert!(self.nodes.iter().all(Option::is_none), "nodes still run");
+        let store: Box<dyn store::EventStore> = match &self.database {
+            Database::Sqlite(data) => Box::new(
+                store::SqliteEventStore::open(&data.join("ledger.db"))
+                    .await
+                    .expect("the nodes' SQLite log opens"),
+            ),
+            Database::Postgres(database) => Box::new(database.store().await),
+        };
+        engine::audit::audit(store.as_ref())
+            .await
+            .expect("the nodes' log is readable")
+    }
+
     /// Runs `ledger audit drift` (read models against a fresh rebuild, and
     /// the trial balance) on the database; every node must be stopped.
     /// Answers whether it found nothing, and what it printed.

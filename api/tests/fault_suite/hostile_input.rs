@@ -34,6 +34,7 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
         client::customer(&http, &base, &admin, "victim", &victim_password, 50_000).await;
     secrets.extend([victim_password, victim.clone()]);
     let mut tokens = vec![None, Some(victim.clone()), Some(admin.clone())];
+    let mut auditor = String::new();
     for role in ["support", "operator", "auditor"] {
         let password = format!("{role}-pw-{}", unique());
         let body = json!({"username": role, "password": password, "role": role});
@@ -41,6 +42,9 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
         assert_eq!(status, 201, "{reply}");
         let token = client::login(&http, &base, role, &password).await;
         secrets.extend([password, token.clone()]);
+        if role == "auditor" {
+            auditor = token.clone();
+        }
         tokens.push(Some(token));
     }
     count(9);
@@ -91,15 +95,21 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
     assert_eq!(bought.as_u16(), 201);
     count(3);
     // The read models show the purchase before anything is compared.
-    let mut before = Value::Null;
-    for _ in 0..100 {
-        before = figures(&http, &base, &admin, &account).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let before = figures(&http, &base, &admin, &account).await;
         count(2);
         if before["balance"]["total_invested"] == 500 && before["product"][1] == 500 {
-            break;
+            break before;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read models did not show the legitimate purchase within 30 s: {before}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    let head_before = head(&http, &base).await.0;
+    count(1);
 
     // Every hostile body to every route, with every role.
     let bodies = hostile::bodies();
@@ -187,15 +197,31 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
         internals == 0,
         format!("{internals} answers mention sqlx or SQL"),
     );
-    let mut after = Value::Null;
-    for _ in 0..20 {
-        after = figures(&http, &base, &admin, &account).await;
-        count(2);
-        if after == before {
+    // Every hostile request has been answered, so whatever it appended is
+    // committed: first the log itself, then the read models once they have
+    // caught up with it (compared once, not polled until equal).
+    let (moved, read) = money_events_after(&http, &base, &auditor, head_before).await;
+    count(read);
+    report.check(
+        "no event moving money or quota appended by hostile requests",
+        moved.is_empty(),
+        format!("after position {head_before}: {moved:?}"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (head_now, lag) = head(&http, &base).await;
+        count(1);
+        if lag == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read models still lag {lag} behind {head_now} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let after = figures(&http, &base, &admin, &account).await;
+    count(2);
     report.check(
         "no balance or quota moved",
         after == before,
@@ -234,6 +260,54 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
         clean,
         printed.lines().last().unwrap_or_default(),
     );
+}
+
+/// The log head and the projections' largest lag, from `GET /readyz`.
+async fn head(http: &reqwest::Client, base: &str) -> (i64, i64) {
+    let (status, ready) = client::get(http, base, "/readyz", "").await;
+    assert_eq!(status, 200, "{ready}");
+    let head = ready["head"].as_i64().expect("readyz reports the head");
+    let lag = ready["projection_lag"]
+        .as_i64()
+        .expect("readyz reports the lag");
+    (head, lag)
+}
+
+/// Events after `after` that move money or quota, read from the log
+/// (`GET /v1/audit/events`), as "position type"; and the requests sent.
+async fn money_events_after(
+    http: &reqwest::Client,
+    base: &str,
+    auditor: &str,
+    mut after: i64,
+) -> (Vec<String>, u64) {
+    const MOVING: [&str; 8] = [
+        "funds_deposited",
+        "purchase_debited",
+        "purchase_refunded",
+        "payout_credited",
+        "funds_withdrawn",
+        "quota_reserved",
+        "reservation_confirmed",
+        "reservation_released",
+    ];
+    let (mut moved, mut requests) = (Vec::new(), 0);
+    loop {
+        let path = format!("/v1/audit/events?after={after}&limit=1000");
+        let (status, page) = client::get(http, base, &path, auditor).await;
+        requests += 1;
+        assert_eq!(status, 200, "{page}");
+        for event in page["events"].as_array().expect("events") {
+            let kind = event["type"].as_str().unwrap_or_default();
+            if MOVING.contains(&kind) {
+                moved.push(format!("{} {kind}", event["position"]));
+            }
+        }
+        match page["next"].as_i64() {
+            Some(next) if next > after => after = next,
+            _ => return (moved, requests),
+        }
+    }
 }
 
 /// The victim's balance and the product's figures (not its status: `open`

@@ -8,7 +8,10 @@
 //! `cargo test -p api --test fault_suite [-- NAME…]` runs it (`cargo test
 //! --workspace` too); names filter scenarios by substring. PostgreSQL
 //! scenarios need `DATABASE_URL`; the database restart also needs
-//! `LEDGER_FAULTS_RESTART_POSTGRES=1`. Skipped scenarios say why.
+//! `LEDGER_FAULTS_RESTART_POSTGRES=1`. Skipped scenarios say why; a scenario
+//! the environment asks for that cannot run fails (the restart asked for
+//! while the local server cannot be controlled), a filter that matches no
+//! scenario fails, and the last line counts the scenarios that ran.
 
 #[path = "../hostile/mod.rs"]
 mod hostile;
@@ -77,11 +80,25 @@ fn scenarios() -> Vec<Scenario> {
                     else {
                         return skipped_without_postgres(report);
                     };
+                    if std::env::var(postgres::ALLOW).as_deref() != Ok("1") {
+                        report.skipped = Some(format!(
+                            "set {}=1 to let the suite stop and start the local PostgreSQL",
+                            postgres::ALLOW
+                        ));
+                        return report;
+                    }
+                    // Asked for by the environment: not being able to run
+                    // it is a failure, never a skip.
                     let url = std::env::var("DATABASE_URL").unwrap_or_default();
                     let control = match postgres::Control::local(&url) {
                         Ok(control) => control,
                         Err(why) => {
-                            report.skipped = Some(why);
+                            report.outcome = "could not run".into();
+                            report.check(
+                                format!("the restart {}=1 asks for can run", postgres::ALLOW),
+                                false,
+                                why,
+                            );
                             return report;
                         }
                     };
@@ -172,12 +189,22 @@ fn main() -> ExitCode {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let all = scenarios();
+    let total = all.len();
+    let chosen: Vec<Scenario> = all
+        .into_iter()
+        .filter(|s| {
+            let label = format!("{} {}", s.name, s.backend);
+            filters.is_empty() || filters.iter().any(|f| label.contains(f.as_str()))
+        })
+        .collect();
+    if chosen.is_empty() {
+        println!("fault suite: FAILED: no scenario matches {filters:?}");
+        return ExitCode::FAILURE;
+    }
     let mut reports = Vec::new();
-    for scenario in scenarios() {
+    for scenario in chosen {
         let label = format!("{} {}", scenario.name, scenario.backend);
-        if !filters.is_empty() && !filters.iter().any(|f| label.contains(f.as_str())) {
-            continue;
-        }
         println!("fault suite: {label} …");
         let started = Instant::now();
         let report = Report::new(scenario.name, scenario.backend);
@@ -218,6 +245,7 @@ fn main() -> ExitCode {
         reports.push(report);
     }
     report::print(&reports);
+    println!("\n{}", report::summary(&reports, total));
     println!(
         "\nEach node's log: {}/node<N>.log",
         cluster::logs_folder("<scenario>-<backend>").display()

@@ -225,6 +225,21 @@ pub async fn run(mut cluster: Cluster, nodes: usize, report: &mut Report) {
         report.outcome
     );
     cluster.kill_all();
+    let audit = cluster.audit().await;
+    let violations = audit.settled_violations();
+    report.check(
+        "oracle over the raw log: no payout credited twice, no negative balance, postings balance",
+        violations.is_empty(),
+        format!(
+            "{} events, {} violations{}",
+            audit.events,
+            violations.len(),
+            violations
+                .first()
+                .map(|v| format!(", first: {v}"))
+                .unwrap_or_default()
+        ),
+    );
     let (clean, printed) = cluster.drift();
     report.check(
         "`ledger audit drift`: read models = a fresh rebuild, trial balance holds",

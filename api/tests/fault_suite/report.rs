@@ -58,6 +58,31 @@ impl Report {
     }
 }
 
+/// One line counting what ran: "fault suite: N of M scenarios ran (H held,
+/// F failed), S skipped: ...".
+pub fn summary(reports: &[Report], total: usize) -> String {
+    let ran: Vec<&Report> = reports.iter().filter(|r| r.skipped.is_none()).collect();
+    let failed = ran.iter().filter(|r| !r.passed()).count();
+    let skipped: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let why = r.skipped.as_ref()?;
+            Some(format!("{} {} ({why})", r.scenario, r.backend))
+        })
+        .collect();
+    let mut line = format!(
+        "fault suite: {} of {total} scenarios ran ({} held, {failed} failed), {} not chosen, {} skipped",
+        ran.len(),
+        ran.len() - failed,
+        total - reports.len(),
+        skipped.len()
+    );
+    if !skipped.is_empty() {
+        line.push_str(&format!(": {}", skipped.join("; ")));
+    }
+    line
+}
+
 /// Prints the summary table and, below it, every broken invariant.
 pub fn print(reports: &[Report]) {
     let rows: Vec<[String; 5]> = reports

@@ -43,6 +43,41 @@ impl Checks for Audit {
     }
 }
 
+/// Polls `condition` every 10 ms until it holds; panics naming `what` if it
+/// still does not after `deadline`. Tests wait for conditions, never for time.
+pub async fn wait_until<F, Fut>(what: &str, deadline: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every reservation in the log is resolved and every settled
+/// rule holds (see `engine::oracle`), or panics with what is still wrong.
+pub async fn wait_settled(store: &dyn EventStore) {
+    let deadline = std::time::Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    loop {
+        let violations = audit(store).await.settled_violations();
+        if violations.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the log did not settle within {deadline:?}: {violations:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub fn amount(minor: i64) -> Amount {
     Amount::new(minor).unwrap()
 }
@@ -137,16 +172,19 @@ pub async fn check_read_models(store: std::sync::Arc<dyn EventStore>, audit: &Au
     .await
     .expect("progress reads");
     for (product_id, confirmed, reserved, available, orders) in sales {
-        let sale = audit
-            .sale(&ProductId::parse(&product_id).expect("valid id"))
-            .expect("the audit knows the product");
+        // Compared with the oracle's sums from the raw events, not with the
+        // deciders' `Sale`, whose arithmetic the read model repeats.
+        let product_id = ProductId::parse(&product_id).expect("valid id");
+        let oracle = &audit.oracle;
+        let (held, quota) = (oracle.held(&product_id), oracle.quota(&product_id));
+        assert!(quota > 0, "the oracle knows {product_id}");
         assert_eq!(
             (confirmed, reserved, available, orders),
             (
-                sale.confirmed.minor(),
-                sale.pending.minor(),
-                sale.available().minor(),
-                i64::try_from(sale.confirmed_orders).expect("few orders")
+                oracle.confirmed(&product_id),
+                held - oracle.confirmed(&product_id),
+                quota - held,
+                i64::try_from(oracle.confirmed_orders(&product_id)).expect("few orders")
             ),
             "progress of {product_id}"
         );
