@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 409 `conflict` with `Retry-After`: the same idempotency key is still
     /// being decided.
     InFlight,
+    /// 408 `request_timeout`: the request body did not arrive within
+    /// `--body-read-timeout` (the connection is closed).
+    BodyTimeout,
     /// 413 `payload_too_large`.
     PayloadTooLarge,
     /// 422 `insufficient_funds`.
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::InFlight => (StatusCode::CONFLICT, "conflict"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::InsufficientFunds => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -89,6 +93,7 @@ impl ApiError {
             ApiError::InFlight => {
                 "a request with this idempotency key is still being decided; retry shortly".into()
             }
+            ApiError::BodyTimeout => "the request body did not arrive in time".into(),
             ApiError::PayloadTooLarge => "the request body is over the limit".into(),
             ApiError::InsufficientFunds => "the available balance is below the amount".into(),
             ApiError::RateLimited(_) => "too many requests; slow down".into(),
@@ -134,6 +139,13 @@ impl IntoResponse for ApiError {
             message: self.message(),
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, ApiError::BodyTimeout) {
+            // The rest of the body may still be on its way: this connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

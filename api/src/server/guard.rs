@@ -155,9 +155,13 @@ async fn idempotent(
     next: Next,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let bytes = to_bytes(body, BODY_BYTES_MAX)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge)?;
+    let bytes = to_bytes(body, BODY_BYTES_MAX).await.map_err(|error| {
+        if super::transport::is_body_read_timeout(&error) {
+            ApiError::BodyTimeout
+        } else {
+            ApiError::PayloadTooLarge
+        }
+    })?;
     let request_hash = request_hash(&parts.method, parts.uri.path(), &bytes);
     // A live request ends by the request timeout (the guard cancels it
     // then), so its claim on the key need not outlive it by much: after a

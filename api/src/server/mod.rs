@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod orders;
 pub mod products;
 pub mod routes;
+pub mod transport;
 pub mod users;
 
 use crate::cli::StoreArgs;
@@ -46,6 +47,9 @@ pub struct ServeOptions {
     /// Limits on clients and requests.
     #[command(flatten)]
     pub limits: Limits,
+    /// Limits on connections.
+    #[command(flatten)]
+    pub transport: transport::TransportLimits,
     /// Purchases queued per product before new ones are refused with 503.
     #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
     pub purchase_queue_max: usize,
@@ -408,14 +412,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     };
     // One plain line on standard output, for people and for scripts.
     println!("ledger serving on http://{address} ({stores}); dashboard at http://{address}/");
-    axum::serve(
-        listener,
-        server
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await?;
+    transport::serve(listener, server.router(), options.transport.clone(), stop).await;
     tracing::info!("draining done; stopping projections");
     server.stop().await;
     Ok(ExitCode::SUCCESS)
