@@ -36,7 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API (on the embedded SQLite file unless a PostgreSQL URL
     /// is given), with the read-model projections running.
-    Serve(crate::server::ServeOptions),
+    Serve(Box<crate::server::ServeOptions>),
     /// Create or upgrade the database schema, then list the applied migrations.
     Migrate(StoreArgs),
     /// Rebuild read models from position zero and swap them in while readers keep reading.
@@ -143,7 +143,7 @@ pub enum BenchCommand {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(options) => crate::server::serve(options).await,
+        Command::Serve(options) => crate::server::serve(*options).await,
         Command::Migrate(args) => migrate(&args).await,
         Command::FakeGateway(options) => crate::gateway::fake::run(options).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,

@@ -5,11 +5,17 @@
 mod support;
 
 use api::server::transport::{self, TransportLimits};
+use api::server::{Limits, Server};
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::{Kind, TestApi};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
 
 /// How long a test waits for something the server must do by itself
 /// before it declares a hang (not a timing assertion: the server's own
@@ -203,3 +209,321 @@ async fn graceful_shutdown_finishes_and_closes_idle_connections() {
         .unwrap();
     api.stop().await;
 }
+
+/// A request from a given client address (as the listener would tag it).
+fn from_address(
+    address: &str,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Request<Body> {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(value) => {
+            request = request.header("content-type", "application/json");
+            Body::from(value.to_string())
+        }
+        None => Body::empty(),
+    };
+    let mut request = request.body(body).unwrap();
+    let socket: SocketAddr = format!("{address}:40000").parse().unwrap();
+    request.extensions_mut().insert(ConnectInfo(socket));
+    request
+}
+
+fn login_body(username: &str, password: &str) -> Option<Value> {
+    Some(json!({"username": username, "password": password}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_tokens_cost_one_lookup_each_then_the_address_waits() {
+    let limits = Limits {
+        auth_failures_per_address: 5,
+        ..support::generous()
+    };
+    let api = TestApi::start_with(Kind::Sqlite, "random_tokens", limits)
+        .await
+        .unwrap();
+    let auth = &api.server.state.auth;
+    // The same unknown token again and again: one database lookup.
+    let forged = "ab".repeat(32);
+    let before = auth.lookups();
+    for _ in 0..4 {
+        let reply = api
+            .send(from_address(
+                "10.0.0.1",
+                Method::GET,
+                "/v1/me",
+                Some(&forged),
+                None,
+            ))
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(auth.lookups() - before, 1);
+    // Fresh random tokens: past the address's failures, 429 before any lookup.
+    let before = auth.lookups();
+    let mut statuses = Vec::new();
+    for index in 0..20 {
+        let token = format!("{index:064x}");
+        let reply = api
+            .send(from_address(
+                "10.0.0.1",
+                Method::GET,
+                "/v1/me",
+                Some(&token),
+                None,
+            ))
+            .await;
+        statuses.push(reply.status);
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(reply.code(), "rate_limited");
+            assert!(reply.headers.contains_key("retry-after"));
+        }
+    }
+    assert_eq!(statuses[0], StatusCode::UNAUTHORIZED);
+    assert_eq!(statuses[19], StatusCode::TOO_MANY_REQUESTS);
+    assert!(auth.lookups() - before <= 5, "{}", auth.lookups() - before);
+    // Another address, and a known token from the failing one, still work.
+    let reply = api
+        .send(from_address(
+            "10.0.0.2",
+            Method::GET,
+            "/v1/me",
+            Some(&"cd".repeat(32)),
+            None,
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = api
+        .send(from_address(
+            "10.0.0.1",
+            Method::GET,
+            "/v1/me",
+            Some(&api.admin),
+            None,
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_lock_out_the_guessing_address_only() {
+    let limits = Limits {
+        login_failures_per_user: 3,
+        ..support::generous()
+    };
+    let api = TestApi::start_with(Kind::Sqlite, "login_lockout", limits)
+        .await
+        .unwrap();
+    api.user("alice", "customer").await;
+    let login = |address: &'static str, password: &'static str| {
+        api.send(from_address(
+            address,
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            login_body("alice", password),
+        ))
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            login("10.6.6.6", "wrong-password").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The guessing address is locked out, even with the right password,
+    // and no hash is spent on it.
+    let locked = login("10.6.6.6", "alice-password").await;
+    assert_eq!(
+        (locked.status, locked.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    assert!(locked.headers.contains_key("retry-after"));
+    // Alice, elsewhere, logs in.
+    assert_eq!(
+        login("10.0.0.7", "alice-password").await.status,
+        StatusCode::OK
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_burst_beyond_the_hash_queue_is_shed_with_503() {
+    let limits = Limits {
+        password_queue_max: 0,
+        ..support::generous()
+    };
+    let api = TestApi::start_with(Kind::Sqlite, "login_burst", limits)
+        .await
+        .unwrap();
+    let attempts = (0..32).map(|index| {
+        api.send(from_address(
+            &format!("10.0.1.{index}"),
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            login_body(support::ADMIN.0, support::ADMIN.1),
+        ))
+    });
+    let replies = futures::future::join_all(attempts).await;
+    let shed: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    assert!(
+        !shed.is_empty(),
+        "32 logins at once, none waiting: some are shed"
+    );
+    for reply in &shed {
+        assert_eq!(reply.code(), "overloaded");
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    for reply in &replies {
+        assert!(
+            [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&reply.status),
+            "{reply:?}"
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_ends_the_token_on_every_node() {
+    let api = TestApi::start(Kind::Sqlite, "logout").await.unwrap();
+    let folder = api.sqlite_folder().unwrap();
+    let other = Server::start(
+        &store::Backend::Sqlite(folder.join("ledger.db")),
+        support::generous(),
+        engine::EngineSettings::default(),
+    )
+    .await
+    .unwrap();
+    let bob = api.user("bob", "support").await;
+    // The other node knows the token (and caches it).
+    let other_router = other.router();
+    let me = |router: &axum::Router| {
+        let request = from_address("10.0.0.9", Method::GET, "/v1/me", Some(&bob.token), None);
+        let router = router.clone();
+        async move { router.oneshot(request).await.unwrap().status() }
+    };
+    assert_eq!(me(&other_router).await, StatusCode::OK);
+    let reply = api
+        .call(
+            Method::POST,
+            "/v1/auth/logout",
+            Some(&bob.token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    // Here at once; a second logout with it is refused like any bad token.
+    assert_eq!(
+        api.get("/v1/me", &bob.token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let again = api
+        .call(
+            Method::POST,
+            "/v1/auth/logout",
+            Some(&bob.token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+    // There once its revocation poll has run.
+    let deadline = std::time::Instant::now() + HANG;
+    while me(&other_router).await != StatusCode::UNAUTHORIZED {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other node never saw the logout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Other sessions live on.
+    assert_eq!(api.get("/v1/me", &api.admin).await.status, StatusCode::OK);
+    other.stop().await;
+    api.stop().await;
+}
+
+async fn old_keys_and_ended_sessions_are_purged(api: &TestApi) {
+    let access = &api.server.state.access;
+    let day_ms = 24 * 60 * 60 * 1000;
+    let created_ms = 1_000_000;
+    assert_eq!(
+        access
+            .begin("user-1", "done", "hash", created_ms, 500)
+            .await
+            .unwrap(),
+        api::server::access::Begun::Run
+    );
+    access.complete("user-1", "done", 201, "{}").await.unwrap();
+    access
+        .begin("user-1", "in-flight", "hash", created_ms, 500)
+        .await
+        .unwrap();
+    // Younger than a day: kept.
+    let now_ms = created_ms + day_ms - 1;
+    assert_eq!(
+        access
+            .purge_keys(now_ms - day_ms, now_ms, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // A day old: both go (the claim ran out long ago), in batches.
+    let now_ms = created_ms + day_ms;
+    assert_eq!(
+        access.purge_keys(now_ms - day_ms, now_ms, 1).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        access
+            .purge_keys(now_ms - day_ms, now_ms, 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        access
+            .begin("user-1", "done", "other-hash", now_ms, 500)
+            .await
+            .unwrap(),
+        api::server::access::Begun::Run
+    );
+    // A logout ends the session at once; it is listed as ended, then purged.
+    let carol = api.user("carol", "customer").await;
+    let now_ms = api.server.state.now_ms();
+    api.server
+        .state
+        .auth
+        .logout(&carol.token, now_ms)
+        .await
+        .unwrap();
+    let ended = access
+        .sessions_ended_since(now_ms - 1_000, now_ms + 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(ended.len(), 1);
+    assert!(access.purge_sessions(now_ms + 1).await.unwrap() >= 1);
+    assert!(
+        access
+            .sessions_ended_since(now_ms - 1_000, now_ms + 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+on_both_backends!(
+    purges_on_sqlite,
+    purges_on_postgres,
+    old_keys_and_ended_sessions_are_purged
+);

@@ -165,6 +165,17 @@ impl From<projections::ProjectionError> for ApiError {
     }
 }
 
+impl From<super::auth::AuthError> for ApiError {
+    fn from(error: super::auth::AuthError) -> ApiError {
+        use super::auth::AuthError;
+        match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Overloaded => ApiError::Overloaded(1),
+            AuthError::Database(inner) => ApiError::database(inner),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
         ApiError::database(error)

@@ -4,7 +4,7 @@
 
 use super::AppState;
 use super::access::{Begun, KeyOp};
-use super::auth::{AuthError, Caller, sha256_hex};
+use super::auth::{AuthError, Cached, Caller, sha256_hex};
 use super::error::ApiError;
 use super::keys::KeyError;
 use super::model::BODY_BYTES_MAX;
@@ -110,22 +110,16 @@ async fn admit(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let address = client_ip(&request);
     let roles = match rule.access {
         Access::Public => {
-            state.limit_rate(&format!("ip:{}", client_ip(&request)))?;
+            state.limit_rate(&format!("ip:{address}"))?;
             return Ok(next.run(request).await);
         }
         Access::Roles(roles) => roles,
     };
     let token = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
-    let caller = state
-        .auth
-        .authenticate(token, state.now_ms())
-        .await
-        .map_err(|error| match error {
-            AuthError::Unauthorized => ApiError::Unauthorized,
-            AuthError::Database(inner) => ApiError::database(inner),
-        })?;
+    let caller = authenticate(state, token, &address).await?;
     state.limit_rate(&format!("user:{}", caller.user_id))?;
     if !roles.contains(&caller.role) {
         return Err(ApiError::Forbidden);
@@ -142,6 +136,40 @@ async fn admit(
         )),
         (None, _) => Ok(next.run(request).await),
     }
+}
+
+/// The caller a token stands for. Only a token the caches do not know costs
+/// a database lookup, and only for an address that has not failed too often
+/// lately: failures are counted per address and, past the limit, answered
+/// 429 before any lookup.
+async fn authenticate(state: &AppState, token: &str, address: &str) -> Result<Caller, ApiError> {
+    let now_ms = state.now_ms();
+    let token_hash = match state.auth.cached(token, now_ms) {
+        Cached::Known(caller) => return Ok(caller),
+        Cached::Refused => {
+            state.throttle.address_failed(address);
+            return Err(ApiError::Unauthorized);
+        }
+        Cached::Unknown(token_hash) => token_hash,
+    };
+    state
+        .throttle
+        .check_address(address)
+        .map_err(rate_limited)?;
+    match state.auth.lookup(token_hash, now_ms).await {
+        Ok(caller) => Ok(caller),
+        Err(AuthError::Unauthorized) => {
+            state.throttle.address_failed(address);
+            Err(ApiError::Unauthorized)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A throttle's wait as a 429.
+pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+    metrics::counter!("ledger_rate_limited_total").increment(1);
+    ApiError::RateLimited(wait.as_secs().max(1))
 }
 
 /// Runs a POST under its idempotency key: the first request runs, a repeat
@@ -255,7 +283,7 @@ fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
 }
 
 /// The `Authorization: Bearer <token>` token, if well-formed.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -288,6 +316,22 @@ fn client_ip(request: &Request) -> String {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
+}
+
+/// The client's address, as rate limits and lockouts key it.
+pub struct ClientAddress(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<ClientAddress, ApiError> {
+        Ok(ClientAddress(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string()),
+        ))
+    }
 }
 
 /// The authenticated caller (only on routes with a role policy).
