@@ -10,12 +10,14 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::{Kind, TestApi};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
+use uuid::Uuid;
 
 /// How long a test waits for something the server must do by itself
 /// before it declares a hang (not a timing assertion: the server's own
@@ -527,3 +529,192 @@ on_both_backends!(
     purges_on_postgres,
     old_keys_and_ended_sessions_are_purged
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_products_answer_404_and_leave_no_trace() {
+    let api = TestApi::start(Kind::Sqlite, "made_up_products")
+        .await
+        .unwrap();
+    let buyer = api.customer("mallory", 100_000).await;
+    api.open_product("real-bond", 10_000, 1, 1_000).await;
+    let head = api.server.state.store.head().await.unwrap();
+    for index in 0..50 {
+        let made_up = format!("made-up-{index}");
+        let bought = api.buy(&buyer, &made_up, 10, &format!("k{index}")).await;
+        assert_eq!(
+            (bought.status, bought.code()),
+            (StatusCode::NOT_FOUND, "not_found")
+        );
+        for action in ["open", "close"] {
+            let reply = api
+                .call(
+                    Method::POST,
+                    &format!("/v1/products/{made_up}/{action}"),
+                    Some(&api.admin),
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(
+                (reply.status, reply.code()),
+                (StatusCode::NOT_FOUND, "not_found")
+            );
+        }
+    }
+    assert_eq!(api.server.state.store.head().await.unwrap(), head);
+    let queues = api.server.state.engine.queue_depths();
+    assert!(
+        queues.iter().all(|(id, _)| id.as_str() == "real-bond"),
+        "{queues:?}"
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_never_name_a_made_up_product() {
+    let api = TestApi::start(Kind::Sqlite, "metrics_labels")
+        .await
+        .unwrap();
+    let buyer = api.customer("mallory", 100_000).await;
+    api.open_product("real-bond", 10_000, 1, 1_000).await;
+    assert_eq!(
+        api.buy(&buyer, "real-bond", 10, "k").await.status,
+        StatusCode::CREATED
+    );
+    let marker = format!("zz-made-up-{}", Uuid::now_v7().simple());
+    assert_eq!(
+        api.buy(&buyer, &marker, 10, "k2").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let text = metrics_text(&api).await;
+    assert!(
+        text.contains("real-bond"),
+        "the real product's queue is reported"
+    );
+    assert!(!text.contains(&marker), "a made-up product has a series");
+    api.stop().await;
+}
+
+async fn metrics_text(api: &TestApi) -> String {
+    let response = api
+        .server
+        .router()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_short_plain_request_ids_are_kept_and_recorded() {
+    let api = TestApi::start(Kind::Sqlite, "request_ids").await.unwrap();
+    let buyer = api.customer("rita", 100_000).await;
+    api.open_product("id-bond", 10_000, 1, 1_000).await;
+    let buy = |request_id: String, key: &'static str| {
+        let request = Request::post("/v1/products/id-bond/purchases")
+            .header("authorization", format!("Bearer {}", buyer.token))
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .header("x-request-id", request_id)
+            .body(Body::from(json!({"amount": 10}).to_string()))
+            .unwrap();
+        api.send(request)
+    };
+    let kept = buy("client-req.1:a_b".into(), "k1").await;
+    assert_eq!(kept.status, StatusCode::CREATED);
+    assert_eq!(kept.headers["x-request-id"], "client-req.1:a_b");
+    let mut used = vec!["client-req.1:a_b".to_owned()];
+    for (bad, key) in [
+        ("x".repeat(65), "k2"),
+        ("<script>alert(1)</script>".into(), "k3"),
+    ] {
+        let replaced = buy(bad.clone(), key).await;
+        assert_eq!(replaced.status, StatusCode::CREATED);
+        let id = replaced.headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(id, bad);
+        assert!(
+            api::server::guard::is_acceptable_request_id(id.as_bytes()),
+            "{id}"
+        );
+        used.push(id);
+    }
+    // The log records exactly the ids the answers carried.
+    let events = api.get("/v1/audit/events?limit=1000", &api.admin).await;
+    let recorded: BTreeSet<String> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|event| event["metadata"]["request_id"].as_str().map(str::to_owned))
+        .collect();
+    for id in &recorded {
+        assert!(
+            api::server::guard::is_acceptable_request_id(id.as_bytes()),
+            "{id}"
+        );
+    }
+    for id in &used {
+        assert!(recorded.contains(id), "{id} not in {recorded:?}");
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_streams_are_capped_and_end_by_themselves() {
+    let limits = Limits {
+        streams_per_address_max: 2,
+        streams_max: 3,
+        stream_lifetime: Duration::from_secs(1),
+        ..support::generous()
+    };
+    let api = TestApi::start_with(Kind::Sqlite, "stream_caps", limits)
+        .await
+        .unwrap();
+    let router = api.server.router();
+    let open = |address: &'static str| {
+        let router = router.clone();
+        async move {
+            router
+                .oneshot(from_address(
+                    address,
+                    Method::GET,
+                    "/v1/progress/stream",
+                    None,
+                    None,
+                ))
+                .await
+                .unwrap()
+        }
+    };
+    let first = open("10.0.0.1").await;
+    let second = open("10.0.0.1").await;
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = open("10.0.0.1").await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(third.headers().contains_key("retry-after"));
+    let elsewhere = open("10.0.0.2").await;
+    assert_eq!(elsewhere.status(), StatusCode::OK);
+    // The total is reached too.
+    assert_eq!(
+        open("10.0.0.3").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Each stream ends by itself after its lifetime, and its place is free.
+    for stream in [first, second, elsewhere] {
+        tokio::time::timeout(HANG, axum::body::to_bytes(stream.into_body(), 1 << 24))
+            .await
+            .expect("the stream outlived its lifetime")
+            .unwrap();
+    }
+    assert_eq!(api.server.state.feed.open_streams(), 0);
+    assert_eq!(open("10.0.0.1").await.status(), StatusCode::OK);
+    api.stop().await;
+}

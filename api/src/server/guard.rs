@@ -21,6 +21,36 @@ use std::time::Instant;
 
 /// Header carrying the request id (set from the caller's or generated).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id kept from a caller, in characters.
+pub const REQUEST_ID_CHARS_MAX: usize = 64;
+
+/// Keeps the caller's `X-Request-Id` if it is 1 to 64 characters of
+/// `[A-Za-z0-9._:-]`, else puts a generated one in its place, so what
+/// reaches the logs and every event's metadata is short and harmless. The
+/// response carries the id used.
+pub async fn sanitize_request_id(mut request: Request, next: Next) -> Response {
+    let acceptable = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .is_some_and(|value| is_acceptable_request_id(value.as_bytes()));
+    if !acceptable {
+        let generated = uuid::Uuid::now_v7().to_string();
+        request.headers_mut().insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_str(&generated).expect("BUG: a UUID is a header value"),
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether a caller's request id may be kept.
+pub fn is_acceptable_request_id(id: &[u8]) -> bool {
+    (1..=REQUEST_ID_CHARS_MAX).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Header carrying an idempotency key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header marking an answer replayed from an earlier request with the key.
@@ -385,6 +415,23 @@ mod tests {
         assert_eq!(bearer_token(&headers), None);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_short_and_plain() {
+        for good in [
+            "a",
+            "req-1",
+            "0195f3a0-0000-7000-8000-000000000001",
+            "a.b_c:d-e",
+        ] {
+            assert!(is_acceptable_request_id(good.as_bytes()), "{good}");
+        }
+        assert!(is_acceptable_request_id("x".repeat(64).as_bytes()));
+        for bad in ["", "a b", "a/b", "<script>", "é", "a\nb", "' OR 1=1"] {
+            assert!(!is_acceptable_request_id(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_acceptable_request_id("x".repeat(65).as_bytes()));
     }
 
     #[test]

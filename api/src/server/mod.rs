@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Backend, EventStore, LogLocation};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::PropagateRequestIdLayer;
 
 /// How often expired sessions and idle rate-limit entries are swept.
 pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
@@ -110,6 +110,17 @@ pub struct Limits {
     /// once as there are cores); past it a login gets 503 `overloaded`.
     #[arg(long, env = "LEDGER_PASSWORD_QUEUE_MAX", default_value_t = 64)]
     pub password_queue_max: usize,
+    /// Progress streams (`/v1/progress/stream`) open at once in all; more
+    /// get 429.
+    #[arg(long, env = "LEDGER_STREAMS_MAX", default_value_t = 1_024)]
+    pub streams_max: usize,
+    /// Progress streams open at once from one client address; more get 429.
+    #[arg(long, env = "LEDGER_STREAMS_PER_ADDRESS_MAX", default_value_t = 16)]
+    pub streams_per_address_max: u32,
+    /// How long one progress stream lasts before the server ends it (the
+    /// dashboard reconnects by itself).
+    #[arg(long, env = "LEDGER_STREAM_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub stream_lifetime: Duration,
     /// How long an idempotency key (and its stored answer) is kept before
     /// it is purged; at least 24 h.
     #[arg(long, env = "LEDGER_IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = parse_key_ttl)]
@@ -128,6 +139,9 @@ impl Default for Limits {
             login_failures_per_user: 5,
             login_lockout: Duration::from_secs(15 * 60),
             password_queue_max: 64,
+            streams_max: 1_024,
+            streams_per_address_max: 16,
+            stream_lifetime: Duration::from_secs(10 * 60),
             idempotency_key_ttl: IDEMPOTENCY_KEY_TTL_MIN,
         }
     }
@@ -285,7 +299,16 @@ impl Server {
             ),
             throttle: throttle::Throttle::new(limits.failure_limits()),
             keys: keys::KeyLog::start(AccessDb::open_key_writer(backend).await?),
-            feed: feed::ProgressFeed::start(db.clone(), statuses.clone(), engine.clone()),
+            feed: feed::ProgressFeed::start(
+                db.clone(),
+                statuses.clone(),
+                engine.clone(),
+                feed::StreamLimits {
+                    total_max: limits.streams_max,
+                    per_address_max: limits.streams_per_address_max,
+                    lifetime: limits.stream_lifetime,
+                },
+            ),
             store,
             db,
             access,
@@ -359,7 +382,7 @@ impl Server {
                         )
                     }),
             )
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(axum::middleware::from_fn(guard::sanitize_request_id))
             .layer(axum::middleware::from_fn(guard::close_after_unread_body))
     }
 
