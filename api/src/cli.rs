@@ -138,6 +138,9 @@ pub enum BenchCommand {
     /// Many concurrent clients buying one hot product over HTTP, through
     /// the whole API; checks the log and read models afterwards.
     Http(bench::http::HttpBenchOptions),
+    /// Honest buyers over HTTP with and without slowloris, login, random-token
+    /// and made-up-product floods from other loopback addresses.
+    Attack(bench::attack::AttackOptions),
 }
 
 /// Runs a parsed command line.
@@ -150,6 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
         Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
+        Command::Bench(BenchCommand::Attack(options)) => bench::attack::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
         Command::Projections(ProjectionsCommand::Status(options)) => {
             read_models::status(options).await
