@@ -103,6 +103,11 @@ pub struct Limits {
     /// (from all addresses together: 20 times as many; see the README).
     #[arg(long, env = "LEDGER_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
     pub login_failures_per_user: u32,
+    /// Logins per second, all addresses together, from addresses with a
+    /// failed authentication in the current window (a guessing crowd's
+    /// share of argon2); over it 429.
+    #[arg(long, env = "LEDGER_SUSPECT_LOGINS_PER_SECOND", default_value_t = 5)]
+    pub suspect_logins_per_second: u32,
     /// How long a username's failed logins are counted from the first.
     #[arg(long, env = "LEDGER_LOGIN_LOCKOUT", default_value = "15m", value_parser = parse_duration)]
     pub login_lockout: Duration,
@@ -137,6 +142,7 @@ impl Default for Limits {
             auth_failures_per_address: 30,
             auth_failure_window: Duration::from_secs(60),
             login_failures_per_user: 5,
+            suspect_logins_per_second: 5,
             login_lockout: Duration::from_secs(15 * 60),
             password_queue_max: 64,
             streams_max: 1_024,
@@ -155,6 +161,7 @@ impl Limits {
             address_window: self.auth_failure_window,
             per_user_address: self.login_failures_per_user,
             lockout: self.login_lockout,
+            suspect_logins_per_second: self.suspect_logins_per_second,
         }
     }
 }

@@ -18,6 +18,7 @@
 use super::auth::sha256_hex;
 use moka::sync::Cache;
 use std::hash::Hash;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ pub const KNOWN_PLACE_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// How many times more failures a username takes from all addresses
 /// together than from one.
 pub const USERNAME_FAILURES_PER_PAIR: u32 = 20;
+/// Suspect logins (see `FailureLimits::suspect_logins_per_second`) allowed
+/// at once above their rate, in seconds of that rate.
+pub const SUSPECT_LOGINS_BURST_SECONDS: u32 = 2;
 
 /// Failures per key in fixed windows starting at each key's first failure.
 #[derive(Clone)]
@@ -79,6 +83,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Strikes<K> {
         window.failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Failures counted for `key` in its current window.
+    pub fn failures(&self, key: &K) -> u32 {
+        self.windows
+            .get(key)
+            .filter(|window| window.began.elapsed() < self.window)
+            .map_or(0, |window| window.failures.load(Ordering::Relaxed))
+    }
+
     /// Forgets `key`'s failures.
     pub fn forgive(&self, key: &K) {
         self.windows.invalidate(key);
@@ -96,6 +108,11 @@ pub struct FailureLimits {
     pub per_user_address: u32,
     /// The lockout window of usernames.
     pub lockout: Duration,
+    /// Logins per second, all addresses together, from addresses that
+    /// failed lately (each costs a hash): a crowd of guessing addresses
+    /// gets this much of argon2, however many addresses it has, and honest
+    /// first logins keep the rest of the cores.
+    pub suspect_logins_per_second: u32,
 }
 
 /// The failure tables.
@@ -105,6 +122,7 @@ pub struct Throttle {
     places: Strikes<(String, String)>,
     usernames: Strikes<String>,
     known_places: Cache<(String, String), ()>,
+    suspects: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 impl Throttle {
@@ -123,6 +141,9 @@ impl Throttle {
                 .max_capacity(KNOWN_PLACES_MAX)
                 .time_to_live(KNOWN_PLACE_TTL)
                 .build(),
+            suspects: Arc::new(governor::RateLimiter::direct(suspect_quota(
+                limits.suspect_logins_per_second,
+            ))),
         }
     }
 
@@ -149,10 +170,18 @@ impl Throttle {
         if let Some(wait) = self.places.blocked(&place) {
             return Err(wait);
         }
-        match self.usernames.blocked(&user) {
-            Some(wait) if !self.known_places.contains_key(&place) => Err(wait),
-            _ => Ok(()),
+        if let Some(wait) = self.usernames.blocked(&user)
+            && !self.known_places.contains_key(&place)
+        {
+            return Err(wait);
         }
+        // An address that failed lately shares a small rate of hashes with
+        // every other such address.
+        if self.addresses.failures(&address.to_owned()) > 0 && self.suspects.check().is_err() {
+            metrics::counter!("ledger_suspect_logins_refused_total").increment(1);
+            return Err(Duration::from_secs(1));
+        }
+        Ok(())
     }
 
     /// Counts a failed login.
@@ -169,6 +198,17 @@ impl Throttle {
         self.places.forgive(&place);
         self.known_places.insert(place, ());
     }
+}
+
+fn suspect_quota(per_second: u32) -> governor::Quota {
+    let rate = NonZeroU32::new(per_second.max(1)).expect("BUG: max(1)");
+    let burst = NonZeroU32::new(
+        per_second
+            .max(1)
+            .saturating_mul(SUSPECT_LOGINS_BURST_SECONDS),
+    )
+    .expect("BUG: positive");
+    governor::Quota::per_second(rate).allow_burst(burst)
 }
 
 /// A username as a fixed-size key (a login may name any text).
@@ -235,6 +275,7 @@ mod tests {
             address_window: Duration::from_secs(60),
             per_user_address: 3,
             lockout: Duration::from_secs(900),
+            suspect_logins_per_second: 5,
         }
     }
 
@@ -277,6 +318,36 @@ mod tests {
         let wait = throttle.check_address("10.0.0.66").unwrap_err();
         assert!(wait <= Duration::from_secs(60));
         assert!(throttle.check_address("10.0.0.67").is_ok());
+    }
+
+    #[test]
+    fn addresses_that_failed_share_a_small_rate_of_hashes() {
+        let throttle = Throttle::new(limits());
+        // Fresh addresses are never held back by it.
+        for index in 0..100 {
+            assert!(
+                throttle
+                    .check_login("alice", &format!("10.2.0.{index}"))
+                    .is_ok()
+            );
+        }
+        throttle.login_failed("bob", "10.6.6.6");
+        throttle.login_failed("bob", "10.6.6.7");
+        let allowed = (0..100)
+            .filter(|index| {
+                let address = if index % 2 == 0 {
+                    "10.6.6.6"
+                } else {
+                    "10.6.6.7"
+                };
+                throttle
+                    .check_login(&format!("user-{index}"), address)
+                    .is_ok()
+            })
+            .count();
+        assert!(allowed >= 10, "{allowed}");
+        assert!(allowed < 50, "{allowed}");
+        assert!(throttle.check_login("alice", "10.2.0.200").is_ok());
     }
 
     #[tokio::test]

@@ -26,6 +26,8 @@ pub async fn run(mut cluster: Cluster, report: &mut Report) {
         "1000000",
         "--auth-failures-per-address",
         "1000000",
+        "--suspect-logins-per-second",
+        "1000000",
     ]);
     let base = cluster.start(0);
     let http = client::http();

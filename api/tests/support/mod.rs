@@ -283,6 +283,7 @@ pub fn generous() -> Limits {
         rate_burst: 100_000,
         auth_failures_per_address: 1_000_000,
         login_failures_per_user: 1_000_000,
+        suspect_logins_per_second: 1_000_000,
         ..Limits::default()
     }
 }
