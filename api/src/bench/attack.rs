@@ -55,7 +55,7 @@ pub struct AttackOptions {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=2_000))]
     pub clients: u64,
     /// Each product's quota, in minor units (one product per phase).
-    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
+    #[arg(long, default_value_t = 4_000_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub quota: i64,
     /// Every honest purchase's amount, in minor units.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000))]
