@@ -36,7 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API (on the embedded SQLite file unless a PostgreSQL URL
     /// is given), with the read-model projections running.
-    Serve(crate::server::ServeOptions),
+    Serve(Box<crate::server::ServeOptions>),
     /// Create or upgrade the database schema, then list the applied migrations.
     Migrate(StoreArgs),
     /// Rebuild read models from position zero and swap them in while readers keep reading.
@@ -138,18 +138,22 @@ pub enum BenchCommand {
     /// Many concurrent clients buying one hot product over HTTP, through
     /// the whole API; checks the log and read models afterwards.
     Http(bench::http::HttpBenchOptions),
+    /// Honest buyers over HTTP with and without slowloris, login, random-token
+    /// and made-up-product floods from other loopback addresses.
+    Attack(bench::attack::AttackOptions),
 }
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(options) => crate::server::serve(options).await,
+        Command::Serve(options) => crate::server::serve(*options).await,
         Command::Migrate(args) => migrate(&args).await,
         Command::FakeGateway(options) => crate::gateway::fake::run(options).await,
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
         Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
+        Command::Bench(BenchCommand::Attack(options)) => bench::attack::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
         Command::Projections(ProjectionsCommand::Status(options)) => {
             read_models::status(options).await

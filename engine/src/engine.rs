@@ -11,7 +11,7 @@ use domain::account::{AccountCommand, AccountState};
 use domain::ids::validate_reference;
 use domain::product::ProductCommand;
 use domain::{AccountId, Amount, OrderId, ProductId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use store::{Appended, EventStore, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -34,7 +34,17 @@ pub struct EngineSettings {
     /// How often the recovery sweep (`recovery::run`) looks for products
     /// with orders left in flight and no writer.
     pub recovery_period: std::time::Duration,
+    /// How long a writer with nothing pending waits for work before it
+    /// stops (it starts again on the product's next command).
+    pub writer_idle_stop: std::time::Duration,
 }
+
+/// Product ids found to name no product, remembered so a flood of one
+/// made-up id costs one store read per `UNKNOWN_PRODUCT_TTL`.
+pub const UNKNOWN_PRODUCTS_MAX: u64 = 10_000;
+/// How long a product id found unlisted is believed unlisted (a listing on
+/// another node is seen after at most this long).
+pub const UNKNOWN_PRODUCT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for EngineSettings {
     fn default() -> Self {
@@ -44,6 +54,7 @@ impl Default for EngineSettings {
             batch_max: 1_000,
             sweep_period: std::time::Duration::from_secs(1),
             recovery_period: std::time::Duration::from_secs(5),
+            writer_idle_stop: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -89,6 +100,10 @@ struct Inner {
     settings: EngineSettings,
     stats: Arc<EngineStats>,
     writers: Mutex<HashMap<ProductId, Writer>>,
+    /// Products found listed in the log (only real products: bounded).
+    listed: Mutex<HashSet<ProductId>>,
+    /// Product ids found unlisted lately (bounded).
+    unlisted: moka::sync::Cache<ProductId, ()>,
 }
 
 struct Writer {
@@ -126,6 +141,11 @@ impl Engine {
                 settings,
                 stats,
                 writers: Mutex::new(HashMap::new()),
+                listed: Mutex::new(HashSet::new()),
+                unlisted: moka::sync::Cache::builder()
+                    .max_capacity(UNKNOWN_PRODUCTS_MAX)
+                    .time_to_live(UNKNOWN_PRODUCT_TTL)
+                    .build(),
             }),
         }
     }
@@ -170,6 +190,7 @@ impl Engine {
         let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
         writers
             .iter()
+            .filter(|(_, writer)| !writer.inbox.is_closed())
             .map(|(product_id, writer)| {
                 let depth = writer.inbox.max_capacity() - writer.inbox.capacity();
                 (product_id.clone(), depth)
@@ -191,6 +212,9 @@ impl Engine {
         if let Some(writer) = writers.get(product_id).filter(|w| !w.inbox.is_closed()) {
             return writer.inbox.clone();
         }
+        // Writers that stopped for idleness are forgotten here, so the map
+        // holds at most the products in use.
+        writers.retain(|_, writer| !writer.inbox.is_closed());
         let (inbox, receiver) = mpsc::channel(self.inner.settings.queue_max);
         let writer = ProductWriter::new(
             product_id.clone(),
@@ -209,6 +233,93 @@ impl Engine {
             },
         );
         inbox
+    }
+
+    /// Whether a product is listed: known here, or found in the log (one
+    /// read of its stream's first event, remembered either way). Nothing is
+    /// started for a product that is not listed.
+    pub async fn is_listed(&self, product_id: &ProductId) -> Result<bool, StoreError> {
+        if self
+            .inner
+            .listed
+            .lock()
+            .expect("BUG: listed products poisoned")
+            .contains(product_id)
+        {
+            return Ok(true);
+        }
+        if self.inner.unlisted.contains_key(product_id) {
+            return Ok(false);
+        }
+        let first = self
+            .inner
+            .store
+            .read_stream(&product_id.stream(), 0, 1)
+            .await?;
+        if first.is_empty() {
+            self.inner.unlisted.insert(product_id.clone(), ());
+            return Ok(false);
+        }
+        self.know(product_id);
+        Ok(true)
+    }
+
+    fn know(&self, product_id: &ProductId) {
+        self.inner.unlisted.invalidate(product_id);
+        self.inner
+            .listed
+            .lock()
+            .expect("BUG: listed products poisoned")
+            .insert(product_id.clone());
+    }
+
+    /// Starts the writer of a listed product unless it runs (recovery work
+    /// such as expiring its pending reservations then happens in it);
+    /// false when the product is not listed.
+    pub async fn wake(&self, product_id: &ProductId) -> Result<bool, StoreError> {
+        if !self.is_listed(product_id).await? {
+            return Ok(false);
+        }
+        let _inbox = self.writer(product_id);
+        Ok(true)
+    }
+
+    /// Queues a purchase for its product's writer at once, or sheds it; a
+    /// writer that stopped for idleness meanwhile is replaced, once.
+    fn try_send(
+        &self,
+        product_id: &ProductId,
+        message: WriterMessage,
+    ) -> Result<(), PurchaseError> {
+        let sent = match self.writer(product_id).try_send(message) {
+            Err(mpsc::error::TrySendError::Closed(message)) => {
+                self.writer(product_id).try_send(message)
+            }
+            other => other,
+        };
+        sent.map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => PurchaseError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                PurchaseError::Unavailable("the product writer stopped".into())
+            }
+        })
+    }
+
+    /// Sends a message to a product's writer, waiting for room in the
+    /// queue; a writer that stopped for idleness meanwhile is replaced, once.
+    async fn send(
+        &self,
+        product_id: &ProductId,
+        message: WriterMessage,
+    ) -> Result<(), CommandError> {
+        match self.writer(product_id).send(message).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(message)) => self
+                .writer(product_id)
+                .send(message)
+                .await
+                .map_err(|_| CommandError::ShuttingDown),
+        }
     }
 
     /// Buys `amount` of a product for an account: reserve, debit, confirm.
@@ -234,16 +345,15 @@ impl Engine {
             amount: request.amount,
             context: request.context,
         };
+        let listed = self
+            .is_listed(&request.product_id)
+            .await
+            .map_err(|error| PurchaseError::Unavailable(error.to_string()))?;
+        if !listed {
+            return Err(PurchaseError::UnknownProduct);
+        }
         let (reply, answer) = oneshot::channel();
-        let inbox = self.writer(&request.product_id);
-        inbox
-            .try_send(WriterMessage::Purchase(order, reply))
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => PurchaseError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => {
-                    PurchaseError::Unavailable("the product writer stopped".into())
-                }
-            })?;
+        self.try_send(&request.product_id, WriterMessage::Purchase(order, reply))?;
         answer.await.unwrap_or_else(|_| {
             Err(PurchaseError::Unavailable(
                 "the product writer stopped".into(),
@@ -272,21 +382,31 @@ impl Engine {
                 "reservations are made and settled by purchases",
             ));
         }
+        // Listing makes a product known; every other command needs one.
+        let listing = matches!(command, ProductCommand::List { .. });
+        if !listing && !self.is_listed(product_id).await? {
+            return Err(CommandError::Product(
+                domain::product::ProductRejection::NotListed,
+            ));
+        }
         let (reply, answer) = oneshot::channel();
-        self.writer(product_id)
-            .send(WriterMessage::Command(command, context, reply))
-            .await
-            .map_err(|_| CommandError::ShuttingDown)?;
-        answer.await.map_err(|_| CommandError::ShuttingDown)?
+        self.send(product_id, WriterMessage::Command(command, context, reply))
+            .await?;
+        let outcome = answer.await.map_err(|_| CommandError::ShuttingDown)?;
+        if listing && outcome.is_ok() {
+            self.know(product_id);
+        }
+        outcome
     }
 
     /// The product's sale as its writer holds it (`None`: not listed).
     pub async fn sale(&self, product_id: &ProductId) -> Result<Option<SaleSnapshot>, CommandError> {
+        if !self.is_listed(product_id).await? {
+            return Ok(None);
+        }
         let (reply, answer) = oneshot::channel();
-        self.writer(product_id)
-            .send(WriterMessage::Snapshot(reply))
-            .await
-            .map_err(|_| CommandError::ShuttingDown)?;
+        self.send(product_id, WriterMessage::Snapshot(reply))
+            .await?;
         answer.await.map_err(|_| CommandError::ShuttingDown)
     }
 

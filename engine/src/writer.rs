@@ -148,13 +148,20 @@ impl ProductWriter {
         }
     }
 
-    /// The writer's loop; ends when every sender is gone.
+    /// The writer's loop; ends when every sender is gone, or once it had
+    /// nothing to do for `writer_idle_stop` (it then closes its inbox,
+    /// answers what was already queued, and ends; the engine starts a new
+    /// writer for the next command).
     pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<WriterMessage>) {
         let mut sweep = tokio::time::interval(self.settings.sweep_period);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_work = tokio::time::Instant::now();
+        let mut closing = false;
         loop {
             let mut messages = Vec::new();
             if self.idle() {
+                let stop_at = last_work + self.settings.writer_idle_stop;
+                let may_stop = !closing && self.may_stop();
                 tokio::select! {
                     biased;
                     message = inbox.recv() => match message {
@@ -162,7 +169,16 @@ impl ProductWriter {
                         None => return,
                     },
                     _ = sweep.tick() => self.sweep_expired(),
+                    () = tokio::time::sleep_until(stop_at), if may_stop => {
+                        tracing::debug!(product = %self.product_id, "idle writer stopping");
+                        inbox.close();
+                        closing = true;
+                        continue;
+                    }
                 }
+            }
+            if !messages.is_empty() || !self.idle() {
+                last_work = tokio::time::Instant::now();
             }
             while messages.len() < self.settings.batch_max {
                 match inbox.try_recv() {
@@ -179,6 +195,12 @@ impl ProductWriter {
             && self.to_debit.is_empty()
             && self.to_settle.is_empty()
             && self.to_refund.is_empty()
+    }
+
+    /// Whether stopping loses nothing: no reservation pending (the sweep
+    /// must see it expire) and nobody waiting for an answer.
+    fn may_stop(&self) -> bool {
+        self.waiters.is_empty() && self.sale().is_none_or(|sale| sale.pending.is_zero())
     }
 
     fn sale(&self) -> Option<&Sale> {
@@ -325,6 +347,7 @@ impl ProductWriter {
             let expires_at = now + self.settings.reservation_ttl;
             let mut decided = Vec::with_capacity(purchases.len());
             let mut refused = 0;
+            let mut from_memory = 0;
             for (order, _) in &purchases {
                 let command = ProductCommand::Purchase {
                     order_id: order.order_id,
@@ -333,6 +356,13 @@ impl ProductWriter {
                     expires_at,
                 };
                 match ProductSale::decide(&self.product.state, &command, now) {
+                    Ok(new) if decides_nothing(&new) => {
+                        from_memory += 1;
+                        decided.push(Decided::Refused(refused_error(
+                            refusal_reason(&new),
+                            self.sale().expect("BUG: a refusal needs a sale"),
+                        )));
+                    }
                     Ok(new) => {
                         refused += new
                             .iter()
@@ -341,12 +371,28 @@ impl ProductWriter {
                         let metadata = order.context.metadata(Some(order.order_id.0), None);
                         events.extend(encode_all(&new, &metadata));
                         self.evolve_all(&new);
-                        decided.push(true);
+                        decided.push(Decided::New);
                     }
                     // Already decided (a duplicate in this batch, or committed
                     // by an append whose answer was lost): answered below.
-                    Err(ProductRejection::DuplicateOrder) => decided.push(false),
+                    Err(ProductRejection::DuplicateOrder) => decided.push(Decided::Before),
                     Err(rejection) => panic!("BUG: a purchase cannot be rejected with {rejection}"),
+                }
+            }
+            // Refusals answered from memory are only as good as the memory:
+            // an append proves it current (its expected version held);
+            // without one, the stream is checked for events not seen yet.
+            if events.is_empty() && from_memory > 0 {
+                match self.is_current().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.stale = true;
+                        continue;
+                    }
+                    Err(error) => {
+                        self.on_append_failure(&error, settlements).await;
+                        continue;
+                    }
                 }
             }
             if !events.is_empty() {
@@ -368,7 +414,18 @@ impl ProductWriter {
                     }
                 }
             }
-            for ((order, reply), new) in purchases.drain(..).zip(decided) {
+            self.stats
+                .purchases_refused
+                .fetch_add(from_memory, std::sync::atomic::Ordering::Relaxed);
+            for ((order, reply), decided) in purchases.drain(..).zip(decided) {
+                let new = match decided {
+                    Decided::Refused(error) => {
+                        let _ = reply.send(Err(error));
+                        continue;
+                    }
+                    Decided::New => true,
+                    Decided::Before => false,
+                };
                 let reserved = self
                     .sale()
                     .is_some_and(|sale| sale.reservations.contains_key(&order.order_id));
@@ -385,6 +442,15 @@ impl ProductWriter {
                 "the product stream kept conflicting".into(),
             )));
         }
+    }
+
+    /// Whether the stream holds no event this writer has not seen.
+    async fn is_current(&self) -> Result<bool, StoreError> {
+        let newer = self
+            .store
+            .read_stream(&self.stream, self.product.version, 1)
+            .await?;
+        Ok(newer.is_empty())
     }
 
     async fn on_append_failure(
@@ -753,6 +819,39 @@ impl ProductWriter {
             }
         }
         Err(CommandError::Contention(self.stream.clone()))
+    }
+}
+
+/// How a purchase of a batch was decided.
+enum Decided {
+    /// Events of its own are in the batch.
+    New,
+    /// It was decided before (its answer is in the state).
+    Before,
+    /// Refused from memory, with nothing appended.
+    Refused(PurchaseError),
+}
+
+/// Whether a purchase's events are only a refusal that decides nothing:
+/// the sale is not open, or the amount is outside the product's range.
+/// Such a refusal changes no state and gives nobody a place, so it is
+/// answered without being appended (a retry is decided afresh). Sold out
+/// and insufficient quota stay events: they are the sale's fairness
+/// record (who was turned away while others got quota).
+fn decides_nothing(events: &[ProductEvent]) -> bool {
+    matches!(
+        events,
+        [ProductEvent::PurchaseRefused {
+            reason: RefusalReason::SaleNotOpen | RefusalReason::AmountOutOfRange,
+            ..
+        }]
+    )
+}
+
+fn refusal_reason(events: &[ProductEvent]) -> RefusalReason {
+    match events {
+        [ProductEvent::PurchaseRefused { reason, .. }] => *reason,
+        _ => panic!("BUG: not a single refusal"),
     }
 }
 

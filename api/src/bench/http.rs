@@ -161,10 +161,12 @@ pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
     let tokens = set_up(&server, &options).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let app = server
-        .router()
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let serving = tokio::spawn(async move { axum::serve(listener, app).await });
+    let serving = tokio::spawn(crate::server::transport::serve(
+        listener,
+        server.router(),
+        crate::server::transport::TransportLimits::default(),
+        std::future::pending(),
+    ));
 
     let outcome = drive(address, tokens, &options).await?;
     let checks = check(&server, address, &outcome, &options).await?;

@@ -2,6 +2,7 @@
 //! `--json`) and verifies the invariants it can check afterwards.
 
 pub mod append;
+pub mod attack;
 pub mod http;
 pub mod purchases;
 pub mod rebuild;

@@ -95,6 +95,13 @@ const SESSION_SELECT: &str = "SELECT u.user_id, u.role, u.account_id, s.expires_
      FROM sessions s JOIN users u ON u.user_id = s.user_id \
      WHERE s.token_hash = $1 AND s.expires_at_ms > $2";
 const SESSION_PURGE: &str = "DELETE FROM sessions WHERE expires_at_ms <= $1";
+const SESSION_END: &str =
+    "UPDATE sessions SET expires_at_ms = $2 WHERE token_hash = $1 AND expires_at_ms > $2";
+const SESSIONS_ENDED: &str = "SELECT token_hash FROM sessions \
+     WHERE expires_at_ms > $1 AND expires_at_ms <= $2 ORDER BY expires_at_ms DESC LIMIT $3";
+const KEY_PURGE: &str = "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
+     (SELECT user_id, idempotency_key FROM idempotency_keys \
+      WHERE created_at_ms <= $1 AND (status IS NOT NULL OR locked_until_ms <= $2) LIMIT $3)";
 const KEY_INSERT: &str = "INSERT INTO idempotency_keys \
      (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING";
@@ -270,10 +277,68 @@ impl AccessDb {
         )
     }
 
-    /// Deletes expired sessions; returns how many.
-    pub async fn purge_sessions(&self, now_ms: i64) -> Result<u64, sqlx::Error> {
-        Ok(on_pool!(self, |pool| sqlx::query(SESSION_PURGE)
+    /// Ends a session now (a logout); false if it had already ended.
+    pub async fn end_session(&self, token_hash: &str, now_ms: i64) -> Result<bool, sqlx::Error> {
+        let _gate = self.write_gate().await;
+        let ended = on_pool!(self, |pool| sqlx::query(SESSION_END)
+            .bind(token_hash)
             .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(ended > 0)
+    }
+
+    /// Token hashes of sessions that ended in `(after_ms, until_ms]`
+    /// (logouts and expiries), newest first, at most `limit`.
+    pub async fn sessions_ended_since(
+        &self,
+        after_ms: i64,
+        until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<(String,)> = on_pool!(self, |pool| sqlx::query_as(SESSIONS_ENDED)
+            .bind(after_ms)
+            .bind(until_ms)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?);
+        Ok(rows.into_iter().map(|(hash,)| hash).collect())
+    }
+
+    /// Deletes up to `limit` idempotency keys created at or before
+    /// `created_before_ms` that are answered or whose claim ran out by
+    /// `now_ms`; returns how many.
+    pub async fn purge_keys(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let _gate = self.write_gate().await;
+        Ok(on_pool!(self, |pool| sqlx::query(KEY_PURGE)
+            .bind(created_before_ms)
+            .bind(now_ms)
+            .bind(limit)
+            .execute(pool)
+            .await?
+            .rows_affected()))
+    }
+
+    /// On SQLite, the file's write gate (writers queue here rather than in
+    /// SQLite's busy loop); nothing on PostgreSQL.
+    async fn write_gate(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match self {
+            AccessDb::Sqlite(_, gate) => Some(gate.clone().lock_owned().await),
+            AccessDb::Postgres(_) => None,
+        }
+    }
+
+    /// Deletes sessions that ended at or before `ended_before_ms`; returns how many.
+    pub async fn purge_sessions(&self, ended_before_ms: i64) -> Result<u64, sqlx::Error> {
+        let _gate = self.write_gate().await;
+        Ok(on_pool!(self, |pool| sqlx::query(SESSION_PURGE)
+            .bind(ended_before_ms)
             .execute(pool)
             .await?
             .rows_affected()))

@@ -3,13 +3,14 @@
 //! the bootstrap admin.
 
 use super::access::{AccessDb, UserRow};
+use super::throttle::{HashPermit, PasswordGate};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -26,9 +27,26 @@ pub const PASSWORD_CHARS_MIN: usize = 8;
 pub const PASSWORD_BYTES_MAX: usize = 1024;
 /// Sessions remembered in memory, so a request does not read the database
 /// each time.
-pub const SESSION_CACHE_MAX: usize = 100_000;
-/// How long a remembered session is trusted before it is read again.
-pub const SESSION_CACHE_TTL_MS: i64 = 30_000;
+pub const SESSION_CACHE_MAX: u64 = 100_000;
+/// How long a remembered session is trusted before it is read again (a
+/// logout reaches every node's cache sooner: see `REVOCATION_POLL_PERIOD`).
+pub const SESSION_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Well-formed tokens found to name no live session, remembered so asking
+/// again costs no database round trip.
+pub const UNKNOWN_TOKENS_MAX: u64 = 100_000;
+/// How long an unknown token is remembered (a token is random and is
+/// stored before it is handed out, so an unknown one never becomes valid).
+pub const UNKNOWN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// How often each node reads the sessions ended lately (logouts) and drops
+/// them from its cache: a logout is seen everywhere within this, plus a
+/// query.
+pub const REVOCATION_POLL_PERIOD: Duration = Duration::from_millis(250);
+/// How far back the revocation poll looks (it must exceed the clock skew
+/// between nodes and any pause of the poll).
+pub const REVOCATION_LOOKBACK: Duration = Duration::from_secs(60);
+/// Most ended sessions one poll reads; with more, every cached session is
+/// dropped (safe: they are read again).
+pub const REVOCATIONS_PER_POLL_MAX: i64 = 10_000;
 
 /// What a user may do (API.md, "Roles").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -124,6 +142,27 @@ pub async fn verify_password(password: String, stored: Option<String>) -> bool {
     known && matched
 }
 
+/// `verify_password`, holding the gate's permit until the hash is done
+/// (even if the request that asked is dropped meanwhile).
+async fn verify_password_holding(
+    password: String,
+    stored: Option<String>,
+    permit: HashPermit,
+) -> bool {
+    let known = stored.is_some();
+    let stored = stored.unwrap_or_else(|| unmatchable_hash().to_owned());
+    let matched = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        VERIFICATIONS.fetch_add(1, Ordering::Relaxed);
+        Argon2::default()
+            .verify_password(password.as_bytes(), stored.as_str())
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    known && matched
+}
+
 /// A hash of random bytes nobody knows, with the default parameters.
 fn unmatchable_hash() -> &'static str {
     static HASH: OnceLock<String> = OnceLock::new();
@@ -190,104 +229,194 @@ pub struct Session {
     pub user: UserRow,
 }
 
-/// Sessions and their in-memory cache.
+/// Sessions and their in-memory caches.
 #[derive(Clone)]
 pub struct Authenticator {
     db: AccessDb,
     session_ttl: Duration,
-    cache: Arc<Mutex<HashMap<String, (Caller, i64)>>>,
+    /// Token hash → the caller and until when (Unix ms) it may be trusted.
+    sessions: Cache<String, (Caller, i64)>,
+    /// Token hashes that name no live session.
+    unknown: Cache<String, ()>,
+    /// Token hashes of sessions ended lately (a read of a session that
+    /// raced its logout must not be trusted).
+    ended: Cache<String, ()>,
+    gate: PasswordGate,
+    /// Sessions read from the database so far (tests prove the caches work).
+    lookups: Arc<AtomicU64>,
 }
 
-/// Why a request's credentials were not accepted (always answered 401).
+/// What the caches say about a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// A live session's caller.
+    Known(Caller),
+    /// Malformed, or known to name no live session.
+    Refused,
+    /// Not remembered: the database must be asked (with this token hash).
+    Unknown(String),
+}
+
+/// Why a request's credentials were not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// Missing, malformed, unknown or expired.
+    /// Missing, malformed, unknown or expired (401).
     #[error("missing, malformed, expired or wrong credentials")]
     Unauthorized,
+    /// Too many password checks are waiting (503 `overloaded`).
+    #[error("too many password checks are waiting")]
+    Overloaded,
     /// The database could not be asked.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
 impl Authenticator {
-    /// Sessions over the API's tables, lasting `session_ttl`.
-    pub fn new(db: AccessDb, session_ttl: Duration) -> Authenticator {
+    /// Sessions over the API's tables, lasting `session_ttl`, with
+    /// passwords checked through `gate`.
+    pub fn new(db: AccessDb, session_ttl: Duration, gate: PasswordGate) -> Authenticator {
         Authenticator {
             db,
             session_ttl,
-            cache: Arc::new(Mutex::new(HashMap::new())),
+            sessions: Cache::builder()
+                .max_capacity(SESSION_CACHE_MAX)
+                .time_to_live(SESSION_CACHE_TTL)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(UNKNOWN_TOKENS_MAX)
+                .time_to_live(UNKNOWN_TOKEN_TTL)
+                .build(),
+            ended: Cache::builder()
+                .max_capacity(SESSION_CACHE_MAX)
+                .time_to_live(REVOCATION_LOOKBACK * 2)
+                .build(),
+            gate,
+            lookups: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Checks a username and password; a session on success.
+    /// Sessions read from the database so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
+
+    /// Checks a username and password; a session on success. The hash
+    /// waits its turn at the gate, or is refused when too many wait.
     pub async fn login(
         &self,
         username: &str,
         password: &str,
         now_ms: i64,
     ) -> Result<Session, AuthError> {
-        let user = if password.len() > PASSWORD_BYTES_MAX {
+        let permit = self.gate.enter().await.map_err(|_| AuthError::Overloaded)?;
+        let user = if password.len() > PASSWORD_BYTES_MAX
+            || username.chars().count() > USERNAME_CHARS_MAX
+        {
             None
         } else {
             self.db.user_by_name(username).await?
         };
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         // The verification runs whether or not the user exists.
-        let matched = verify_password(password.to_owned(), stored).await;
+        let matched = verify_password_holding(password.to_owned(), stored, permit).await;
         let Some(user) = user.filter(|_| matched) else {
             return Err(AuthError::Unauthorized);
         };
         let token = random_hex(TOKEN_BYTES);
         let ttl_ms = i64::try_from(self.session_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let token_hash = sha256_hex(token.as_bytes());
         self.db
-            .insert_session(
-                &sha256_hex(token.as_bytes()),
-                &user.user_id,
-                now_ms,
-                now_ms + ttl_ms,
-            )
+            .insert_session(&token_hash, &user.user_id, now_ms, now_ms + ttl_ms)
             .await?;
+        let caller = Caller {
+            user_id: user.user_id.clone(),
+            role: Role::parse(&user.role).expect("BUG: a stored role is not a role"),
+            account_id: user.account_id.clone(),
+        };
+        self.remember(token_hash, caller, now_ms + ttl_ms, now_ms);
         Ok(Session { token, user })
     }
 
-    /// The caller a bearer token stands for.
-    pub async fn authenticate(&self, token: &str, now_ms: i64) -> Result<Caller, AuthError> {
+    /// What the caches know of a token, without the database.
+    pub fn cached(&self, token: &str, now_ms: i64) -> Cached {
         if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(AuthError::Unauthorized);
+            return Cached::Refused;
         }
         let token_hash = sha256_hex(token.as_bytes());
-        if let Some(caller) = self.cached(&token_hash, now_ms) {
-            return Ok(caller);
+        if self.unknown.contains_key(&token_hash) || self.ended.contains_key(&token_hash) {
+            return Cached::Refused;
         }
-        let session = self
-            .db
-            .session(&token_hash, now_ms)
-            .await?
-            .ok_or(AuthError::Unauthorized)?;
+        match self.sessions.get(&token_hash) {
+            Some((caller, until_ms)) if until_ms > now_ms => Cached::Known(caller),
+            _ => Cached::Unknown(token_hash),
+        }
+    }
+
+    /// Reads the session a token hash names (after `cached` said
+    /// `Unknown`), and remembers the answer either way.
+    pub async fn lookup(&self, token_hash: String, now_ms: i64) -> Result<Caller, AuthError> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let Some(session) = self.db.session(&token_hash, now_ms).await? else {
+            self.unknown.insert(token_hash, ());
+            return Err(AuthError::Unauthorized);
+        };
         let role = Role::parse(&session.role).expect("BUG: a stored role is not a role");
         let caller = Caller {
             user_id: session.user_id,
             role,
             account_id: session.account_id,
         };
-        let trust_until_ms = session.expires_at_ms.min(now_ms + SESSION_CACHE_TTL_MS);
-        let mut cache = self.cache.lock().expect("BUG: session cache poisoned");
-        if cache.len() >= SESSION_CACHE_MAX {
-            cache.retain(|_, (_, until)| *until > now_ms);
-            if cache.len() >= SESSION_CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(token_hash, (caller.clone(), trust_until_ms));
+        self.remember(token_hash, caller.clone(), session.expires_at_ms, now_ms);
         Ok(caller)
     }
 
-    fn cached(&self, token_hash: &str, now_ms: i64) -> Option<Caller> {
-        let cache = self.cache.lock().expect("BUG: session cache poisoned");
-        cache
-            .get(token_hash)
-            .filter(|(_, until)| *until > now_ms)
-            .map(|(caller, _)| caller.clone())
+    fn remember(&self, token_hash: String, caller: Caller, expires_at_ms: i64, now_ms: i64) {
+        let ttl_ms = i64::try_from(SESSION_CACHE_TTL.as_millis()).unwrap_or(i64::MAX / 2);
+        let trust_until_ms = expires_at_ms.min(now_ms + ttl_ms);
+        self.sessions.insert(token_hash, (caller, trust_until_ms));
+    }
+
+    /// The caller a bearer token stands for (the caches, then the database).
+    pub async fn authenticate(&self, token: &str, now_ms: i64) -> Result<Caller, AuthError> {
+        match self.cached(token, now_ms) {
+            Cached::Known(caller) => Ok(caller),
+            Cached::Refused => Err(AuthError::Unauthorized),
+            Cached::Unknown(token_hash) => self.lookup(token_hash, now_ms).await,
+        }
+    }
+
+    /// Ends the session of a token: it answers 401 from now on, here at
+    /// once and on other nodes once their revocation poll has run.
+    pub async fn logout(&self, token: &str, now_ms: i64) -> Result<(), AuthError> {
+        let token_hash = sha256_hex(token.as_bytes());
+        self.db.end_session(&token_hash, now_ms).await?;
+        self.forget(token_hash);
+        Ok(())
+    }
+
+    fn forget(&self, token_hash: String) {
+        self.sessions.invalidate(&token_hash);
+        self.ended.insert(token_hash, ());
+    }
+
+    /// Drops from the cache every session ended lately (by a logout on any
+    /// node, or by expiry); run every `REVOCATION_POLL_PERIOD`.
+    pub async fn poll_revocations(&self, now_ms: i64) -> Result<(), sqlx::Error> {
+        let lookback_ms = i64::try_from(REVOCATION_LOOKBACK.as_millis()).unwrap_or(i64::MAX / 2);
+        let ended = self
+            .db
+            .sessions_ended_since(now_ms - lookback_ms, now_ms, REVOCATIONS_PER_POLL_MAX)
+            .await?;
+        if ended.len() as i64 >= REVOCATIONS_PER_POLL_MAX {
+            tracing::warn!(
+                "more sessions ended lately than one poll reads; dropping every cached session"
+            );
+            self.sessions.invalidate_all();
+        }
+        for token_hash in ended {
+            self.forget(token_hash);
+        }
+        Ok(())
     }
 
     /// Creates a user with a hashed password; false when the name is taken.
@@ -299,6 +428,7 @@ impl Authenticator {
         account_id: Option<String>,
         now_ms: i64,
     ) -> Result<Option<UserRow>, AuthError> {
+        let _permit = self.gate.enter().await.map_err(|_| AuthError::Overloaded)?;
         let password_hash = hash_password(password.to_owned())
             .await
             .map_err(|e| AuthError::Database(sqlx::Error::Protocol(e.to_string())))?;

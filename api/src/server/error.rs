@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 409 `conflict` with `Retry-After`: the same idempotency key is still
     /// being decided.
     InFlight,
+    /// 408 `request_timeout`: the request body did not arrive within
+    /// `--body-read-timeout` (the connection is closed).
+    BodyTimeout,
     /// 413 `payload_too_large`.
     PayloadTooLarge,
     /// 422 `insufficient_funds`.
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::InFlight => (StatusCode::CONFLICT, "conflict"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::InsufficientFunds => (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds"),
             ApiError::CurrencyMismatch => (StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch"),
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::InFlight => {
                 "a request with this idempotency key is still being decided; retry shortly".into()
             }
+            ApiError::BodyTimeout => "the request body did not arrive in time".into(),
             ApiError::PayloadTooLarge => "the request body is over the limit".into(),
             ApiError::InsufficientFunds => "the available balance is below the amount".into(),
             ApiError::CurrencyMismatch => {
@@ -141,6 +146,13 @@ impl IntoResponse for ApiError {
             message: self.message(),
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, ApiError::BodyTimeout) {
+            // The rest of the body may still be on its way: this connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -156,6 +168,17 @@ impl From<projections::ProjectionError> for ApiError {
         match error {
             projections::ProjectionError::Database(inner) => ApiError::database(inner),
             other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<super::auth::AuthError> for ApiError {
+    fn from(error: super::auth::AuthError) -> ApiError {
+        use super::auth::AuthError;
+        match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Overloaded => ApiError::Overloaded(1),
+            AuthError::Database(inner) => ApiError::database(inner),
         }
     }
 }

@@ -10,7 +10,7 @@ use projections::{ReadDb, Statuses};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -37,17 +37,62 @@ pub struct Stats {
     pub purchases_refused: u64,
 }
 
+/// Bounds on the progress streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Streams open at once in all.
+    pub total_max: usize,
+    /// Streams open at once from one client address.
+    pub per_address_max: u32,
+    /// How long one stream lasts; the dashboard then reconnects by itself.
+    pub lifetime: Duration,
+}
+
 /// The published figures, and the switch that ends every stream.
 #[derive(Clone)]
 pub struct ProgressFeed {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     closing: watch::Sender<bool>,
     task: Arc<tokio::task::AbortHandle>,
+    limits: StreamLimits,
+    open: Arc<Mutex<OpenStreams>>,
+}
+
+/// Streams open now, in all and per address (only addresses with a stream
+/// open are kept, so the map is bounded by the total).
+#[derive(Debug, Default)]
+struct OpenStreams {
+    total: usize,
+    per_address: HashMap<String, u32>,
+}
+
+/// One open stream's place, given back when the stream ends.
+pub struct StreamSlot {
+    open: Arc<Mutex<OpenStreams>>,
+    address: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("BUG: open streams poisoned");
+        open.total -= 1;
+        if let Some(count) = open.per_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.per_address.remove(&self.address);
+            }
+        }
+    }
 }
 
 impl ProgressFeed {
-    /// Starts reading the figures.
-    pub fn start(db: ReadDb, statuses: Arc<Statuses>, engine: Engine) -> ProgressFeed {
+    /// Starts reading the figures; streams are bounded by `limits`.
+    pub fn start(
+        db: ReadDb,
+        statuses: Arc<Statuses>,
+        engine: Engine,
+        limits: StreamLimits,
+    ) -> ProgressFeed {
         let (publish, snapshot) = watch::channel(Arc::new(Snapshot::default()));
         let (closing, _) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -85,7 +130,31 @@ impl ProgressFeed {
             snapshot,
             closing,
             task: Arc::new(task),
+            limits,
+            open: Arc::new(Mutex::new(OpenStreams::default())),
         }
+    }
+
+    /// A place for one more stream from `address`, unless the caps are
+    /// reached.
+    pub fn admit(&self, address: &str) -> Option<StreamSlot> {
+        let mut open = self.open.lock().expect("BUG: open streams poisoned");
+        let from_address = open.per_address.get(address).copied().unwrap_or(0);
+        if open.total >= self.limits.total_max || from_address >= self.limits.per_address_max {
+            metrics::counter!("ledger_streams_refused_total").increment(1);
+            return None;
+        }
+        open.total += 1;
+        *open.per_address.entry(address.to_owned()).or_insert(0) += 1;
+        Some(StreamSlot {
+            open: self.open.clone(),
+            address: address.to_owned(),
+        })
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.open.lock().expect("BUG: open streams poisoned").total
     }
 
     /// Ends every open stream (at shutdown, so draining does not wait on
@@ -103,18 +172,24 @@ impl ProgressFeed {
     /// A client's stream: every product's progress at once, then each
     /// product whose figures change (event `progress`), and the stream-level
     /// figures when they change (event `stats`).
-    pub fn events(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
+    /// It holds its `slot` while open and ends after the stream lifetime.
+    pub fn events(
+        &self,
+        slot: StreamSlot,
+    ) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
         let mut snapshot = self.snapshot.clone();
         snapshot.mark_changed();
         let closing = self.closing.subscribe();
         let sent: HashMap<String, ProgressResponse> = HashMap::new();
+        let ends_at = tokio::time::Instant::now() + self.limits.lifetime;
         let state = (snapshot, closing, sent, None::<Stats>, Vec::<Event>::new());
         futures::stream::unfold(
-            state,
-            |(mut snapshot, mut closing, mut sent, mut stats, mut queue)| async move {
+            (state, slot),
+            move |((mut snapshot, mut closing, mut sent, mut stats, mut queue), slot)| async move {
                 loop {
                     if let Some(event) = queue.pop() {
-                        return Some((Ok(event), (snapshot, closing, sent, stats, queue)));
+                        let state = (snapshot, closing, sent, stats, queue);
+                        return Some((Ok(event), (state, slot)));
                     }
                     if *closing.borrow() {
                         return None;
@@ -122,6 +197,7 @@ impl ProgressFeed {
                     tokio::select! {
                         changed = snapshot.changed() => if changed.is_err() { return None },
                         _ = closing.changed() => return None,
+                        () = tokio::time::sleep_until(ends_at) => return None,
                     }
                     let current = snapshot.borrow_and_update().clone();
                     for product in &current.products {

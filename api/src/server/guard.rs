@@ -4,7 +4,7 @@
 
 use super::AppState;
 use super::access::{Begun, KeyOp};
-use super::auth::{AuthError, Caller, sha256_hex};
+use super::auth::{AuthError, Cached, Caller, sha256_hex};
 use super::error::ApiError;
 use super::keys::KeyError;
 use super::model::BODY_BYTES_MAX;
@@ -21,6 +21,36 @@ use std::time::Instant;
 
 /// Header carrying the request id (set from the caller's or generated).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id kept from a caller, in characters.
+pub const REQUEST_ID_CHARS_MAX: usize = 64;
+
+/// Keeps the caller's `X-Request-Id` if it is 1 to 64 characters of
+/// `[A-Za-z0-9._:-]`, else puts a generated one in its place, so what
+/// reaches the logs and every event's metadata is short and harmless. The
+/// response carries the id used.
+pub async fn sanitize_request_id(mut request: Request, next: Next) -> Response {
+    let acceptable = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .is_some_and(|value| is_acceptable_request_id(value.as_bytes()));
+    if !acceptable {
+        let generated = uuid::Uuid::now_v7().to_string();
+        request.headers_mut().insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_str(&generated).expect("BUG: a UUID is a header value"),
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether a caller's request id may be kept.
+pub fn is_acceptable_request_id(id: &[u8]) -> bool {
+    (1..=REQUEST_ID_CHARS_MAX).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Header carrying an idempotency key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Header marking an answer replayed from an earlier request with the key.
@@ -110,22 +140,16 @@ async fn admit(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let address = client_ip(&request);
     let roles = match rule.access {
         Access::Public => {
-            state.limit_rate(&format!("ip:{}", client_ip(&request)))?;
+            state.limit_rate(&format!("ip:{address}"))?;
             return Ok(next.run(request).await);
         }
         Access::Roles(roles) => roles,
     };
     let token = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
-    let caller = state
-        .auth
-        .authenticate(token, state.now_ms())
-        .await
-        .map_err(|error| match error {
-            AuthError::Unauthorized => ApiError::Unauthorized,
-            AuthError::Database(inner) => ApiError::database(inner),
-        })?;
+    let caller = authenticate(state, token, &address).await?;
     state.limit_rate(&format!("user:{}", caller.user_id))?;
     if !roles.contains(&caller.role) {
         return Err(ApiError::Forbidden);
@@ -144,6 +168,40 @@ async fn admit(
     }
 }
 
+/// The caller a token stands for. Only a token the caches do not know costs
+/// a database lookup, and only for an address that has not failed too often
+/// lately: failures are counted per address and, past the limit, answered
+/// 429 before any lookup.
+async fn authenticate(state: &AppState, token: &str, address: &str) -> Result<Caller, ApiError> {
+    let now_ms = state.now_ms();
+    let token_hash = match state.auth.cached(token, now_ms) {
+        Cached::Known(caller) => return Ok(caller),
+        Cached::Refused => {
+            state.throttle.address_failed(address);
+            return Err(ApiError::Unauthorized);
+        }
+        Cached::Unknown(token_hash) => token_hash,
+    };
+    state
+        .throttle
+        .check_address(address)
+        .map_err(rate_limited)?;
+    match state.auth.lookup(token_hash, now_ms).await {
+        Ok(caller) => Ok(caller),
+        Err(AuthError::Unauthorized) => {
+            state.throttle.address_failed(address);
+            Err(ApiError::Unauthorized)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A throttle's wait as a 429.
+pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+    metrics::counter!("ledger_rate_limited_total").increment(1);
+    ApiError::RateLimited(wait.as_secs().max(1))
+}
+
 /// Runs a POST under its idempotency key: the first request runs, a repeat
 /// with the same request gets the stored answer, another request with the
 /// key is refused.
@@ -155,9 +213,13 @@ async fn idempotent(
     next: Next,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let bytes = to_bytes(body, BODY_BYTES_MAX)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge)?;
+    let bytes = to_bytes(body, BODY_BYTES_MAX).await.map_err(|error| {
+        if super::transport::is_body_read_timeout(&error) {
+            ApiError::BodyTimeout
+        } else {
+            ApiError::PayloadTooLarge
+        }
+    })?;
     let request_hash = request_hash(&parts.method, parts.uri.path(), &bytes);
     // A live request ends by the request timeout (the guard cancels it
     // then), so its claim on the key need not outlive it by much: after a
@@ -251,7 +313,7 @@ fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
 }
 
 /// The `Authorization: Bearer <token>` token, if well-formed.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -284,6 +346,22 @@ fn client_ip(request: &Request) -> String {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
+}
+
+/// The client's address, as rate limits and lockouts key it.
+pub struct ClientAddress(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<ClientAddress, ApiError> {
+        Ok(ClientAddress(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string()),
+        ))
+    }
 }
 
 /// The authenticated caller (only on routes with a role policy).
@@ -337,6 +415,23 @@ mod tests {
         assert_eq!(bearer_token(&headers), None);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_short_and_plain() {
+        for good in [
+            "a",
+            "req-1",
+            "0195f3a0-0000-7000-8000-000000000001",
+            "a.b_c:d-e",
+        ] {
+            assert!(is_acceptable_request_id(good.as_bytes()), "{good}");
+        }
+        assert!(is_acceptable_request_id("x".repeat(64).as_bytes()));
+        for bad in ["", "a b", "a/b", "<script>", "é", "a\nb", "' OR 1=1"] {
+            assert!(!is_acceptable_request_id(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_acceptable_request_id("x".repeat(65).as_bytes()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::AppState;
 use super::error::ApiError;
+use super::guard::ClientAddress;
 use super::model::{HealthResponse, PathText, ProgressListResponse, ProgressResponse};
 use axum::Json;
 use axum::extract::State;
@@ -129,10 +130,22 @@ pub async fn all_progress(
 
 /// `GET /v1/progress/stream`: server-sent events of progress objects.
 #[utoipa::path(get, path = "/v1/progress/stream", tag = "sales",
-    responses((status = 200, description = "Server-sent events: `progress` (a progress object) and `stats`", content_type = "text/event-stream")))]
-pub async fn progress_stream(State(state): State<AppState>) -> impl IntoResponse {
-    Sse::new(state.feed.events()).keep_alive(KeepAlive::default())
+    responses((status = 200, description = "Server-sent events: `progress` (a progress object) and `stats`; the stream ends after its lifetime (`--stream-lifetime`) and the client reconnects", content_type = "text/event-stream")))]
+pub async fn progress_stream(
+    State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
+) -> Result<Response, ApiError> {
+    let slot = state
+        .feed
+        .admit(&address)
+        .ok_or(ApiError::RateLimited(STREAM_RETRY_AFTER_SECONDS))?;
+    Ok(Sse::new(state.feed.events(slot))
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
+
+/// Seconds a client refused a stream (too many open) is told to wait.
+pub const STREAM_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// `GET /v1/products/{product_id}/progress`.
 #[utoipa::path(get, path = "/v1/products/{product_id}/progress", tag = "sales",

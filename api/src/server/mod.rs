@@ -14,6 +14,8 @@ pub mod openapi;
 pub mod orders;
 pub mod products;
 pub mod routes;
+pub mod throttle;
+pub mod transport;
 pub mod users;
 
 use crate::cli::StoreArgs;
@@ -29,7 +31,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Backend, EventStore, LogLocation};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::PropagateRequestIdLayer;
 
 /// How often expired sessions and idle rate-limit entries are swept.
 pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(60);
@@ -46,6 +48,9 @@ pub struct ServeOptions {
     /// Limits on clients and requests.
     #[command(flatten)]
     pub limits: Limits,
+    /// Limits on connections.
+    #[command(flatten)]
+    pub transport: transport::TransportLimits,
     /// Purchases queued per product before new ones are refused with 503.
     #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
     pub purchase_queue_max: usize,
@@ -94,6 +99,45 @@ pub struct Limits {
     /// How long a login's token lasts.
     #[arg(long, env = "LEDGER_SESSION_TTL", default_value = "24h", value_parser = parse_duration)]
     pub session_ttl: Duration,
+    /// Failed authentications (wrong passwords, unknown tokens) one client
+    /// address may make per `--auth-failure-window`; past it the address
+    /// gets 429 before any password hash or token lookup.
+    #[arg(long, env = "LEDGER_AUTH_FAILURES_PER_ADDRESS", default_value_t = 30)]
+    pub auth_failures_per_address: u32,
+    /// The window of `--auth-failures-per-address`, from the first failure.
+    #[arg(long, env = "LEDGER_AUTH_FAILURE_WINDOW", default_value = "1m", value_parser = parse_duration)]
+    pub auth_failure_window: Duration,
+    /// Failed logins per username from one address per `--login-lockout`
+    /// (from all addresses together: 20 times as many; see the README).
+    #[arg(long, env = "LEDGER_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
+    pub login_failures_per_user: u32,
+    /// Logins per second, all addresses together, from addresses with a
+    /// failed authentication in the current window (a guessing crowd's
+    /// share of argon2); over it 429.
+    #[arg(long, env = "LEDGER_SUSPECT_LOGINS_PER_SECOND", default_value_t = 5)]
+    pub suspect_logins_per_second: u32,
+    /// How long a username's failed logins are counted from the first.
+    #[arg(long, env = "LEDGER_LOGIN_LOCKOUT", default_value = "15m", value_parser = parse_duration)]
+    pub login_lockout: Duration,
+    /// Password checks that may wait for a turn at argon2 (as many run at
+    /// once as there are cores); past it a login gets 503 `overloaded`.
+    #[arg(long, env = "LEDGER_PASSWORD_QUEUE_MAX", default_value_t = 64)]
+    pub password_queue_max: usize,
+    /// Progress streams (`/v1/progress/stream`) open at once in all; more
+    /// get 429.
+    #[arg(long, env = "LEDGER_STREAMS_MAX", default_value_t = 1_024)]
+    pub streams_max: usize,
+    /// Progress streams open at once from one client address; more get 429.
+    #[arg(long, env = "LEDGER_STREAMS_PER_ADDRESS_MAX", default_value_t = 16)]
+    pub streams_per_address_max: u32,
+    /// How long one progress stream lasts before the server ends it (the
+    /// dashboard reconnects by itself).
+    #[arg(long, env = "LEDGER_STREAM_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub stream_lifetime: Duration,
+    /// How long an idempotency key (and its stored answer) is kept before
+    /// it is purged; at least 24 h.
+    #[arg(long, env = "LEDGER_IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = parse_key_ttl)]
+    pub idempotency_key_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -103,8 +147,55 @@ impl Default for Limits {
             rate_burst: 100,
             request_timeout: Duration::from_secs(30),
             session_ttl: auth::SESSION_TTL_DEFAULT,
+            auth_failures_per_address: 30,
+            auth_failure_window: Duration::from_secs(60),
+            login_failures_per_user: 5,
+            suspect_logins_per_second: 5,
+            login_lockout: Duration::from_secs(15 * 60),
+            password_queue_max: 64,
+            streams_max: 1_024,
+            streams_per_address_max: 16,
+            stream_lifetime: Duration::from_secs(10 * 60),
+            idempotency_key_ttl: IDEMPOTENCY_KEY_TTL_MIN,
         }
     }
+}
+
+impl Limits {
+    /// The failure limits of the throttle.
+    pub fn failure_limits(&self) -> throttle::FailureLimits {
+        throttle::FailureLimits {
+            per_address: self.auth_failures_per_address,
+            address_window: self.auth_failure_window,
+            per_user_address: self.login_failures_per_user,
+            lockout: self.login_lockout,
+            suspect_logins_per_second: self.suspect_logins_per_second,
+        }
+    }
+}
+
+/// How many argon2 hashes run at once: one per core. (Half the cores was
+/// tried: honest bursts of logins, 20 users created at once, then waited
+/// past the request timeout on a busy machine. A flood's hashes are
+/// bounded by the failure limits instead.)
+pub fn password_hashes_at_once() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The shortest time idempotency keys are kept (API.md: at least 24 h).
+pub const IDEMPOTENCY_KEY_TTL_MIN: Duration = Duration::from_secs(24 * 60 * 60);
+/// Most idempotency keys one purge statement deletes (a purge repeats
+/// until fewer are left, so no statement holds the database long).
+pub const KEY_PURGE_BATCH_MAX: i64 = 10_000;
+/// Most purge statements per housekeeping pass.
+pub const KEY_PURGE_ROUNDS_MAX: usize = 100;
+
+fn parse_key_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < IDEMPOTENCY_KEY_TTL_MIN {
+        return Err("idempotency keys are kept at least 24h".into());
+    }
+    Ok(ttl)
 }
 
 /// Parses `30s`, `500ms`, `5m`, `24h`.
@@ -155,6 +246,8 @@ pub struct AppState {
     /// The payment provider, when this node pays out (an operator's cancel
     /// asks it about the payout's key).
     pub provider: Option<Arc<dyn engine::payouts::PaymentProvider>>,
+    /// Failed authentications per address and username.
+    pub throttle: throttle::Throttle,
 }
 
 impl AppState {
@@ -185,6 +278,7 @@ pub struct Server {
     runner: Runner,
     housekeeping: tokio::task::JoinHandle<()>,
     recovery: tokio::task::JoinHandle<()>,
+    revocations: tokio::task::JoinHandle<()>,
     payout_stop: tokio::sync::watch::Sender<bool>,
     payout_workers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -223,9 +317,23 @@ impl Server {
             Quota::per_second(NonZeroU32::new(limits.rate_per_second.max(1)).expect("max(1)"))
                 .allow_burst(NonZeroU32::new(limits.rate_burst.max(1)).expect("max(1)"));
         let state = AppState {
-            auth: Authenticator::new(access.clone(), limits.session_ttl),
+            auth: Authenticator::new(
+                access.clone(),
+                limits.session_ttl,
+                throttle::PasswordGate::new(password_hashes_at_once(), limits.password_queue_max),
+            ),
+            throttle: throttle::Throttle::new(limits.failure_limits()),
             keys: keys::KeyLog::start(AccessDb::open_key_writer(backend).await?),
-            feed: feed::ProgressFeed::start(db.clone(), statuses.clone(), engine.clone()),
+            feed: feed::ProgressFeed::start(
+                db.clone(),
+                statuses.clone(),
+                engine.clone(),
+                feed::StreamLimits {
+                    total_max: limits.streams_max,
+                    per_address_max: limits.streams_per_address_max,
+                    lifetime: limits.stream_lifetime,
+                },
+            ),
             store,
             db,
             access,
@@ -237,6 +345,7 @@ impl Server {
         };
         auth::warm_up().await;
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
+        let revocations = tokio::spawn(revocations(state.auth.clone()));
         let payout_stop = tokio::sync::watch::channel(false).0;
         // Repairs what a crash left in any product, with no traffic needed.
         let recovery = tokio::spawn(engine::recovery::run(
@@ -250,6 +359,7 @@ impl Server {
             runner,
             housekeeping,
             recovery,
+            revocations,
             payout_stop,
             payout_workers: Vec::new(),
         })
@@ -308,7 +418,7 @@ impl Server {
                         )
                     }),
             )
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(axum::middleware::from_fn(guard::sanitize_request_id))
             .layer(axum::middleware::from_fn(guard::close_after_unread_body))
     }
 
@@ -328,6 +438,7 @@ impl Server {
         }
         let _ = self.recovery.await;
         self.housekeeping.abort();
+        self.revocations.abort();
         self.state.feed.stop();
         self.state.engine.halt();
         self.runner.stop().await;
@@ -382,10 +493,58 @@ async fn housekeeping(state: AppState) {
         tick.tick().await;
         state.limiter.retain_recent();
         state.limiter.shrink_to_fit();
-        match state.access.purge_sessions(state.now_ms()).await {
-            Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "expired sessions deleted"),
-            Err(error) => tracing::warn!(%error, "could not purge expired sessions"),
+        purge(&state).await;
+    }
+}
+
+/// Deletes sessions ended long enough ago that every node's revocation
+/// poll has seen them, and idempotency keys older than their time to keep.
+async fn purge(state: &AppState) {
+    let now_ms = state.now_ms();
+    let margin_ms = i64::try_from((auth::REVOCATION_LOOKBACK * 2).as_millis()).unwrap_or(0);
+    match state.access.purge_sessions(now_ms - margin_ms).await {
+        Ok(0) => {}
+        Ok(purged) => tracing::info!(purged, "ended sessions deleted"),
+        Err(error) => tracing::warn!(%error, "could not purge ended sessions"),
+    }
+    let keep_ms =
+        i64::try_from(state.limits.idempotency_key_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let mut purged = 0;
+    for _round in 0..KEY_PURGE_ROUNDS_MAX {
+        match state
+            .access
+            .purge_keys(now_ms.saturating_sub(keep_ms), now_ms, KEY_PURGE_BATCH_MAX)
+            .await
+        {
+            Ok(count) => {
+                purged += count;
+                if (count as i64) < KEY_PURGE_BATCH_MAX {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not purge idempotency keys");
+                break;
+            }
+        }
+    }
+    if purged > 0 {
+        tracing::info!(purged, "old idempotency keys deleted");
+    }
+}
+
+/// Reads the sessions ended lately (logouts on any node) and drops them
+/// from this node's cache.
+async fn revocations(auth: Authenticator) {
+    let mut tick = tokio::time::interval(auth::REVOCATION_POLL_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = auth
+            .poll_revocations(chrono::Utc::now().timestamp_millis())
+            .await
+        {
+            tracing::warn!(%error, "could not read ended sessions");
         }
     }
 }
@@ -436,14 +595,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     };
     // One plain line on standard output, for people and for scripts.
     println!("ledger serving on http://{address} ({stores}); dashboard at http://{address}/");
-    axum::serve(
-        listener,
-        server
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await?;
+    transport::serve(listener, server.router(), options.transport.clone(), stop).await;
     tracing::info!("draining done; stopping projections");
     server.stop().await;
     Ok(ExitCode::SUCCESS)

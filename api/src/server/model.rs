@@ -40,6 +40,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 .await
                 .map_err(|rejection| match rejection.status().as_u16() {
                     413 => ApiError::PayloadTooLarge,
+                    _ if super::transport::is_body_read_timeout(&rejection) => {
+                        ApiError::BodyTimeout
+                    }
                     _ => ApiError::InvalidRequest("the body could not be read".into()),
                 })?;
         parse_json(&bytes).map(JsonBody)

@@ -36,6 +36,7 @@ use utoipa::{Modify, OpenApi};
         handlers::progress_stream,
         handlers::progress,
         users::login,
+        users::logout,
         users::me,
         users::create,
         users::account,
@@ -93,9 +94,10 @@ impl Modify for GuardResponses {
             if route.path.contains('{') {
                 statuses.push(400);
             }
-            // A body that is not JSON of the right shape, or is too large.
+            // A body that is not JSON of the right shape, is too large, or
+            // does not arrive within the body read timeout.
             if operation.request_body.is_some() {
-                statuses.extend([400, 413]);
+                statuses.extend([400, 408, 413]);
             }
             if let Access::Roles(roles) = route.access {
                 statuses.push(401);
@@ -106,7 +108,7 @@ impl Modify for GuardResponses {
             // Idempotency-Key: malformed (400), used for another request or
             // still being decided (409); the body is read under the limit.
             if route.method == Method::POST && route.idempotency != Idempotency::None {
-                statuses.extend([400, 409, 413]);
+                statuses.extend([400, 408, 409, 413]);
             }
             // The rate limit and the request timeout apply to every route.
             statuses.extend([429, 503]);
@@ -197,6 +199,7 @@ fn describe(status: &str) -> &'static str {
     match status {
         "200" => "OK",
         "201" => "Created",
+        "204" => "No Content",
         "202" => "Accepted",
         "400" => {
             "`invalid_request`: malformed JSON, unknown fields, wrong types, out-of-range \
@@ -210,9 +213,16 @@ fn describe(status: &str) -> &'static str {
              (same key, different request) or `conflict` (with `Retry-After` while the \
              key's first request is still being decided)"
         }
+        "408" => {
+            "`request_timeout`: the request body did not arrive within the body read \
+             timeout; the connection is closed"
+        }
         "413" => "`payload_too_large`: the request body is over the limit (64 KiB)",
         "422" => "`insufficient_funds`: the available balance is below the amount",
-        "429" => "`rate_limited`: too many requests from this client",
+        "429" => {
+            "`rate_limited`: too many requests from this client, or too many failed \
+             authentications from its address or at its username"
+        }
         "503" => {
             "`overloaded` (load shed), `unavailable` (a database is not answering) or \
              `timeout`; a POST may still take effect: retry it with the same \

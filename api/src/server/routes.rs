@@ -97,6 +97,15 @@ pub fn table() -> Vec<RouteSpec> {
             idempotency: Idempotency::None,
             ..route(post_.clone(), "/v1/auth/login", Public, post(users::login))
         },
+        RouteSpec {
+            idempotency: Idempotency::None,
+            ..route(
+                post_.clone(),
+                "/v1/auth/logout",
+                Roles(&Role::ALL),
+                post(users::logout),
+            )
+        },
         route(get_.clone(), "/v1/me", Roles(&Role::ALL), get(users::me)),
         route(
             post_.clone(),

@@ -4,7 +4,7 @@
 use super::AppState;
 use super::auth::{self, AuthError, Caller, Role};
 use super::error::{ApiError, ErrorBody};
-use super::guard::Context;
+use super::guard::{ClientAddress, Context, bearer_token, rate_limited};
 use super::model::{
     AccountResponse, CreateUserRequest, CreateUserResponse, DepositRequest, DepositResponse,
     JsonBody, LedgerResponse, LoginRequest, LoginResponse, MeResponse, PathText, positive_amount,
@@ -26,20 +26,33 @@ pub const LEDGER_PAGE_DEFAULT: u32 = 100;
 /// `POST /v1/auth/login`.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 408, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
     JsonBody(request): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
+    // Cheap checks first: a locked-out username or a failing address is
+    // refused before any password hash.
+    state
+        .throttle
+        .check_login(&request.username, &address)
+        .map_err(rate_limited)?;
     let now_ms = state.now_ms();
-    let session = state
+    let session = match state
         .auth
         .login(&request.username, &request.password, now_ms)
         .await
-        .map_err(|error| match error {
-            AuthError::Unauthorized => ApiError::Unauthorized,
-            AuthError::Database(inner) => ApiError::database(inner),
-        })?;
+    {
+        Ok(session) => session,
+        Err(AuthError::Unauthorized) => {
+            state.throttle.login_failed(&request.username, &address);
+            return Err(ApiError::Unauthorized);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    state.throttle.login_succeeded(&request.username, &address);
     let role = Role::parse(&session.user.role).expect("BUG: a stored role is not a role");
     let ttl = chrono::Duration::from_std(state.limits.session_ttl).unwrap_or(chrono::Duration::MAX);
     let expires_at = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default() + ttl;
@@ -51,6 +64,21 @@ pub async fn login(
         account_id: session.user.account_id,
         expires_at: expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     }))
+}
+
+/// `POST /v1/auth/logout`: ends the caller's session; its token answers
+/// 401 from then on, on every node within a second.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "The session ended"), (status = 401, body = ErrorBody)))]
+pub async fn logout(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let token = bearer_token(&headers).ok_or(ApiError::Unauthorized)?;
+    state.auth.logout(token, state.now_ms()).await?;
+    tracing::info!(user_id = %caller.user_id, "logout");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/me`: who the token belongs to.
@@ -92,10 +120,7 @@ pub async fn create(
             state.now_ms(),
         )
         .await
-        .map_err(|error| match error {
-            AuthError::Unauthorized => ApiError::Unauthorized,
-            AuthError::Database(inner) => ApiError::database(inner),
-        })?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::Conflict("conflict", "this username is taken".into()))?;
     if let Some(account_id) = account_id {
         let open = AccountCommand::Open {

@@ -18,6 +18,7 @@ mod hostile;
 #[path = "../process/mod.rs"]
 mod process;
 
+mod attack;
 mod client;
 mod cluster;
 mod hostile_input;
@@ -169,6 +170,23 @@ fn scenarios() -> Vec<Scenario> {
                     };
                     hostile_input::run(cluster, &mut report).await;
                     report
+                }
+                .boxed_local()
+            },
+        },
+        Scenario {
+            name: "bot army",
+            backend: "sqlite",
+            run: |mut report| {
+                async move {
+                    // The benchmark is a process of its own: run it off
+                    // this thread's runtime.
+                    tokio::task::spawn_blocking(move || {
+                        attack::run(&mut report);
+                        report
+                    })
+                    .await
+                    .expect("the bot army scenario panicked")
                 }
                 .boxed_local()
             },

@@ -114,6 +114,11 @@ impl TestApi {
         Some(api)
     }
 
+    /// The folder of a SQLite test server's files.
+    pub fn sqlite_folder(&self) -> Option<std::path::PathBuf> {
+        self._sqlite.as_ref().map(|folder| folder.path().to_owned())
+    }
+
     /// Sends a request.
     pub async fn send(&self, request: Request<Body>) -> Reply {
         let response = self.router.clone().oneshot(request).await.unwrap();
@@ -282,6 +287,9 @@ pub fn generous() -> Limits {
     Limits {
         rate_per_second: 100_000,
         rate_burst: 100_000,
+        auth_failures_per_address: 1_000_000,
+        login_failures_per_user: 1_000_000,
+        suspect_logins_per_second: 1_000_000,
         ..Limits::default()
     }
 }
