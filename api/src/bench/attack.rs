@@ -39,6 +39,10 @@ const SET_UP_CONCURRENCY: usize = 4;
 const FLOOD_WORKERS_PER_ADDRESS: u32 = 4;
 /// How long slowloris and the floods run before the honest sale starts.
 const ATTACK_WARM_UP: Duration = Duration::from_secs(2);
+/// Beyond the server's header read timeout, how long the attack runs at
+/// least, so every slow connection opened in its first second has had the
+/// time to be cut off, however fast the honest sale under fire sold out.
+const ATTACK_MARGIN: Duration = Duration::from_secs(4);
 /// How long to wait for the read models to show every confirmation.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -208,8 +212,13 @@ pub async fn run(options: AttackOptions) -> anyhow::Result<ExitCode> {
     let pid = target.child.id().context("the server has no pid")?;
     let baseline = phase(&target.base, &tokens, "attack-baseline", &options, pid).await?;
     let attack = Attack::start(&target, &options, usernames, attacker);
+    let attack_started = tokio::time::Instant::now();
     tokio::time::sleep(ATTACK_WARM_UP).await;
     let under_attack = phase(&target.base, &tokens, "attack-under-fire", &options, pid).await?;
+    // The server runs with its default limits.
+    let header_read_timeout =
+        crate::server::transport::TransportLimits::default().header_read_timeout;
+    tokio::time::sleep_until(attack_started + header_read_timeout + ATTACK_MARGIN).await;
     let attackers = attack.stop().await;
     let quotas_conserved = conserved(&http, &target.base, "attack-baseline", &baseline, &options)
         .await?
