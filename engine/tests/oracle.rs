@@ -504,6 +504,12 @@ fn cases() -> Vec<Case> {
             expected: vec![(BalanceOverflow, Some(2))],
         },
         Case {
+            name: "a deposit of nothing: postings of zero are no entry",
+            events: vec![deposit(1, 0, "d-0")],
+            when: Always,
+            expected: vec![(UnbalancedPostings, Some(0))],
+        },
+        Case {
             name: "a reservation below the minimum purchase",
             events: vec![reserve(1, 1, 0)],
             when: Always,
