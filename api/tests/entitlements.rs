@@ -428,6 +428,7 @@ async fn an_unresolvable_payout_is_parked_then_retried_or_cancelled() {
         retry_pause: chrono::Duration::milliseconds(10),
         call_timeout: chrono::Duration::milliseconds(100),
         park_unknown_after: chrono::Duration::milliseconds(200),
+        ..WorkerSettings::default()
     };
     api.server
         .start_payout_workers(provider.clone(), 1, settings);

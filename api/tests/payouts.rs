@@ -41,6 +41,7 @@ async fn lying_gateway(seed: u64) -> Gateway {
         fail_rate: 0.0,
         hang_ms: 1_500,
         seed,
+        rate_limit: 0,
     };
     let task = api::gateway::fake::spawn(options, listener);
     Gateway { url, task }
@@ -56,6 +57,7 @@ fn settings(name: &str) -> WorkerSettings {
         // lease left than this is not used for a call.
         call_timeout: chrono::Duration::milliseconds(400),
         park_unknown_after: chrono::Duration::minutes(10),
+        ..WorkerSettings::default()
     }
 }
 
