@@ -138,6 +138,10 @@ pub enum BenchCommand {
     /// Many concurrent clients buying one hot product over HTTP, through
     /// the whole API; checks the log and read models afterwards.
     Http(bench::http::HttpBenchOptions),
+    /// Payday: N holders paid their interest through the fake gateway with
+    /// its latency (and lies); payouts/s, peak calls in flight, and the
+    /// gateway's record checked against the ledger.
+    Payouts(bench::payouts::PayoutBenchOptions),
 }
 
 /// Runs a parsed command line.
@@ -150,6 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
         Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
+        Command::Bench(BenchCommand::Payouts(options)) => bench::payouts::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
         Command::Projections(ProjectionsCommand::Status(options)) => {
             read_models::status(options).await

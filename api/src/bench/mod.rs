@@ -3,6 +3,7 @@
 
 pub mod append;
 pub mod http;
+pub mod payouts;
 pub mod purchases;
 pub mod rebuild;
 

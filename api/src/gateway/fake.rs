@@ -58,7 +58,7 @@ pub struct FakeGatewayOptions {
     pub rate_limit: u32,
 }
 
-fn rate(text: &str) -> Result<f64, String> {
+pub(crate) fn rate(text: &str) -> Result<f64, String> {
     let value: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number"))?;
@@ -112,6 +112,7 @@ pub struct CallStats {
     peak: AtomicU64,
     calls: AtomicU64,
     throttled: AtomicU64,
+    paid: AtomicU64,
 }
 
 impl CallStats {
@@ -123,6 +124,11 @@ impl CallStats {
     /// Calls received so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Payments made so far (succeeded, whatever was answered).
+    pub fn paid(&self) -> u64 {
+        self.paid.load(Ordering::Relaxed)
     }
 
     /// Calls answered 429 so far.
@@ -199,6 +205,9 @@ impl Gateway {
     }
 
     fn record(&self, body: &PaymentBody, status: &str) -> String {
+        if status == "succeeded" {
+            self.calls.paid.fetch_add(1, Ordering::Relaxed);
+        }
         let mut book = self.book.lock().expect("BUG: poisoned");
         let payment_id = format!("pay-{}", book.payments.len() + 1);
         book.payments.push(Payment {
