@@ -12,8 +12,8 @@
 //! that the ledger does not know; and the log's own invariants hold.
 
 use super::{BenchBackend, BenchDatabase, Latency, histogram, progress, record};
+use crate::gateway::HttpProvider;
 use crate::gateway::fake::{FakeGatewayOptions, GatewayHandle, Payment};
-use crate::gateway::{HttpProvider, MeteredProvider};
 use crate::server::{Limits, Server};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -252,11 +252,7 @@ pub async fn run(options: PayoutBenchOptions) -> anyhow::Result<ExitCode> {
         &format!("http://{address}"),
         Duration::from_millis(options.gateway_timeout_ms),
     )?));
-    server.start_payout_workers(
-        Arc::new(MeteredProvider::new(timed.clone())),
-        options.workers,
-        worker_settings(&options),
-    );
+    server.start_payout_workers(timed.clone(), options.workers, worker_settings(&options));
     let completed =
         wait_until_paid(&server, &gateway, scheduled.scheduled as u64, &options).await?;
     server.kill_payout_workers();

@@ -268,13 +268,16 @@ impl Server {
 
     /// Starts `count` payout workers paying through `provider`: each takes
     /// its partition of the payouts and its share of `settings.concurrency`
-    /// (the node's), and all share `settings.pacer`.
+    /// (the node's), and all share `settings.pacer`. Calls are metered
+    /// (`crate::gateway::MeteredProvider`).
     pub fn start_payout_workers(
         &mut self,
         provider: Arc<dyn engine::payouts::PaymentProvider>,
         count: u32,
         settings: engine::payouts::WorkerSettings,
     ) {
+        let provider: Arc<dyn engine::payouts::PaymentProvider> =
+            Arc::new(crate::gateway::MeteredProvider::new(provider));
         self.state.provider = Some(provider.clone());
         let count = count.max(1);
         let concurrency = settings.concurrency.div_ceil(count as usize).max(1);
@@ -439,8 +442,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
                 ))),
                 ..Default::default()
             };
-            let provider = Arc::new(crate::gateway::MeteredProvider::new(Arc::new(provider)));
-            server.start_payout_workers(provider, options.payout_workers, settings);
+            server.start_payout_workers(Arc::new(provider), options.payout_workers, settings);
             tracing::info!(gateway = %url, workers = options.payout_workers,
                 concurrency = options.payout_concurrency, rate_limit = options.payout_rate_limit,
                 "paying out through the gateway");
