@@ -68,7 +68,7 @@ pub struct PayoutBenchOptions {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub gateway_latency_ms: u64,
     /// Provider calls in flight at once on the node (`--payout-concurrency`).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=engine::payouts::CONCURRENCY_MAX as i64))]
     pub concurrency: u32,
     /// Provider calls per second at most (`--payout-rate-limit`; 0: none).
     #[arg(long, default_value_t = 1_000)]

@@ -72,7 +72,7 @@ pub struct ServeOptions {
     /// Calls to the gateway (payments and lookups) this node may have in
     /// flight at once, across its payout workers. Size it as the gateway's
     /// rate limit times its latency (Little's law), plus a margin.
-    #[arg(long, env = "LEDGER_PAYOUT_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "LEDGER_PAYOUT_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=engine::payouts::CONCURRENCY_MAX as i64))]
     pub payout_concurrency: u32,
     /// Calls to the gateway this node makes per second at most (0: no limit
     /// but the gateway's own 429s, which pause every call of the node).

@@ -286,8 +286,9 @@ impl PayoutWorker {
         engine: Engine,
         provider: Arc<dyn PaymentProvider>,
         clock: Arc<dyn Clock>,
-        settings: WorkerSettings,
+        mut settings: WorkerSettings,
     ) -> PayoutWorker {
+        settings.concurrency = settings.concurrency.clamp(1, CONCURRENCY_MAX);
         let order_key = Uuid::new_v5(&Uuid::NAMESPACE_OID, settings.name.as_bytes()).as_u128();
         PayoutWorker {
             index: engine.payout_index(),
@@ -471,7 +472,7 @@ impl PayoutWorker {
         if lookups.is_empty() {
             return Ok(());
         }
-        let semaphore = Arc::new(Semaphore::new(self.shared.settings.concurrency.max(1)));
+        let semaphore = Arc::new(Semaphore::new(self.shared.settings.concurrency));
         let mut asks = JoinSet::new();
         for entry in lookups {
             let permit = semaphore
@@ -743,7 +744,7 @@ async fn dispatch(
     mut claimed: mpsc::Receiver<Claimed>,
     called: mpsc::Sender<Called>,
 ) {
-    let semaphore = Arc::new(Semaphore::new(shared.settings.concurrency.max(1)));
+    let semaphore = Arc::new(Semaphore::new(shared.settings.concurrency));
     let mut calls = JoinSet::new();
     while let Some(claim) = claimed.recv().await {
         let permit = semaphore
