@@ -73,7 +73,11 @@ pub struct PayoutBenchOptions {
     /// Provider calls per second at most (`--payout-rate-limit`; 0: none).
     #[arg(long, default_value_t = 1_000)]
     pub rate_limit: u32,
-    /// Payout workers on the node (`--payout-workers`).
+    /// Nodes paying: engines on the one log, each with its own workers,
+    /// concurrency and rate limit (the first also runs the projections).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub nodes: u32,
+    /// Payout workers on each node (`--payout-workers`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub workers: u32,
     /// How long a provider call may take (`--gateway-timeout`), in ms.
@@ -172,8 +176,12 @@ pub struct PayoutBenchReport {
     pub concurrency: u32,
     /// Calls per second allowed (0: none).
     pub rate_limit: u32,
-    /// Payout workers.
+    /// Nodes paying.
+    pub nodes: u32,
+    /// Payout workers per node.
     pub workers: u32,
+    /// Attempts claimed by each node's workers (the work spread).
+    pub attempts_by_node: std::collections::BTreeMap<String, u64>,
     /// The gateway's lies and limit.
     pub gateway: serde_json::Value,
     /// Seconds writing the holders into the log.
@@ -252,10 +260,17 @@ pub async fn run(options: PayoutBenchOptions) -> anyhow::Result<ExitCode> {
         &format!("http://{address}"),
         Duration::from_millis(options.gateway_timeout_ms),
     )?));
-    server.start_payout_workers(timed.clone(), options.workers, worker_settings(&options));
+    server.start_payout_workers(timed.clone(), options.workers, worker_settings(&options, 0));
+    let (stop_nodes, stopping) = tokio::sync::watch::channel(false);
+    let mut nodes = tokio::task::JoinSet::new();
+    for node in 1..options.nodes {
+        start_node(&mut nodes, &store, timed.clone(), &options, node, &stopping);
+    }
     let completed =
         wait_until_paid(&server, &gateway, scheduled.scheduled as u64, &options).await?;
     server.kill_payout_workers();
+    stop_nodes.send_replace(true);
+    nodes.abort_all();
     let facts = LogFacts::read(store.as_ref()).await?;
     let checks = check(store.as_ref(), &facts, &gateway.payments(), &holders).await?;
     gateway_task.abort();
@@ -275,7 +290,9 @@ pub async fn run(options: PayoutBenchOptions) -> anyhow::Result<ExitCode> {
         gateway_latency_ms: options.gateway_latency_ms,
         concurrency: options.concurrency,
         rate_limit: options.rate_limit,
+        nodes: options.nodes,
         workers: options.workers,
+        attempts_by_node: facts.attempts_by_node.clone(),
         gateway: serde_json::json!({
             "timeout_rate": options.timeout_rate,
             "late_pay_rate": options.late_pay_rate,
@@ -314,10 +331,45 @@ pub async fn run(options: PayoutBenchOptions) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn worker_settings(options: &PayoutBenchOptions) -> WorkerSettings {
+/// Starts another node's payout workers: an engine of its own on the same
+/// log, its own pacer and concurrency.
+fn start_node(
+    tasks: &mut tokio::task::JoinSet<()>,
+    store: &Arc<dyn EventStore>,
+    provider: Arc<TimedProvider>,
+    options: &PayoutBenchOptions,
+    node: u32,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    let engine = engine::Engine::new(
+        store.clone(),
+        Arc::new(engine::SystemClock),
+        EngineSettings::default(),
+    );
+    let settings = worker_settings(options, node);
+    let count = options.workers;
+    let concurrency = settings.concurrency.div_ceil(count as usize).max(1);
+    for index in 0..count {
+        let worker = engine::payouts::PayoutWorker::new(
+            store.clone(),
+            engine.clone(),
+            provider.clone(),
+            Arc::new(engine::SystemClock),
+            WorkerSettings {
+                name: format!("{}-{index}", settings.name),
+                concurrency,
+                partition: engine::payouts::Partition { index, count },
+                ..settings.clone()
+            },
+        );
+        tasks.spawn(worker.run(stop.clone()));
+    }
+}
+
+fn worker_settings(options: &PayoutBenchOptions, node: u32) -> WorkerSettings {
     let timeout = chrono::Duration::milliseconds(options.gateway_timeout_ms as i64);
     WorkerSettings {
-        name: "bench-payout-worker".into(),
+        name: format!("bench-node{node}"),
         lease: chrono::Duration::milliseconds(options.lease_ms as i64),
         call_timeout: timeout,
         retry_pause: chrono::Duration::milliseconds(200),
@@ -557,6 +609,7 @@ struct LogFacts {
     last_success: Option<DateTime<Utc>>,
     last_credit: Option<DateTime<Utc>>,
     attempts: u64,
+    attempts_by_node: std::collections::BTreeMap<String, u64>,
     unknown_outcomes: u64,
     reconciliations: u64,
 }
@@ -577,7 +630,13 @@ impl LogFacts {
                     let payout_id = PayoutId(Uuid::parse_str(id)?);
                     let event: PayoutEvent = codec::decode(recorded)?;
                     match &event {
-                        PayoutEvent::PayoutAttempted { .. } => facts.attempts += 1,
+                        PayoutEvent::PayoutAttempted { .. } => {
+                            facts.attempts += 1;
+                            // Workers are named `bench-node{N}-{index}`.
+                            let actor = recorded.metadata.actor_id.as_deref().unwrap_or("");
+                            let node = actor.rsplit_once('-').map_or(actor, |(node, _)| node);
+                            *facts.attempts_by_node.entry(node.to_owned()).or_default() += 1;
+                        }
                         PayoutEvent::PayoutOutcomeUnknown { .. } => facts.unknown_outcomes += 1,
                         PayoutEvent::PayoutReconciled { .. } => facts.reconciliations += 1,
                         _ => {}
@@ -735,7 +794,8 @@ fn print_setup(options: &PayoutBenchOptions, database: &str) {
         options.gateway_rate_limit,
     );
     println!(
-        "node: {} payout worker(s), {} calls in flight at most, {} calls/s at most, gateway timeout {} ms, lease {} ms; projections running",
+        "{} node(s), each: {} payout worker(s), {} calls in flight at most, {} calls/s at most, gateway timeout {} ms, lease {} ms; projections running on the first",
+        options.nodes,
         options.workers,
         options.concurrency,
         options.rate_limit,
@@ -768,8 +828,8 @@ fn print_report(report: &PayoutBenchReport) {
         report.payment_call_latency.max_ms,
     );
     println!(
-        "log: {} attempts, {} unknown outcomes, {} reconciliations",
-        report.attempts, report.unknown_outcomes, report.reconciliations
+        "log: {} attempts ({:?}), {} unknown outcomes, {} reconciliations",
+        report.attempts, report.attempts_by_node, report.unknown_outcomes, report.reconciliations
     );
     if !report.completed {
         println!("NOT every payout finished within the time limit");
