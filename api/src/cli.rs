@@ -141,6 +141,10 @@ pub enum BenchCommand {
     /// Honest buyers over HTTP with and without slowloris, login, random-token
     /// and made-up-product floods from other loopback addresses.
     Attack(bench::attack::AttackOptions),
+    /// Payday: N holders paid their interest through the fake gateway with
+    /// its latency (and lies); payouts/s, peak calls in flight, and the
+    /// gateway's record checked against the ledger.
+    Payouts(bench::payouts::PayoutBenchOptions),
 }
 
 /// Runs a parsed command line.
@@ -154,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
         Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
         Command::Bench(BenchCommand::Attack(options)) => bench::attack::run(options).await,
+        Command::Bench(BenchCommand::Payouts(options)) => bench::payouts::run(options).await,
         Command::Rebuild(options) => read_models::rebuild(options).await,
         Command::Projections(ProjectionsCommand::Status(options)) => {
             read_models::status(options).await

@@ -346,6 +346,46 @@ fn rebuild_benchmark_reports_figures_and_checks_as_json() {
     assert_eq!(report["checks"]["drift_differences"], 0, "{report}");
 }
 
+/// Payday through a lying, rate-limited gateway: every holder paid once,
+/// checked against the gateway's own record.
+#[test]
+fn payout_benchmark_pays_every_holder_once_through_a_lying_gateway() {
+    let printed = run(ledger().args([
+        "bench",
+        "payouts",
+        "--holders",
+        "300",
+        "--gateway-latency-ms",
+        "5",
+        "--concurrency",
+        "16",
+        "--error-after-pay-rate",
+        "0.1",
+        "--late-pay-rate",
+        "0.05",
+        "--hang-ms",
+        "600",
+        "--gateway-timeout-ms",
+        "300",
+        "--lease-ms",
+        "1000",
+        "--gateway-rate-limit",
+        "400",
+        "--json",
+    ]));
+    let report = json(&printed);
+    assert_eq!(report["benchmark"], "payouts");
+    assert_eq!(report["completed"], true, "{report}");
+    assert_eq!(report["checks"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["payouts_succeeded"], 300, "{report}");
+    assert_eq!(report["checks"]["gateway_payments"], 300, "{report}");
+    assert!(report["unknown_outcomes"].as_u64() > Some(0), "{report}");
+    assert!(
+        report["peak_concurrent_calls"].as_u64() > Some(1),
+        "{report}"
+    );
+}
+
 #[test]
 fn http_benchmark_sells_out_over_http_and_verifies_on_both_backends() {
     let mut backends = vec![vec![]];

@@ -428,6 +428,7 @@ async fn an_unresolvable_payout_is_parked_then_retried_or_cancelled() {
         retry_pause: chrono::Duration::milliseconds(10),
         call_timeout: chrono::Duration::milliseconds(100),
         park_unknown_after: chrono::Duration::milliseconds(200),
+        ..WorkerSettings::default()
     };
     api.server
         .start_payout_workers(provider.clone(), 1, settings);
@@ -436,8 +437,28 @@ async fn an_unresolvable_payout_is_parked_then_retried_or_cancelled() {
     // forever.
     let parked = wait_for_status(&api, "parked").await;
     assert_eq!(parked.len(), HOLDERS);
-    let metrics = api.get("/metrics", &api.admin).await;
-    assert_eq!(metrics.status, StatusCode::OK);
+    let request = axum::http::Request::get("/metrics")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(api.server.router(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 22)
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains(r#"ledger_payouts{status="parked"} 3"#),
+        "payouts by status: {text}"
+    );
+    // Provider calls as a histogram with buckets, by call and outcome.
+    assert!(
+        text.contains(
+            r#"ledger_payout_provider_seconds_bucket{call="pay",outcome="unknown",le="0.005"}"#
+        ),
+        "provider latency histogram: {text}"
+    );
 
     // A customer may not act; an operator may.
     let customer = api.customer("not-an-operator", 1).await;

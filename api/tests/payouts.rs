@@ -10,7 +10,7 @@ mod support;
 use api::gateway::HttpProvider;
 use api::gateway::fake::{FakeGatewayOptions, PaymentList};
 use axum::http::StatusCode;
-use engine::payouts::WorkerSettings;
+use engine::payouts::{Pacer, WorkerSettings};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ async fn lying_gateway(seed: u64) -> Gateway {
         fail_rate: 0.0,
         hang_ms: 1_500,
         seed,
+        rate_limit: 0,
     };
     let task = api::gateway::fake::spawn(options, listener);
     Gateway { url, task }
@@ -56,6 +57,7 @@ fn settings(name: &str) -> WorkerSettings {
         // lease left than this is not used for a call.
         call_timeout: chrono::Duration::milliseconds(400),
         park_unknown_after: chrono::Duration::minutes(10),
+        ..WorkerSettings::default()
     }
 }
 
@@ -352,6 +354,83 @@ async fn workers_killed_mid_run_leave_nothing_paid_twice() {
         .start_payout_workers(provider(&gateway), 3, settings("second"));
     wait_until_all_succeeded(&api, HOLDERS).await;
     check_exactly_once(&api, &gateway, &holders, false).await;
+    gateway.task.abort();
+    api.stop().await;
+}
+
+/// A gateway that answers 429 beyond 5 calls a second, against workers
+/// allowed 32 calls in flight and no rate of their own: the 429s pause
+/// the workers and are asked again with the same key within the same
+/// claim, so every holder is paid once with one attempt each (a 429 is
+/// neither a refusal nor an attempt's outcome).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_gateway_slows_the_workers_without_spending_attempts() {
+    let mut api = TestApi::start(Kind::Sqlite, "payouts_429").await.unwrap();
+    let holders = holders(&api).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let options = FakeGatewayOptions {
+        listen: listener.local_addr().unwrap(),
+        latency_ms: 20,
+        timeout_rate: 0.0,
+        late_pay_rate: 0.0,
+        error_after_pay_rate: 0.0,
+        fail_rate: 0.0,
+        hang_ms: 0,
+        seed: 3,
+        rate_limit: 5,
+    };
+    let (task, observed) = api::gateway::fake::spawn_observed(options, listener);
+    let gateway = Gateway { url, task };
+    assert_eq!(schedule(&api, "2026-Q4").await, HOLDERS);
+    let pacer = Arc::new(Pacer::new(None));
+    let settings = WorkerSettings {
+        name: "throttled".into(),
+        // Long enough that a claim outlives the pauses 429s impose.
+        lease: chrono::Duration::seconds(60),
+        call_timeout: chrono::Duration::seconds(2),
+        concurrency: 32,
+        pacer: pacer.clone(),
+        ..WorkerSettings::default()
+    };
+    let provider = Arc::new(HttpProvider::new(&gateway.url, Duration::from_secs(2)).unwrap());
+    api.server.start_payout_workers(provider, 1, settings);
+    wait_until_all_succeeded(&api, HOLDERS).await;
+    assert!(observed.calls.throttled() > 0, "the gateway answered 429");
+    assert!(pacer.throttled() > 0, "the workers heard the 429s");
+    assert!(
+        observed.calls.peak_in_flight() > 1,
+        "calls were in flight at once"
+    );
+    let payouts = api
+        .get(&format!("/v1/payouts?product_id={PRODUCT}"), &api.admin)
+        .await;
+    for payout in payouts.body["payouts"].as_array().unwrap() {
+        assert_eq!(payout["attempts"], 1, "a 429 is not an attempt: {payout}");
+    }
+    assert_eq!(count_events(&api, "payout_outcome_unknown").await, 0);
+    let list: PaymentList = reqwest::get(format!("{}/payments", gateway.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut paid_to: HashMap<&str, (usize, i64)> = HashMap::new();
+    for payment in list.payments.iter().filter(|p| p.status == "succeeded") {
+        let entry = paid_to.entry(payment.account_id.as_str()).or_default();
+        entry.0 += 1;
+        entry.1 += payment.amount;
+    }
+    assert_eq!(paid_to.len(), HOLDERS, "every holder paid");
+    for (holder, principal) in &holders {
+        let account = holder.account_id.as_deref().unwrap();
+        let interest = principal * RATE_BPS * DAYS / 3_650_000;
+        assert_eq!(
+            paid_to[account],
+            (1, interest),
+            "holder {account} paid once"
+        );
+    }
     gateway.task.abort();
     api.stop().await;
 }

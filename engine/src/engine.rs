@@ -1,14 +1,16 @@
 //! The engine's front door: routes purchases and product commands to each
 //! product's single writer, and account commands to the account book.
 
-use crate::accounts::{AccountBook, AccountJob};
+use crate::accounts::{AccountBook, AccountJob, JobOutcome};
 use crate::clock::Clock;
 use crate::context::RequestContext;
 use crate::error::{CommandError, PurchaseError};
+use crate::payouts::PayoutIndex;
 use crate::stats::{EngineStats, StatsSnapshot};
 use crate::writer::{ProductWriter, PurchaseOrder, PurchaseReceipt, SaleSnapshot, WriterMessage};
 use domain::account::{AccountCommand, AccountState};
 use domain::ids::validate_reference;
+use domain::payout::ScheduledPayout;
 use domain::product::ProductCommand;
 use domain::{AccountId, Amount, OrderId, ProductId};
 use std::collections::{HashMap, HashSet};
@@ -104,6 +106,7 @@ struct Inner {
     listed: Mutex<HashSet<ProductId>>,
     /// Product ids found unlisted lately (bounded).
     unlisted: moka::sync::Cache<ProductId, ()>,
+    payout_index: Arc<tokio::sync::Mutex<PayoutIndex>>,
 }
 
 struct Writer {
@@ -146,6 +149,7 @@ impl Engine {
                     .max_capacity(UNKNOWN_PRODUCTS_MAX)
                     .time_to_live(UNKNOWN_PRODUCT_TTL)
                     .build(),
+                payout_index: Arc::default(),
             }),
         }
     }
@@ -177,6 +181,43 @@ impl Engine {
         self.writer(product_id);
         EngineStats::bump(&self.inner.stats.recoveries_started);
         true
+    }
+
+    /// The payouts with work left, followed from the log: one index per
+    /// engine, shared by this node's payout workers.
+    pub fn payout_index(&self) -> Arc<tokio::sync::Mutex<PayoutIndex>> {
+        self.inner.payout_index.clone()
+    }
+
+    /// Credits succeeded payouts to their holders in batched multi-stream
+    /// appends (idempotent on the payout id); one outcome per payout, in
+    /// order.
+    pub async fn credit_payouts(
+        &self,
+        payouts: &[ScheduledPayout],
+        context: &RequestContext,
+    ) -> Vec<JobOutcome> {
+        let jobs = payouts
+            .iter()
+            .map(|payout| AccountJob {
+                account_id: payout.account_id,
+                command: AccountCommand::CreditPayout {
+                    payout_id: payout.payout_id,
+                    product_id: payout.product_id.clone(),
+                    kind: payout.kind,
+                    amount: payout.amount,
+                },
+                correlation_id: None,
+                context: context.clone(),
+            })
+            .collect();
+        self.inner
+            .accounts
+            .execute_batch(jobs, self.inner.clock.now())
+            .await
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect()
     }
 
     /// Counts a payout a worker parked (for metrics).

@@ -9,26 +9,33 @@
 //! asking the provider for that key before anything else, and a claim whose
 //! worker died is expired after its lease and resolved the same way. A
 //! succeeded payout credits the holder's account (idempotent on the payout
-//! id).
+//! id). Workers (`worker`) find their work in the engine's payout index
+//! (`index`), followed from the log, and keep many calls in flight with
+//! claims and outcomes appended in batches.
 
 use crate::aggregate::{Loaded, encode_all, expected_after};
 use crate::clock::Clock;
 use crate::context::RequestContext;
-use crate::engine::Engine;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use domain::account::AccountCommand;
+use chrono::Utc;
 use domain::payout::{
     Payout, PayoutCommand, PayoutEvent, PayoutKind, PayoutState, PayoutStatus, PlannedPayout,
     ProviderFinding, ScheduledPayout, plan,
 };
 use domain::product::{PayoutRun, ProductCommand, ProductRejection, ProductSale, Sale};
 use domain::{AccountId, Amount, Currency, Decider, PayoutId, ProductId};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 use store::{EventStore, ExpectedVersion, StoreError, StreamAppend, StreamOutcome};
 use uuid::Uuid;
+
+mod index;
+mod worker;
+
+pub use index::{IndexedPayout, Partition, PayoutIndex};
+pub use worker::{
+    CLAIM_BATCH_MAX, CONCURRENCY_MAX, Pacer, PassReport, PayoutWorker, RECORD_BATCH_MAX,
+    WorkerSettings,
+};
 
 /// Namespace of payout ids derived from (product, kind, first day, holder).
 const PAYOUT_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d70_6179_6f75_7473_2121);
@@ -287,6 +294,13 @@ pub enum PaymentOutcome {
         /// What was seen.
         detail: String,
     },
+    /// The provider's rate limit (429): the payment was not taken. Not a
+    /// refusal and not an attempt's outcome: the call is made again with
+    /// the same key after the pause, while the claim still covers it.
+    Throttled {
+        /// How long the provider asked to wait (`Retry-After`), if it said.
+        retry_after: Option<Duration>,
+    },
 }
 
 /// What asking the provider about a key answered.
@@ -299,6 +313,11 @@ pub enum LookupOutcome {
         /// What was seen.
         detail: String,
     },
+    /// The provider's rate limit (429): ask again after the pause.
+    Throttled {
+        /// How long the provider asked to wait (`Retry-After`), if it said.
+        retry_after: Option<Duration>,
+    },
 }
 
 /// The payment provider port.
@@ -308,481 +327,6 @@ pub trait PaymentProvider: Send + Sync + 'static {
     async fn pay(&self, request: &PaymentRequest) -> PaymentOutcome;
     /// Asks what became of the payment with this key.
     async fn lookup(&self, idempotency_key: &str) -> LookupOutcome;
-}
-
-/// How a worker paces itself.
-#[derive(Debug, Clone)]
-pub struct WorkerSettings {
-    /// This worker's name (in the events' metadata).
-    pub name: String,
-    /// How long an attempt's claim holds before another worker may expire it.
-    pub lease: chrono::Duration,
-    /// Pause between passes when there is nothing to do.
-    pub idle_pause: Duration,
-    /// Wait before retrying a payout the provider could not settle,
-    /// doubled per attempt made (at most 64×).
-    pub retry_pause: chrono::Duration,
-    /// The longest a provider call may take (the gateway's timeout): the
-    /// provider is called only while the claim's lease still covers a whole
-    /// call from now.
-    pub call_timeout: chrono::Duration,
-    /// How long after its last claim ended an outcome may stay unknown
-    /// (the provider cannot say) before the payout is parked.
-    pub park_unknown_after: chrono::Duration,
-}
-
-impl Default for WorkerSettings {
-    fn default() -> Self {
-        WorkerSettings {
-            name: "payout-worker".into(),
-            lease: chrono::Duration::seconds(30),
-            idle_pause: Duration::from_millis(500),
-            retry_pause: chrono::Duration::seconds(1),
-            call_timeout: chrono::Duration::seconds(10),
-            park_unknown_after: chrono::Duration::hours(1),
-        }
-    }
-}
-
-/// What a pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PassReport {
-    /// Payouts looked at.
-    pub examined: usize,
-    /// Provider calls to pay.
-    pub payments_asked: usize,
-    /// Provider lookups.
-    pub lookups: usize,
-    /// Payouts recorded as succeeded.
-    pub succeeded: usize,
-    /// Payouts that are final (succeeded or failed) after the pass.
-    pub settled: usize,
-    /// Payouts still open after the pass.
-    pub open: usize,
-    /// Lost races with another worker (skipped).
-    pub conflicts: usize,
-    /// Claims whose lease no longer covered a provider call when they were
-    /// recorded: the provider was not called (the claim expires and is
-    /// reconciled).
-    pub lease_too_short: usize,
-    /// Payouts parked in this pass.
-    pub parked: usize,
-}
-
-/// A payout worker.
-pub struct PayoutWorker {
-    store: Arc<dyn EventStore>,
-    engine: Engine,
-    provider: Arc<dyn PaymentProvider>,
-    clock: Arc<dyn Clock>,
-    settings: WorkerSettings,
-    index: PayoutIndex,
-    not_before: HashMap<PayoutId, DateTime<Utc>>,
-}
-
-/// Every payout's id and whether it is final, kept up with the log.
-#[derive(Default)]
-struct PayoutIndex {
-    position: i64,
-    open: BTreeMap<PayoutId, ()>,
-    uncredited: BTreeMap<PayoutId, ()>,
-}
-
-impl PayoutIndex {
-    async fn catch_up(&mut self, store: &dyn EventStore) -> Result<(), StoreError> {
-        loop {
-            let page = store
-                .read_all(self.position, store::port::READ_LIMIT_MAX)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            self.position = last.position;
-            for recorded in &page {
-                if let Some(id) = recorded.stream_id.strip_prefix("payout-")
-                    && let Ok(uuid) = Uuid::parse_str(id)
-                {
-                    let payout_id = PayoutId(uuid);
-                    match recorded.event_type.as_str() {
-                        "payout_succeeded" => {
-                            self.open.remove(&payout_id);
-                            self.uncredited.insert(payout_id, ());
-                        }
-                        "payout_failed" | "payout_parked" | "payout_cancelled" => {
-                            self.open.remove(&payout_id);
-                        }
-                        "payout_reconciled" => {
-                            // Settled or not, the stream says; look again,
-                            // and credit it if it turned out paid.
-                            self.open.insert(payout_id, ());
-                            self.uncredited.insert(payout_id, ());
-                        }
-                        _ => {
-                            self.open.insert(payout_id, ());
-                        }
-                    }
-                } else if recorded.event_type == "payout_credited"
-                    && let Some(payout_id) = recorded
-                        .data
-                        .get("payout_id")
-                        .and_then(|v| v.as_str())
-                        .and_then(|v| Uuid::parse_str(v).ok())
-                {
-                    self.uncredited.remove(&PayoutId(payout_id));
-                }
-            }
-        }
-    }
-}
-
-impl PayoutWorker {
-    /// A worker paying through `provider`.
-    pub fn new(
-        store: Arc<dyn EventStore>,
-        engine: Engine,
-        provider: Arc<dyn PaymentProvider>,
-        clock: Arc<dyn Clock>,
-        settings: WorkerSettings,
-    ) -> PayoutWorker {
-        PayoutWorker {
-            store,
-            engine,
-            provider,
-            clock,
-            settings,
-            index: PayoutIndex::default(),
-            not_before: HashMap::new(),
-        }
-    }
-
-    fn context(&self) -> RequestContext {
-        RequestContext {
-            actor_id: Some(self.settings.name.clone()),
-            actor_role: "system".into(),
-            request_id: None,
-            command_id: Uuid::now_v7(),
-        }
-    }
-
-    /// Runs passes until `stop` turns true.
-    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        while !*stop.borrow() {
-            let pause = match self.pass().await {
-                // Progress was made: look again soon. Otherwise (waiting on
-                // leases, pauses or another worker) idle.
-                Ok(report) if report.open > 0 && report.payments_asked + report.lookups > 0 => {
-                    Duration::from_millis(50)
-                }
-                Ok(_) => self.settings.idle_pause,
-                Err(error) => {
-                    tracing::warn!(%error, worker = %self.settings.name, "payout pass failed");
-                    self.settings.idle_pause
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
-            }
-        }
-    }
-
-    /// One pass over every open payout, and every succeeded one whose
-    /// credit is missing.
-    pub async fn pass(&mut self) -> Result<PassReport, StoreError> {
-        self.index.catch_up(self.store.as_ref()).await?;
-        let mut report = PassReport::default();
-        let uncredited: Vec<PayoutId> = self.index.uncredited.keys().copied().collect();
-        for payout_id in uncredited {
-            let (state, _) = self.load(payout_id).await?;
-            match state.payout.filter(|p| p.status == PayoutStatus::Succeeded) {
-                Some(payout) => {
-                    if self.credit(&payout).await {
-                        self.index.uncredited.remove(&payout_id);
-                    }
-                }
-                // Not paid (yet): a later success puts it back.
-                None => {
-                    self.index.uncredited.remove(&payout_id);
-                }
-            }
-        }
-        let open: Vec<PayoutId> = self.index.open.keys().copied().collect();
-        for payout_id in open {
-            report.examined += 1;
-            let final_status = self.work_on(payout_id, &mut report).await?;
-            match final_status {
-                Some(PayoutStatus::Succeeded | PayoutStatus::Failed | PayoutStatus::Cancelled) => {
-                    self.index.open.remove(&payout_id);
-                    report.settled += 1;
-                }
-                // Waits for an operator; a retry puts it back in the index.
-                Some(PayoutStatus::Parked) => {
-                    self.index.open.remove(&payout_id);
-                }
-                _ => report.open += 1,
-            }
-        }
-        Ok(report)
-    }
-
-    async fn load(&self, payout_id: PayoutId) -> Result<(PayoutState, i64), StoreError> {
-        let mut loaded: Loaded<PayoutState> = Loaded::default();
-        loaded
-            .catch_up::<Payout>(self.store.as_ref(), &payout_id.stream())
-            .await?;
-        Ok((loaded.state, loaded.version))
-    }
-
-    /// Decides and appends one command; `None` when another worker moved the
-    /// payout first (or the command does not fit any more).
-    async fn step(
-        &self,
-        payout_id: PayoutId,
-        state: &PayoutState,
-        version: i64,
-        command: PayoutCommand,
-    ) -> Result<Option<()>, StoreError> {
-        let now = self.clock.now();
-        let Ok(events) = Payout::decide(state, &command, now) else {
-            return Ok(None);
-        };
-        let metadata = self.context().metadata(Some(payout_id.0), None);
-        match self
-            .store
-            .append(
-                &payout_id.stream(),
-                expected_after(version),
-                encode_all(&events, &metadata),
-            )
-            .await
-        {
-            Ok(_) => Ok(Some(())),
-            Err(StoreError::Conflict(_)) => Ok(None),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// Moves one payout as far as it can go now; returns its status after.
-    async fn work_on(
-        &mut self,
-        payout_id: PayoutId,
-        report: &mut PassReport,
-    ) -> Result<Option<PayoutStatus>, StoreError> {
-        for _ in 0..PAYOUT_STEPS_MAX {
-            let (state, version) = self.load(payout_id).await?;
-            let Some(payout) = state.payout.clone() else {
-                return Ok(None);
-            };
-            let now = self.clock.now();
-            let command = match payout.status {
-                PayoutStatus::Succeeded => {
-                    if self.credit(&payout).await {
-                        self.index.uncredited.remove(&payout_id);
-                    }
-                    return Ok(Some(PayoutStatus::Succeeded));
-                }
-                PayoutStatus::Failed | PayoutStatus::Parked | PayoutStatus::Cancelled => {
-                    return Ok(Some(payout.status));
-                }
-                PayoutStatus::InFlight => {
-                    let lease_until = payout.lease_until.expect("BUG: in flight without a lease");
-                    if now < lease_until {
-                        return Ok(Some(PayoutStatus::InFlight)); // Another worker's.
-                    }
-                    PayoutCommand::ExpireLease
-                }
-                PayoutStatus::Unknown => {
-                    if self.not_before.get(&payout_id).is_some_and(|t| now < *t) {
-                        return Ok(Some(PayoutStatus::Unknown));
-                    }
-                    // Until the last claim's lease ends, a payment may still
-                    // be landing: a lookup then could not say "no payment".
-                    if let Some(until) = payout.last_lease_until
-                        && now < until
-                    {
-                        self.not_before.insert(payout_id, until);
-                        return Ok(Some(PayoutStatus::Unknown));
-                    }
-                    let unknown_since = payout.last_lease_until.unwrap_or(now);
-                    if now >= unknown_since + self.settings.park_unknown_after {
-                        let reason = format!(
-                            "outcome unknown for more than {} s after the last claim",
-                            self.settings.park_unknown_after.num_seconds()
-                        );
-                        self.park(payout_id, &state, version, reason, report)
-                            .await?;
-                        continue;
-                    }
-                    report.lookups += 1;
-                    match self.provider.lookup(&payout.idempotency_key()).await {
-                        LookupOutcome::Found(finding) => PayoutCommand::Reconcile { finding },
-                        LookupOutcome::Unknown { detail } => {
-                            tracing::info!(%payout_id, %detail, "provider cannot tell yet");
-                            self.not_before
-                                .insert(payout_id, now + self.backoff(payout.attempts));
-                            return Ok(Some(PayoutStatus::Unknown));
-                        }
-                    }
-                }
-                PayoutStatus::Scheduled => {
-                    if payout.attempts >= payout.attempts_allowed {
-                        let reason = format!("spent {} attempts", payout.attempts);
-                        self.park(payout_id, &state, version, reason, report)
-                            .await?;
-                        continue;
-                    }
-                    if self.not_before.get(&payout_id).is_some_and(|t| now < *t) {
-                        return Ok(Some(PayoutStatus::Scheduled));
-                    }
-                    let lease_until = now + self.settings.lease;
-                    if self
-                        .step(
-                            payout_id,
-                            &state,
-                            version,
-                            PayoutCommand::Attempt { lease_until },
-                        )
-                        .await?
-                        .is_none()
-                    {
-                        report.conflicts += 1;
-                        return Ok(Some(PayoutStatus::InFlight));
-                    }
-                    // The claim is durable now; call only if its lease still
-                    // covers a whole call from here (a slow append, a paused
-                    // process). Otherwise leave the attempt to expire: a
-                    // lookup after its lease settles it, so no two calls for
-                    // one payout are ever in flight at once.
-                    let claimed_at = self.clock.now();
-                    if claimed_at + self.settings.call_timeout >= lease_until {
-                        tracing::warn!(%payout_id, %lease_until, %claimed_at,
-                            "claim recorded too late to cover a provider call; leaving it to expire");
-                        report.lease_too_short += 1;
-                        return Ok(Some(PayoutStatus::InFlight));
-                    }
-                    report.payments_asked += 1;
-                    let attempt = payout.attempts + 1;
-                    let outcome = self.provider.pay(&payment(&payout)).await;
-                    let command = match outcome {
-                        PaymentOutcome::Paid { payment_id } => PayoutCommand::RecordSucceeded {
-                            attempt,
-                            provider_ref: payment_id,
-                        },
-                        PaymentOutcome::Refused { reason } => {
-                            PayoutCommand::RecordFailed { attempt, reason }
-                        }
-                        PaymentOutcome::Unknown { detail } => {
-                            PayoutCommand::RecordUnknown { attempt, detail }
-                        }
-                    };
-                    let (state, version) = self.load(payout_id).await?;
-                    if self
-                        .step(payout_id, &state, version, command)
-                        .await?
-                        .is_none()
-                    {
-                        // Our lease ran out and another worker expired the
-                        // claim: what we heard is for a lookup to confirm.
-                        // Never go round again here after calling the
-                        // provider.
-                        tracing::warn!(%payout_id, attempt, "outcome arrived after the claim was expired");
-                        report.conflicts += 1;
-                        return Ok(state.payout.map(|p| p.status));
-                    }
-                    if let Some(PayoutStatus::Succeeded) =
-                        self.load(payout_id).await?.0.payout.map(|p| p.status)
-                    {
-                        report.succeeded += 1;
-                    }
-                    continue;
-                }
-            };
-            let (state, version) = self.load(payout_id).await?;
-            if self
-                .step(payout_id, &state, version, command)
-                .await?
-                .is_none()
-            {
-                report.conflicts += 1;
-                continue;
-            }
-            match self.load(payout_id).await?.0.payout.map(|p| p.status) {
-                Some(PayoutStatus::Succeeded) => report.succeeded += 1,
-                Some(PayoutStatus::Scheduled) => {
-                    // The provider had no payment under the key: try again
-                    // after a pause, with the same key.
-                    self.not_before
-                        .insert(payout_id, now + self.backoff(payout.attempts));
-                }
-                _ => {}
-            }
-        }
-        Ok(self.load(payout_id).await?.0.payout.map(|p| p.status))
-    }
-
-    /// Parks a payout (it waits for an operator); logged once, by the
-    /// worker whose append parks it.
-    async fn park(
-        &self,
-        payout_id: PayoutId,
-        state: &PayoutState,
-        version: i64,
-        reason: String,
-        report: &mut PassReport,
-    ) -> Result<(), StoreError> {
-        let command = PayoutCommand::Park {
-            reason: reason.clone(),
-        };
-        if self
-            .step(payout_id, state, version, command)
-            .await?
-            .is_some()
-        {
-            report.parked += 1;
-            self.engine.note_payout_parked();
-            tracing::error!(%payout_id, %reason, "payout parked; an operator must retry or cancel it");
-        } else {
-            report.conflicts += 1;
-        }
-        Ok(())
-    }
-
-    /// The pause before retrying a payout after `attempts` attempts:
-    /// `retry_pause` doubled per attempt, at most 64 times as long.
-    fn backoff(&self, attempts: u32) -> chrono::Duration {
-        self.settings.retry_pause * (1i32 << attempts.min(6))
-    }
-
-    /// Credits a succeeded payout to its holder (idempotent); false if the
-    /// credit could not be made now.
-    async fn credit(&self, payout: &ScheduledPayout) -> bool {
-        let command = AccountCommand::CreditPayout {
-            payout_id: payout.payout_id,
-            product_id: payout.product_id.clone(),
-            kind: payout.kind,
-            amount: payout.amount,
-        };
-        match self
-            .engine
-            .account_command(payout.account_id, command, self.context())
-            .await
-        {
-            Ok(_) => true,
-            Err(error) => {
-                tracing::warn!(payout_id = %payout.payout_id, %error, "payout credit failed; retried next pass");
-                false
-            }
-        }
-    }
-}
-
-fn payment(payout: &ScheduledPayout) -> PaymentRequest {
-    PaymentRequest {
-        idempotency_key: payout.idempotency_key(),
-        account_id: payout.account_id,
-        amount: payout.amount,
-        currency: payout.currency,
-    }
 }
 
 /// Why an operator's action on a payout was refused.
@@ -850,6 +394,11 @@ pub async fn cancel_parked(
         LookupOutcome::Found(finding) => finding,
         LookupOutcome::Unknown { detail } => {
             return Err(PayoutActionError::ProviderUnavailable(detail));
+        }
+        LookupOutcome::Throttled { .. } => {
+            return Err(PayoutActionError::ProviderUnavailable(
+                "the provider's rate limit was reached (429)".into(),
+            ));
         }
     };
     act_on_parked(

@@ -17,7 +17,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,9 +52,13 @@ pub struct FakeGatewayOptions {
     /// Seed of the fault generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Calls (payments and lookups) answered per second at most; beyond
+    /// it, 429 with `Retry-After: 1` and nothing paid (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit: u32,
 }
 
-fn rate(text: &str) -> Result<f64, String> {
+pub(crate) fn rate(text: &str) -> Result<f64, String> {
     let value: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number"))?;
@@ -95,6 +101,72 @@ struct Book {
 struct Gateway {
     book: Arc<Mutex<Book>>,
     options: FakeGatewayOptions,
+    calls: Arc<CallStats>,
+    limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+}
+
+/// What the gateway saw of its callers, for benchmarks.
+#[derive(Debug, Default)]
+pub struct CallStats {
+    in_flight: AtomicU64,
+    peak: AtomicU64,
+    calls: AtomicU64,
+    throttled: AtomicU64,
+    paid: AtomicU64,
+}
+
+impl CallStats {
+    /// The most calls (payments and lookups) in progress at once so far.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Calls received so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Payments made so far (succeeded, whatever was answered).
+    pub fn paid(&self) -> u64 {
+        self.paid.load(Ordering::Relaxed)
+    }
+
+    /// Calls answered 429 so far.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    fn enter(self: &Arc<CallStats>) -> InFlight {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// One call in progress; counted out when dropped (also when the caller
+/// hangs up mid-call).
+struct InFlight(Arc<CallStats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The gateway's record and call counts, read in-process (benchmarks).
+#[derive(Clone)]
+pub struct GatewayHandle {
+    book: Arc<Mutex<Book>>,
+    /// What the gateway saw of its callers.
+    pub calls: Arc<CallStats>,
+}
+
+impl GatewayHandle {
+    /// Every payment made or refused so far, in order.
+    pub fn payments(&self) -> Vec<Payment> {
+        self.book.lock().expect("BUG: poisoned").payments.clone()
+    }
 }
 
 enum Fault {
@@ -106,6 +178,16 @@ enum Fault {
 }
 
 impl Gateway {
+    /// A 429 when the caller is over the rate limit.
+    fn over_rate(&self) -> Option<Response> {
+        let limiter = self.limiter.as_ref()?;
+        if limiter.check().is_ok() {
+            return None;
+        }
+        self.calls.throttled.fetch_add(1, Ordering::Relaxed);
+        Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response())
+    }
+
     fn fault(&self) -> Fault {
         let roll: f64 = self.book.lock().expect("BUG: poisoned").random.random();
         let o = &self.options;
@@ -123,6 +205,9 @@ impl Gateway {
     }
 
     fn record(&self, body: &PaymentBody, status: &str) -> String {
+        if status == "succeeded" {
+            self.calls.paid.fetch_add(1, Ordering::Relaxed);
+        }
         let mut book = self.book.lock().expect("BUG: poisoned");
         let payment_id = format!("pay-{}", book.payments.len() + 1);
         book.payments.push(Payment {
@@ -138,7 +223,11 @@ impl Gateway {
 }
 
 async fn pay(State(gateway): State<Gateway>, Json(body): Json<PaymentBody>) -> Response {
+    let _in_flight = gateway.calls.enter();
     tokio::time::sleep(Duration::from_millis(gateway.options.latency_ms)).await;
+    if let Some(throttled) = gateway.over_rate() {
+        return throttled;
+    }
     if body.amount <= 0 || body.idempotency_key.is_empty() {
         let answer = PaymentAnswer {
             status: "failed".into(),
@@ -183,7 +272,11 @@ async fn pay(State(gateway): State<Gateway>, Json(body): Json<PaymentBody>) -> R
 }
 
 async fn lookup(State(gateway): State<Gateway>, Path(key): Path<String>) -> Response {
+    let _in_flight = gateway.calls.enter();
     tokio::time::sleep(Duration::from_millis(gateway.options.latency_ms)).await;
+    if let Some(throttled) = gateway.over_rate() {
+        return throttled;
+    }
     let book = gateway.book.lock().expect("BUG: poisoned");
     let with_key: Vec<&Payment> = book
         .payments
@@ -217,17 +310,34 @@ async fn list(State(gateway): State<Gateway>) -> Json<PaymentList> {
 
 /// The gateway's routes.
 pub fn router(options: FakeGatewayOptions) -> Router {
+    observed_router(options).0
+}
+
+/// The gateway's routes and a handle on its record and call counts.
+pub fn observed_router(options: FakeGatewayOptions) -> (Router, GatewayHandle) {
+    let limiter = NonZeroU32::new(options.rate_limit).map(|rate| {
+        Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+            rate,
+        )))
+    });
     let gateway = Gateway {
         book: Arc::new(Mutex::new(Book {
             payments: Vec::new(),
             random: StdRng::seed_from_u64(options.seed),
         })),
         options,
+        calls: Arc::new(CallStats::default()),
+        limiter,
     };
-    Router::new()
+    let handle = GatewayHandle {
+        book: gateway.book.clone(),
+        calls: gateway.calls.clone(),
+    };
+    let router = Router::new()
         .route("/payments", post(pay).get(list))
         .route("/payments/{key}", get(lookup))
-        .with_state(gateway)
+        .with_state(gateway);
+    (router, handle)
 }
 
 /// Starts the gateway on a bound listener in this process (tests).
@@ -235,8 +345,19 @@ pub fn spawn(
     options: FakeGatewayOptions,
     listener: tokio::net::TcpListener,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let app = router(options);
-    tokio::spawn(async move { axum::serve(listener, app).await })
+    spawn_observed(options, listener).0
+}
+
+/// Starts the gateway in this process, with a handle on its record.
+pub fn spawn_observed(
+    options: FakeGatewayOptions,
+    listener: tokio::net::TcpListener,
+) -> (tokio::task::JoinHandle<std::io::Result<()>>, GatewayHandle) {
+    let (app, handle) = observed_router(options);
+    (
+        tokio::spawn(async move { axum::serve(listener, app).await }),
+        handle,
+    )
 }
 
 /// Runs `ledger fake-gateway` until Ctrl-C or SIGTERM.
@@ -245,12 +366,13 @@ pub async fn run(options: FakeGatewayOptions) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr()?;
     let stop = crate::read_models::shutdown_signal();
     println!(
-        "fake gateway on http://{address} (timeouts {}, late payments {}, 5xx after paying {}, refusals {}, latency {} ms, seed {}); it does not de-duplicate",
+        "fake gateway on http://{address} (timeouts {}, late payments {}, 5xx after paying {}, refusals {}, latency {} ms, rate limit {}/s, seed {}); it does not de-duplicate",
         options.timeout_rate,
         options.late_pay_rate,
         options.error_after_pay_rate,
         options.fail_rate,
         options.latency_ms,
+        options.rate_limit,
         options.seed
     );
     axum::serve(listener, router(options))

@@ -11,7 +11,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use domain::ProductId;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use projections::query;
 use std::sync::OnceLock;
 
@@ -23,6 +23,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("ledger_payout_provider_seconds".into()),
+                crate::gateway::PROVIDER_SECONDS_BUCKETS,
+            )
+            .expect("BUG: static, non-empty buckets")
             .install_recorder()
             .expect("BUG: another metrics recorder was installed")
     })

@@ -70,9 +70,20 @@ pub struct ServeOptions {
     /// expire it (a worker that died mid-call).
     #[arg(long, env = "LEDGER_PAYOUT_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub payout_lease: Duration,
-    /// Payout workers this node runs when a gateway is set.
+    /// Payout workers this node runs when a gateway is set; they split the
+    /// payouts between them by id and share the node's concurrency and rate.
     #[arg(long, env = "LEDGER_PAYOUT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub payout_workers: u32,
+    /// Calls to the gateway (payments and lookups) this node may have in
+    /// flight at once, across its payout workers. Size it as the gateway's
+    /// rate limit times its latency (Little's law), plus a margin.
+    #[arg(long, env = "LEDGER_PAYOUT_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=engine::payouts::CONCURRENCY_MAX as i64))]
+    pub payout_concurrency: u32,
+    /// Calls to the gateway this node makes per second at most (0: no limit
+    /// but the gateway's own 429s, which pause every call of the node).
+    /// With several nodes, give each its share of the gateway's limit.
+    #[arg(long, env = "LEDGER_PAYOUT_RATE_LIMIT", default_value_t = 1_000)]
+    pub payout_rate_limit: u32,
     /// How long a payout's outcome may stay unknown (the gateway cannot
     /// say) after its last claim ended before it is parked for an operator.
     #[arg(long, env = "LEDGER_PAYOUT_PARK_UNKNOWN_AFTER", default_value = "1h", value_parser = parse_duration)]
@@ -365,14 +376,21 @@ impl Server {
         })
     }
 
-    /// Starts `count` payout workers paying through `provider`.
+    /// Starts `count` payout workers paying through `provider`: each takes
+    /// its partition of the payouts and its share of `settings.concurrency`
+    /// (the node's), and all share `settings.pacer`. Calls are metered
+    /// (`crate::gateway::MeteredProvider`).
     pub fn start_payout_workers(
         &mut self,
         provider: Arc<dyn engine::payouts::PaymentProvider>,
         count: u32,
         settings: engine::payouts::WorkerSettings,
     ) {
+        let provider: Arc<dyn engine::payouts::PaymentProvider> =
+            Arc::new(crate::gateway::MeteredProvider::new(provider));
         self.state.provider = Some(provider.clone());
+        let count = count.max(1);
+        let concurrency = settings.concurrency.div_ceil(count as usize).max(1);
         for index in 0..count {
             let worker = engine::payouts::PayoutWorker::new(
                 self.state.store.clone(),
@@ -381,6 +399,8 @@ impl Server {
                 Arc::new(SystemClock),
                 engine::payouts::WorkerSettings {
                     name: format!("{}-{index}", settings.name),
+                    concurrency,
+                    partition: engine::payouts::Partition { index, count },
                     ..settings.clone()
                 },
             );
@@ -575,10 +595,16 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
                 lease: chrono::Duration::from_std(options.payout_lease)?,
                 call_timeout: chrono::Duration::from_std(options.gateway_timeout)?,
                 park_unknown_after: chrono::Duration::from_std(options.payout_park_unknown_after)?,
+                concurrency: options.payout_concurrency as usize,
+                pacer: Arc::new(engine::payouts::Pacer::new(NonZeroU32::new(
+                    options.payout_rate_limit,
+                ))),
                 ..Default::default()
             };
             server.start_payout_workers(Arc::new(provider), options.payout_workers, settings);
-            tracing::info!(gateway = %url, workers = options.payout_workers, "paying out through the gateway");
+            tracing::info!(gateway = %url, workers = options.payout_workers,
+                concurrency = options.payout_concurrency, rate_limit = options.payout_rate_limit,
+                "paying out through the gateway");
         }
         None => tracing::warn!("no --gateway-url: payouts stay scheduled"),
     }
