@@ -735,3 +735,26 @@ fn a_cancel_needs_the_provider_to_show_no_payment_after_the_last_claim() {
         Err(PayoutRejection::WrongStatus(PayoutStatus::Scheduled))
     );
 }
+
+#[test]
+fn every_payout_status_is_named_as_it_serializes() {
+    let names: Vec<&str> = PayoutStatus::ALL.iter().map(|s| s.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "scheduled",
+            "in_flight",
+            "unknown",
+            "succeeded",
+            "failed",
+            "parked",
+            "cancelled"
+        ]
+    );
+    for status in PayoutStatus::ALL {
+        assert_eq!(
+            serde_json::to_value(status).unwrap(),
+            serde_json::Value::from(status.name())
+        );
+    }
+}
