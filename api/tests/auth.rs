@@ -277,3 +277,150 @@ async fn idempotency_keys_run_once_replay_and_refuse_reuse() {
         idempotency_keys(&AccessDb::open(&backend).await.unwrap()).await;
     }
 }
+
+/// Writers of idempotency keys on one PostgreSQL database, as several nodes
+/// run them.
+const KEY_WRITERS: usize = 4;
+/// Rounds of overlapping batches.
+const KEY_ROUNDS: usize = 40;
+/// Keys every writer claims in a round (and answers in the next).
+const KEYS_PER_ROUND: usize = 120;
+
+fn round_keys(round: usize) -> Vec<(String, String)> {
+    (0..KEYS_PER_ROUND)
+        .map(|i| (format!("user-{}", i % 7), format!("round-{round}-key-{i}")))
+        .collect()
+}
+
+/// One writer's batch for a round: claims of this round's keys and answers
+/// of the last round's, shuffled in an order of its own.
+fn writer_batch(writer: usize, round: usize) -> Vec<KeyOp> {
+    use rand::SeedableRng as _;
+    use rand::seq::SliceRandom as _;
+    let mut ops: Vec<KeyOp> = round_keys(round)
+        .into_iter()
+        .map(|(user_id, key)| KeyOp::Begin {
+            user_id,
+            key,
+            request_hash: "hash".into(),
+            now_ms: 1_000,
+            lock_ms: 3_600_000,
+        })
+        .collect();
+    if round > 0 {
+        ops.extend(
+            round_keys(round - 1)
+                .into_iter()
+                .map(|(user_id, key)| KeyOp::Complete {
+                    user_id,
+                    key,
+                    status: 201,
+                    body: format!("writer-{writer}"),
+                }),
+        );
+    }
+    let seed = (writer * 1_000 + round) as u64;
+    ops.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    ops
+}
+
+/// Several pools write overlapping batches of the same keys in different
+/// orders at once (the storm of issue 19 that PostgreSQL answered with
+/// "deadlock detected" and the API with 500). No batch may fail, every key
+/// is claimed by exactly one writer, answered once, and replays that one
+/// answer to every writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_key_batches_from_several_pools_neither_deadlock_nor_fail() {
+    let Some(database) = TestPostgres::create(
+        "overlapping_key_batches_from_several_pools_neither_deadlock_nor_fail",
+    )
+    .await
+    else {
+        return;
+    };
+    let backend = Backend::Postgres(database.url.clone());
+    store::migrate(&backend).await.unwrap();
+    let mut writers = Vec::new();
+    for _ in 0..KEY_WRITERS {
+        writers.push(AccessDb::open(&backend).await.unwrap());
+    }
+    for round in 0..=KEY_ROUNDS {
+        let batches = writers.iter().enumerate().map(|(writer, db)| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let ops = if round < KEY_ROUNDS {
+                    writer_batch(writer, round)
+                } else {
+                    // The last answers only.
+                    writer_batch(writer, round)
+                        .into_iter()
+                        .filter(|op| matches!(op, KeyOp::Complete { .. }))
+                        .collect()
+                };
+                let results = db.apply_key_ops(&ops).await;
+                (ops, results)
+            })
+        });
+        let mut runs = std::collections::HashMap::new();
+        for batch in futures::future::join_all(batches).await {
+            let (ops, results) = batch.unwrap();
+            let results = results.unwrap_or_else(|error| {
+                panic!("round {round}: a key batch failed (would be a 5xx): {error}")
+            });
+            assert_eq!(results.len(), ops.len());
+            for (op, result) in ops.iter().zip(results) {
+                match (op, result) {
+                    (KeyOp::Begin { key, .. }, Begun::Run) => {
+                        *runs.entry(key.clone()).or_insert(0) += 1
+                    }
+                    (KeyOp::Begin { .. }, Begun::InFlight)
+                    | (KeyOp::Complete { .. }, Begun::Run) => {}
+                    (op, result) => panic!("round {round}: {op:?} answered {result:?}"),
+                }
+            }
+        }
+        if round < KEY_ROUNDS {
+            for (_, key) in round_keys(round) {
+                assert_eq!(
+                    runs.get(&key),
+                    Some(&1),
+                    "round {round}: {key} claimed once"
+                );
+            }
+        }
+    }
+    // Every key holds one answer, and every writer replays that same one.
+    let keys: Vec<(String, String)> = (0..KEY_ROUNDS).flat_map(round_keys).collect();
+    let replays: Vec<KeyOp> = keys
+        .iter()
+        .map(|(user_id, key)| KeyOp::Begin {
+            user_id: user_id.clone(),
+            key: key.clone(),
+            request_hash: "hash".into(),
+            now_ms: 2_000,
+            lock_ms: 1_000,
+        })
+        .collect();
+    let mut first: Option<Vec<Begun>> = None;
+    for db in &writers {
+        let answers = db.apply_key_ops(&replays).await.unwrap();
+        for ((_, key), answer) in keys.iter().zip(&answers) {
+            let Begun::Replay { status: 201, body } = answer else {
+                panic!("{key} has no answer: {answer:?}");
+            };
+            assert!(body.starts_with("writer-"), "{key}: {body}");
+        }
+        match &first {
+            None => first = Some(answers),
+            Some(first) => assert_eq!(first, &answers, "writers replay different answers"),
+        }
+    }
+    let AccessDb::Postgres(pool) = &writers[0] else {
+        unreachable!("a PostgreSQL backend");
+    };
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM idempotency_keys")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, keys.len() as i64, "one row per key");
+}

@@ -67,7 +67,7 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        if is_unavailable(&error) {
+        if is_unavailable(&error) || is_transient_conflict(&error) {
             StoreError::Unavailable(error)
         } else {
             StoreError::Database(error)
@@ -88,6 +88,18 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => is_busy(db.code().as_deref()),
         _ => false,
     }
+}
+
+/// True when PostgreSQL aborted the transaction to break a conflict with
+/// another one: a deadlock (SQLSTATE 40P01) or a serialization failure
+/// (40001). Nothing is wrong with the statement; the whole transaction is
+/// worth running again (bounded, with jitter), and if
+/// the retries run out the answer is a 503 (busy), never a 500.
+pub fn is_transient_conflict(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001"))
+    )
 }
 
 /// SQLite busy/locked (with their extended codes), PostgreSQL shutdown,

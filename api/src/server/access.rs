@@ -102,6 +102,13 @@ const SESSIONS_ENDED: &str = "SELECT token_hash FROM sessions \
 const KEY_PURGE: &str = "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
      (SELECT user_id, idempotency_key FROM idempotency_keys \
       WHERE created_at_ms <= $1 AND (status IS NOT NULL OR locked_until_ms <= $2) LIMIT $3)";
+/// The purge on PostgreSQL, where several nodes purge while key batches
+/// run: it skips rows another transaction holds, so it never waits for a
+/// row lock and cannot take part in a deadlock.
+const KEY_PURGE_POSTGRES: &str = "DELETE FROM idempotency_keys WHERE (user_id, idempotency_key) IN \
+     (SELECT user_id, idempotency_key FROM idempotency_keys \
+      WHERE created_at_ms <= $1 AND (status IS NOT NULL OR locked_until_ms <= $2) LIMIT $3 \
+      FOR UPDATE SKIP LOCKED)";
 const KEY_INSERT: &str = "INSERT INTO idempotency_keys \
      (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING";
@@ -316,7 +323,11 @@ impl AccessDb {
         limit: i64,
     ) -> Result<u64, sqlx::Error> {
         let _gate = self.write_gate().await;
-        Ok(on_pool!(self, |pool| sqlx::query(KEY_PURGE)
+        let purge = match self {
+            AccessDb::Sqlite(..) => KEY_PURGE,
+            AccessDb::Postgres(_) => KEY_PURGE_POSTGRES,
+        };
+        Ok(on_pool!(self, |pool| sqlx::query(purge)
             .bind(created_before_ms)
             .bind(now_ms)
             .bind(limit)
@@ -404,52 +415,95 @@ impl AccessDb {
     /// races another request's answer sees it. New claims, answers and
     /// releases are one set-based statement each; a claim that meets an
     /// existing key (a retry) is then looked at on its own.
+    ///
+    /// Several nodes (or pools) write overlapping keys at once, so every
+    /// batch takes its row locks in one global order, by `(user_id, key)`
+    /// in byte order (`COLLATE "C"` in the SQL): on PostgreSQL it first
+    /// locks the existing rows it touches with `SELECT ... ORDER BY ... FOR
+    /// UPDATE`, then inserts new keys from a sorted, de-duplicated input,
+    /// and looks at retries in the same order. A deadlock or serialization
+    /// failure that still happens (a row committed by another node between
+    /// those steps) rolls the transaction back and runs it again, at most
+    /// `KEY_BATCH_TRIES` times with jittered backoff; after that the error
+    /// is returned (and answered 503, see `store::error::is_transient_conflict`).
     pub async fn apply_key_ops(&self, ops: &[KeyOp]) -> Result<Vec<Begun>, sqlx::Error> {
+        let mut attempt = 1;
+        loop {
+            match self.try_apply_key_ops(ops).await {
+                Err(error)
+                    if store::error::is_transient_conflict(&error) && attempt < KEY_BATCH_TRIES =>
+                {
+                    metrics::counter!("ledger_idempotency_batch_retries_total").increment(1);
+                    tracing::debug!(%error, attempt, "idempotency key batch conflicted; retrying");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_apply_key_ops(&self, ops: &[KeyOp]) -> Result<Vec<Begun>, sqlx::Error> {
         let _gate = match self {
             AccessDb::Sqlite(_, gate) => Some(gate.clone().lock_owned().await),
             AccessDb::Postgres(_) => None,
         };
+        // Indices of the operations in lock order; stable, so operations
+        // on one key keep their arrival order.
+        let mut order: Vec<usize> = (0..ops.len()).collect();
+        order.sort_by(|&a, &b| ops[a].key().cmp(&ops[b].key()));
         let mut tx = match self {
             AccessDb::Sqlite(pool, _) => KeyTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             AccessDb::Postgres(pool) => KeyTx::Postgres(pool.begin().await?),
         };
-        let mut results = vec![Begun::Run; ops.len()];
-        let completes: Vec<&KeyOp> = ops
+        let mut touched: Vec<(&str, &str)> = order.iter().map(|&i| ops[i].key()).collect();
+        touched.dedup();
+        tx.lock_existing(&touched).await?;
+        // The first answer of each key wins (an answer only fills a key
+        // that has none).
+        let mut answered = std::collections::HashSet::new();
+        let completes: Vec<&KeyOp> = order
             .iter()
-            .filter(|op| matches!(op, KeyOp::Complete { .. }))
+            .map(|&i| &ops[i])
+            .filter(|op| matches!(op, KeyOp::Complete { .. }) && answered.insert(op.key()))
             .collect();
         tx.complete_all(&completes).await?;
-        let abandons: Vec<&KeyOp> = ops
+        let abandons: Vec<&KeyOp> = order
             .iter()
+            .map(|&i| &ops[i])
             .filter(|op| matches!(op, KeyOp::Abandon { .. }))
             .collect();
         tx.abandon_all(&abandons).await?;
         // The first claim of each key in the batch goes into the bulk insert;
         // a second claim of the same key waits for the slow path.
-        let mut first_claims = Vec::new();
+        let mut first_claims = std::collections::HashSet::new();
         let mut seen = std::collections::HashSet::new();
-        for (index, op) in ops.iter().enumerate() {
-            if let KeyOp::Begin { user_id, key, .. } = op
-                && seen.insert((user_id.as_str(), key.as_str()))
+        for &index in &order {
+            if let KeyOp::Begin { .. } = &ops[index]
+                && seen.insert(ops[index].key())
             {
-                first_claims.push(index);
+                first_claims.insert(index);
             }
         }
-        let claims: Vec<&KeyOp> = first_claims.iter().map(|&i| &ops[i]).collect();
+        let claims: Vec<&KeyOp> = order
+            .iter()
+            .filter(|i| first_claims.contains(i))
+            .map(|&i| &ops[i])
+            .collect();
         let inserted = tx.insert_all(&claims).await?;
-        for (index, op) in ops.iter().enumerate() {
+        let mut results = vec![Begun::Run; ops.len()];
+        for &index in &order {
             let KeyOp::Begin {
                 user_id,
                 key,
                 request_hash,
                 now_ms,
                 lock_ms,
-            } = op
+            } = &ops[index]
             else {
                 continue;
             };
-            let first = first_claims.binary_search(&index).is_ok();
-            if first && inserted.contains(&(user_id.clone(), key.clone())) {
+            if first_claims.contains(&index) && inserted.contains(&(user_id.clone(), key.clone())) {
                 continue; // Run
             }
             results[index] = tx
@@ -462,6 +516,18 @@ impl AccessDb {
         }
         Ok(results)
     }
+}
+
+/// Tries of a batch of key operations that meets deadlocks or
+/// serialization failures (the first included).
+pub const KEY_BATCH_TRIES: u32 = 5;
+
+/// The pause after failed try `attempt` (from 1): exponential from about
+/// 2 ms, with jitter so the transactions that collided do not collide
+/// again in step.
+fn conflict_backoff(attempt: u32) -> Duration {
+    let ceiling_us = 2_000u64 << attempt.min(6);
+    Duration::from_micros(rand::random_range(ceiling_us / 4..=ceiling_us))
 }
 
 /// One change to the idempotency keys.
@@ -498,6 +564,17 @@ pub enum KeyOp {
         /// The key.
         key: String,
     },
+}
+
+impl KeyOp {
+    /// The key it is about: `(user_id, key)`, the order batches lock in.
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            KeyOp::Begin { user_id, key, .. }
+            | KeyOp::Complete { user_id, key, .. }
+            | KeyOp::Abandon { user_id, key } => (user_id, key),
+        }
+    }
 }
 
 /// A transaction over the API's tables.
@@ -555,14 +632,24 @@ impl Columns {
 const KEY_INSERT_ALL_SQLITE: &str = "INSERT INTO idempotency_keys \
      (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 \
-     FROM json_each($1) WHERE true \
+     FROM json_each($1) WHERE true ORDER BY key \
      ON CONFLICT (user_id, idempotency_key) DO NOTHING \
      RETURNING user_id, idempotency_key";
 const KEY_INSERT_ALL_POSTGRES: &str = "INSERT INTO idempotency_keys \
      (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) \
+          AS claim (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
+     ORDER BY claim.user_id COLLATE \"C\", claim.idempotency_key COLLATE \"C\" \
      ON CONFLICT (user_id, idempotency_key) DO NOTHING \
      RETURNING user_id, idempotency_key";
+/// Locks the existing rows of a batch's keys in the global order (the
+/// `LockRows` step runs above the sort, so rows are locked as sorted).
+const KEY_LOCK_ALL_POSTGRES: &str = "SELECT 1 FROM idempotency_keys \
+     WHERE (user_id, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+     ORDER BY user_id COLLATE \"C\", idempotency_key COLLATE \"C\" FOR UPDATE";
+// The answers come sorted and de-duplicated; on PostgreSQL their rows are
+// already locked (`KEY_LOCK_ALL_POSTGRES`), on SQLite the write gate
+// serializes, so the join order of these updates cannot deadlock.
 const KEY_COMPLETE_ALL_SQLITE: &str = "UPDATE idempotency_keys \
      SET status = answer.status, response_body = answer.body \
      FROM (SELECT value ->> 0 AS user_id, value ->> 1 AS idempotency_key, \
@@ -579,6 +666,24 @@ const KEY_COMPLETE_ALL_POSTGRES: &str = "UPDATE idempotency_keys \
        AND idempotency_keys.status IS NULL";
 
 impl KeyTx {
+    /// On PostgreSQL, locks the existing rows of these keys (sorted,
+    /// distinct) in that order; SQLite's write gate already serializes.
+    async fn lock_existing(&mut self, keys: &[(&str, &str)]) -> Result<(), sqlx::Error> {
+        let KeyTx::Postgres(tx) = self else {
+            return Ok(());
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (user_ids, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        sqlx::query(KEY_LOCK_ALL_POSTGRES)
+            .bind(&user_ids)
+            .bind(&keys)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Inserts every claim whose key is new; returns the keys inserted.
     async fn insert_all(
         &mut self,

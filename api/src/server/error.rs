@@ -123,10 +123,11 @@ impl ApiError {
         }
     }
 
-    /// A database error: unavailable when the database cannot be reached,
-    /// internal otherwise.
+    /// A database error: unavailable when the database cannot be reached
+    /// or a transaction lost a deadlock or serialization conflict (after
+    /// its retries), internal otherwise.
     pub fn database(error: sqlx::Error) -> ApiError {
-        if store::error::is_unavailable(&error) {
+        if store::error::is_unavailable(&error) || store::error::is_transient_conflict(&error) {
             tracing::warn!(error = %error, "database unavailable");
             ApiError::Unavailable("the database".into())
         } else {

@@ -14,7 +14,9 @@ pub const KEY_QUEUE_MAX: usize = 16_384;
 /// Why a key operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
-    /// The database could not be reached (answered 503).
+    /// The database could not be reached, or the batch kept losing
+    /// deadlocks or serialization conflicts after its retries (answered
+    /// 503 with `Retry-After`).
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
     /// Anything else (answered 500).
@@ -24,7 +26,7 @@ pub enum KeyError {
 
 impl From<&sqlx::Error> for KeyError {
     fn from(error: &sqlx::Error) -> KeyError {
-        if store::error::is_unavailable(error) {
+        if store::error::is_unavailable(error) || store::error::is_transient_conflict(error) {
             KeyError::Unavailable(error.to_string())
         } else {
             KeyError::Failed(error.to_string())
