@@ -684,12 +684,10 @@ fn evolve_scheduled(payout: &mut ScheduledPayout, event: &PayoutEvent) {
             payout.attempts_allowed = payout.attempts + PAYOUT_ATTEMPTS_MAX;
             // Back to work by way of a lookup: the provider is asked about
             // the key before any new attempt, even if the last lookup said
-            // "no such payment" (a late payment may have landed since).
-            payout.status = if payout.attempts > 0 {
-                PayoutStatus::Unknown
-            } else {
-                PayoutStatus::Scheduled
-            };
+            // "no such payment" (a late payment may have landed since). A
+            // parked payout has always made an attempt: it is parked with
+            // its attempts spent, or with an attempt's outcome unknown.
+            payout.status = PayoutStatus::Unknown;
             payout.parked_unresolved = false;
         }
         PayoutEvent::PayoutCancelled { .. } => {

@@ -758,3 +758,43 @@ fn every_payout_status_is_named_as_it_serializes() {
         );
     }
 }
+
+#[test]
+fn a_cancel_is_allowed_from_the_instant_the_last_claim_ends() {
+    let mut events = exhausted();
+    events.push(PayoutEvent::PayoutParked {
+        reason: "spent".into(),
+        unresolved: false,
+    });
+    let last_lease = i64::from(PAYOUT_ATTEMPTS_MAX) * 10;
+    let cancel = PayoutCommand::Cancel {
+        finding: ProviderFinding::NotFound,
+    };
+    assert_eq!(
+        decide(&events, cancel, last_lease),
+        Ok(vec![PayoutEvent::PayoutCancelled {
+            finding: ProviderFinding::NotFound
+        }])
+    );
+}
+
+#[test]
+fn a_payout_is_scheduled_only_for_an_amount_within_bounds() {
+    let schedule = |minor: i64| PayoutCommand::Schedule {
+        payout_id: PayoutId(Uuid::from_u128(9)),
+        product_id: product_id(),
+        account_id: holder(1),
+        period: "q".into(),
+        kind: PayoutKind::Interest,
+        amount: amount(minor),
+        currency: Currency::CNY,
+    };
+    let decide = |command| Payout::decide(&PayoutState::default(), &command, at(0));
+    assert_eq!(decide(schedule(0)), Err(PayoutRejection::NonPositiveAmount));
+    assert_eq!(
+        decide(schedule(Amount::LIMIT.minor() + 1)),
+        Err(PayoutRejection::NonPositiveAmount)
+    );
+    assert_eq!(decide(schedule(Amount::LIMIT.minor())).unwrap().len(), 1);
+    assert_eq!(decide(schedule(1)).unwrap().len(), 1);
+}

@@ -914,8 +914,7 @@ impl Fold for PayoutsFold {
                 "parked"
             }
             // Back to work through a lookup of its key (see the decider).
-            PayoutEvent::PayoutRetried {} if row.attempts > 0 => "unknown",
-            PayoutEvent::PayoutRetried {} => "scheduled",
+            PayoutEvent::PayoutRetried {} => "unknown",
             PayoutEvent::PayoutCancelled { .. } => "cancelled",
         };
         row.status = status.to_owned();
