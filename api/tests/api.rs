@@ -1159,7 +1159,7 @@ on_both_backends!(
 /// Public progress reads are answered from the progress feed's last read
 /// (no database query), yet reflect every event the sale-progress
 /// projection has committed when the request arrives; an unknown product is
-/// 404 from memory too.
+/// 404 from memory too; when the feed stops, the database answers.
 async fn progress_reads_come_from_memory_and_reflect_purchases(api: &TestApi) {
     let feed = &api.server.state.feed;
     api.open_product("watched", 10_000, 100, 5_000).await;
@@ -1262,4 +1262,25 @@ async fn progress_reads_come_from_memory_and_reflect_purchases(api: &TestApi) {
     }
     let (memory, _) = feed.served_counts();
     assert!(memory > 0, "progress reads were never served from memory");
+
+    // The feed stops reading: once its last read is over a second old, the
+    // answers come from the database, with the same figures.
+    feed.stop();
+    loop {
+        let (_, database) = feed.served_counts();
+        let again = api.get("/v1/products/watched/progress", &carol.token).await;
+        assert_eq!(again.body, one.body, "{again:?}");
+        let unknown = api
+            .get("/v1/products/nobody-sells-this/progress", &carol.token)
+            .await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{unknown:?}");
+        if feed.served_counts().1 == database + 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stopped feed kept answering"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -229,8 +229,8 @@ impl ProgressFeed {
     /// The last read, when it reflects everything the sale-progress
     /// projection has committed now and is younger than [`STALE_AFTER`];
     /// when the projection has moved since, the next read (woken now, shared
-    /// by every request waiting) if it comes within [`WAIT_MAX`]. `None`:
-    /// query the database.
+    /// by every request waiting) if it comes within [`WAIT_MAX`]. `None`
+    /// (the task is stuck, stopped or slow): query the database.
     pub async fn served(&self) -> Option<Arc<Served>> {
         let wanted = self.statuses.position(Projection::SaleProgress);
         let usable = |served: &Option<Arc<Served>>| {
@@ -241,6 +241,14 @@ impl ProgressFeed {
         let current = self.served.borrow().clone();
         if usable(&current) {
             return current;
+        }
+        if current
+            .as_ref()
+            .is_some_and(|s| s.at.elapsed() > STALE_AFTER)
+        {
+            // The task has not read for a second: it is stuck or stopped, so
+            // waiting for it would only delay the answer.
+            return None;
         }
         self.wake.notify_one();
         let mut served = self.served.clone();
