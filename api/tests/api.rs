@@ -1149,3 +1149,138 @@ on_both_backends!(
     hostile_input_on_postgres,
     hostile_input_on_every_route_with_every_role
 );
+
+on_both_backends!(
+    progress_reads_come_from_memory_and_reflect_purchases_on_sqlite,
+    progress_reads_come_from_memory_and_reflect_purchases_on_postgres,
+    progress_reads_come_from_memory_and_reflect_purchases
+);
+
+/// Public progress reads are answered from the progress feed's last read
+/// (no database query), yet reflect every event the sale-progress
+/// projection has committed when the request arrives; an unknown product is
+/// 404 from memory too; when the feed stops, the database answers.
+async fn progress_reads_come_from_memory_and_reflect_purchases(api: &TestApi) {
+    let feed = &api.server.state.feed;
+    api.open_product("watched", 10_000, 100, 5_000).await;
+    let carol = api.customer("carol", 10_000).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+
+    // Before any purchase: the opened product is listed with all of its
+    // quota available (waiting with a deadline for the projection).
+    loop {
+        let reply = api.get("/v1/products/watched/progress", &carol.token).await;
+        if reply.status == StatusCode::OK && reply.body["status"] == "open" {
+            assert_eq!(reply.body["available"], 10_000, "{reply:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the opened product never showed: {reply:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let bought = api.buy(&carol, "watched", 1_500, "watched-1").await;
+    assert_eq!(bought.status, StatusCode::CREATED, "{bought:?}");
+
+    // The purchase shows within the deadline, in both routes.
+    loop {
+        let one = api.get("/v1/products/watched/progress", &carol.token).await;
+        assert_eq!(one.status, StatusCode::OK, "{one:?}");
+        if one.body["confirmed"] == 1_500 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the purchase never showed: {one:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Once the projection has applied the purchase, the very next read
+    // reflects it: an answer from memory is never older than what the
+    // projection had committed when the request arrived.
+    let second = api.buy(&carol, "watched", 2_000, "watched-2").await;
+    assert_eq!(second.status, StatusCode::CREATED, "{second:?}");
+    api.settle().await;
+    let one = api.get("/v1/products/watched/progress", &carol.token).await;
+    assert_eq!(one.status, StatusCode::OK, "{one:?}");
+    let fields: BTreeSet<&str> = one
+        .body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "product_id",
+            "quota",
+            "confirmed",
+            "reserved",
+            "available",
+            "status",
+            "orders",
+            "position"
+        ])
+    );
+    assert_eq!(
+        (
+            &one.body["confirmed"],
+            &one.body["reserved"],
+            &one.body["available"],
+            &one.body["orders"]
+        ),
+        (&json!(3_500), &json!(0), &json!(6_500), &json!(2)),
+        "{one:?}"
+    );
+    let all = api.get("/v1/progress", &carol.token).await;
+    assert_eq!(all.status, StatusCode::OK, "{all:?}");
+    assert_eq!(all.body["products"], json!([one.body]), "{all:?}");
+
+    // An unknown product is 404; at least one such answer within the
+    // deadline comes from memory (a database query only when the feed was
+    // late, which a loaded machine may cause).
+    loop {
+        let (memory, database) = feed.served_counts();
+        let unknown = api
+            .get("/v1/products/nobody-sells-this/progress", &carol.token)
+            .await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{unknown:?}");
+        assert_eq!(unknown.code(), "not_found", "{unknown:?}");
+        let (memory_after, database_after) = feed.served_counts();
+        if memory_after == memory + 1 && database_after == database {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no unknown-product answer came from memory"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (memory, _) = feed.served_counts();
+    assert!(memory > 0, "progress reads were never served from memory");
+
+    // The feed stops reading: once its last read is over a second old, the
+    // answers come from the database, with the same figures.
+    feed.stop();
+    loop {
+        let (_, database) = feed.served_counts();
+        let again = api.get("/v1/products/watched/progress", &carol.token).await;
+        assert_eq!(again.body, one.body, "{again:?}");
+        let unknown = api
+            .get("/v1/products/nobody-sells-this/progress", &carol.token)
+            .await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{unknown:?}");
+        if feed.served_counts().1 == database + 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stopped feed kept answering"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -226,6 +226,12 @@ impl Statuses {
             .collect()
     }
 
+    /// A projection's checkpoint as last observed (read from the database
+    /// after each of its commits, so the read model holds at least this).
+    pub fn position(&self, projection: Projection) -> i64 {
+        self.of(projection).position.load(Ordering::Acquire)
+    }
+
     /// The largest lag of any projection.
     pub fn lag_max(&self) -> i64 {
         self.report().iter().map(|r| r.lag).max().unwrap_or(0)
@@ -392,7 +398,7 @@ impl RunnerTask {
             if let Ok(Some(checkpoint)) = self.db.checkpoint(projection).await {
                 status
                     .position
-                    .store(checkpoint.position, Ordering::Relaxed);
+                    .store(checkpoint.position, Ordering::Release);
             }
             if let Some(head) = head {
                 status.head.store(head, Ordering::Relaxed);

@@ -6,6 +6,7 @@ use super::error::ApiError;
 use super::guard::ClientAddress;
 use super::model::{HealthResponse, PathText, ProgressListResponse, ProgressResponse};
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::sse::{KeepAlive, Sse};
@@ -121,16 +122,34 @@ pub async fn openapi() -> Response {
     response
 }
 
-/// `GET /v1/progress`: every product's sale progress.
+/// `GET /v1/progress`: every product's sale progress, from the progress
+/// feed's last read when it is fresh enough (see `feed`), else from the
+/// database.
 #[utoipa::path(get, path = "/v1/progress", tag = "sales",
     responses((status = 200, body = ProgressListResponse)))]
-pub async fn all_progress(
-    State(state): State<AppState>,
-) -> Result<Json<ProgressListResponse>, ApiError> {
+pub async fn all_progress(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if let Some(served) = state.feed.served().await {
+        state.feed.count_served(true);
+        return Ok(json_bytes(served.list.clone()));
+    }
+    state.feed.count_served(false);
     let products = query::all_progress(&state.db).await?;
     Ok(Json(ProgressListResponse {
         products: products.into_iter().map(ProgressResponse::from).collect(),
-    }))
+    })
+    .into_response())
+}
+
+/// A body already serialized as JSON.
+fn json_bytes(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /v1/progress/stream`: server-sent events of progress objects.
@@ -161,11 +180,22 @@ pub const STREAM_RETRY_AFTER_SECONDS: u64 = 5;
 pub async fn progress(
     State(state): State<AppState>,
     PathText(product_id): PathText,
-) -> Result<Json<ProgressResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let product_id = parse_product_id(&product_id)?;
+    if let Some(served) = state.feed.served().await {
+        if let Some(body) = served.by_product.get(product_id.as_str()) {
+            state.feed.count_served(true);
+            return Ok(json_bytes(body.clone()));
+        }
+        if served.complete {
+            state.feed.count_served(true);
+            return Err(ApiError::NotFound);
+        }
+    }
+    state.feed.count_served(false);
     query::progress(&state.db, product_id.as_str())
         .await?
-        .map(|p| Json(ProgressResponse::from(p)))
+        .map(|p| Json(ProgressResponse::from(p)).into_response())
         .ok_or(ApiError::NotFound)
 }
 
