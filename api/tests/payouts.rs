@@ -219,9 +219,20 @@ async fn check_exactly_once(
             owed,
             "the gateway paid holder {account} exactly what is owed"
         );
-        let balance = api
-            .get(&format!("/v1/accounts/{account}"), &holder.token)
-            .await;
+        // A payout is credited after its success is recorded (in the
+        // worker's next batch): wait for the credit, with a deadline. A
+        // credit twice would pass `owed` and never come back to it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let balance = loop {
+            api.settle().await;
+            let balance = api
+                .get(&format!("/v1/accounts/{account}"), &holder.token)
+                .await;
+            if balance.body["total_paid_out"] == owed || std::time::Instant::now() >= deadline {
+                break balance;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(balance.body["total_paid_out"], owed, "{balance:?}");
         let ledger = api
             .get(
