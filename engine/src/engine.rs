@@ -314,17 +314,6 @@ impl Engine {
             .insert(product_id.clone());
     }
 
-    /// Starts the writer of a listed product unless it runs (recovery work
-    /// such as expiring its pending reservations then happens in it);
-    /// false when the product is not listed.
-    pub async fn wake(&self, product_id: &ProductId) -> Result<bool, StoreError> {
-        if !self.is_listed(product_id).await? {
-            return Ok(false);
-        }
-        let _inbox = self.writer(product_id);
-        Ok(true)
-    }
-
     /// Queues a purchase for its product's writer at once, or sheds it; a
     /// writer that stopped for idleness meanwhile is replaced, once.
     fn try_send(

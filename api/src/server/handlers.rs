@@ -95,8 +95,20 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("ledger_engine_product_conflicts").set(engine.product_conflicts as f64);
     metrics::gauge!("ledger_engine_payouts_parked").set(engine.payouts_parked as f64);
     metrics::gauge!("ledger_engine_recoveries_started").set(engine.recoveries_started as f64);
-    // Payouts by status, from the read model (a fixed set of labels).
-    if let Ok(counts) = projections::query::payout_status_counts(&state.db).await {
+    // Payouts by status, from the read model (a fixed set of labels). The
+    // route is public: the count is read at most once a second, however
+    // often it is scraped.
+    static PAYOUTS_COUNTED: std::sync::Mutex<Option<std::time::Instant>> =
+        std::sync::Mutex::new(None);
+    let due = {
+        let mut last = PAYOUTS_COUNTED.lock().expect("BUG: poisoned");
+        let due = last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    };
+    if due && let Ok(counts) = projections::query::payout_status_counts(&state.db).await {
         for status in domain::payout::PayoutStatus::ALL {
             let count = counts.get(status.name()).copied().unwrap_or(0);
             metrics::gauge!("ledger_payouts", "status" => status.name()).set(count as f64);
