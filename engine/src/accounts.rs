@@ -160,7 +160,12 @@ impl AccountBook {
                 break;
             }
             let mut appends = Vec::new();
-            let mut tentative: BTreeMap<AccountId, Vec<(usize, JobOutcome)>> = BTreeMap::new();
+            // The states decided on, out of the cache until their append
+            // commits (see `decide_account`).
+            let mut tentative: BTreeMap<
+                AccountId,
+                (Loaded<AccountState>, Vec<(usize, JobOutcome)>),
+            > = BTreeMap::new();
             for account_id in undecided {
                 let guard = guards.get_mut(&account_id).expect("BUG: locked above");
                 let indexes = &by_account[&account_id];
@@ -174,13 +179,12 @@ impl AccountBook {
                             outcomes[index] = Some((outcome, None));
                         }
                     }
-                    Ok(Decided::Append(append, results)) => {
+                    Ok(Decided::Append(append, loaded, results)) => {
                         appends.push(append);
-                        tentative.insert(account_id, results);
+                        tentative.insert(account_id, (loaded, results));
                     }
                     Err(error) => {
                         last_error = error.to_string();
-                        guard.loaded = None;
                     }
                 }
             }
@@ -189,38 +193,33 @@ impl AccountBook {
             }
             match self.store.append_batch(appends).await {
                 Ok(results) => {
-                    for ((account_id, results), outcome) in tentative.into_iter().zip(results) {
-                        let guard = guards.get_mut(&account_id).expect("BUG: locked above");
+                    for ((account_id, (mut loaded, results)), outcome) in
+                        tentative.into_iter().zip(results)
+                    {
                         match outcome {
                             StreamOutcome::Appended(appended) => {
-                                let loaded = guard
-                                    .loaded
-                                    .as_mut()
-                                    .expect("BUG: decided on a loaded account");
                                 loaded.version = appended.last_version;
+                                let guard = guards.get_mut(&account_id).expect("BUG: locked above");
+                                guard.loaded = Some(loaded);
                                 for (index, outcome) in results {
                                     outcomes[index] = Some((outcome, Some(appended.clone())));
                                 }
                             }
-                            // Another process wrote this account: reload and decide again.
+                            // Another process wrote this account: its cache
+                            // stays empty, so it is reloaded and decided again.
                             StreamOutcome::Conflict(_) => {
                                 EngineStats::bump(&self.stats.account_conflicts);
-                                guard.loaded = None;
                             }
                         }
                     }
                 }
                 Err(error) => {
-                    // The outcome is unknown: reload every account written and
-                    // decide again; the account decider is idempotent per order.
+                    // The outcome is unknown: every account written has an
+                    // empty cache (its decided state is dropped here), so it
+                    // is reloaded and decided again; the account decider is
+                    // idempotent per order.
                     last_error = error.to_string();
                     EngineStats::bump(&self.stats.append_failures);
-                    for account_id in tentative.keys() {
-                        guards
-                            .get_mut(account_id)
-                            .expect("BUG: locked above")
-                            .loaded = None;
-                    }
                     if !error.is_transient() {
                         tracing::warn!(%error, "account batch append failed");
                     }
@@ -235,8 +234,15 @@ impl AccountBook {
             .collect()
     }
 
-    /// Decides one account's jobs in order against its cached state, evolving
-    /// it in place (a failed append reloads it).
+    /// Decides one account's jobs in order against its cached state.
+    ///
+    /// The state is taken out of the cache while it is decided on and
+    /// handed back with the append: the caller puts it back only once the
+    /// append committed. Dropped anywhere in between (a failed append, a
+    /// conflict, or the caller's future cancelled, as a client that hangs
+    /// up or an aborted worker does), the cache is left empty and the
+    /// account is reloaded from the log, so a decision that never reached
+    /// the log can never be taken for one that did.
     async fn decide_account(
         &self,
         guard: &mut AccountEntry,
@@ -247,7 +253,16 @@ impl AccountBook {
         refreshed: &mut HashSet<AccountId>,
     ) -> Result<Decided, StoreError> {
         let stream = account_id.stream();
-        let loaded = guard.ensure_loaded(self.store.as_ref(), account_id).await?;
+        let mut loaded = match guard.loaded.take() {
+            Some(loaded) => loaded,
+            None => {
+                let mut fresh = Loaded::default();
+                fresh
+                    .catch_up::<CustomerAccount>(self.store.as_ref(), &stream)
+                    .await?;
+                fresh
+            }
+        };
         let version_before = loaded.version;
         let mut results = Vec::with_capacity(indexes.len());
         let mut new_events = Vec::new();
@@ -274,17 +289,20 @@ impl AccountBook {
         // process): look at the store once before making it final.
         if rejected && refreshed.insert(account_id) {
             if !new_events.is_empty() {
-                guard.loaded = None;
+                // Decided on: dropped, reloaded next round.
                 return Ok(Decided::Retry);
             }
-            if loaded
+            let moved = loaded
                 .catch_up::<CustomerAccount>(self.store.as_ref(), &stream)
-                .await?
-            {
+                .await?;
+            guard.loaded = Some(loaded);
+            if moved {
                 return Ok(Decided::Retry);
             }
+            return Ok(Decided::Final(results));
         }
         if new_events.is_empty() {
+            guard.loaded = Some(loaded);
             return Ok(Decided::Final(results));
         }
         let append = StreamAppend {
@@ -292,7 +310,7 @@ impl AccountBook {
             expected: expected_after(version_before),
             events: new_events,
         };
-        Ok(Decided::Append(append, results))
+        Ok(Decided::Append(append, loaded, results))
     }
 }
 
@@ -301,6 +319,7 @@ enum Decided {
     Retry,
     /// Nothing to write: these outcomes are final.
     Final(Vec<(usize, JobOutcome)>),
-    /// Write this; the outcomes hold if it is appended.
-    Append(StreamAppend, Vec<(usize, JobOutcome)>),
+    /// Write this; the state (decided on, out of the cache) and the
+    /// outcomes hold if it is appended.
+    Append(StreamAppend, Loaded<AccountState>, Vec<(usize, JobOutcome)>),
 }

@@ -319,8 +319,17 @@ pub async fn schedule_payouts(
         days: request.days,
         context,
     };
-    let report = engine::payouts::schedule(state.store.as_ref(), &request)
+    // Run to the end even if the caller hangs up: a run planned in the
+    // product stream is then scheduled whole, not left half-created.
+    let scheduling = tokio::spawn({
+        let (store, request) = (state.store.clone(), request.clone());
+        async move { engine::payouts::schedule(store.as_ref(), &request).await }
+    });
+    let report = scheduling
         .await
+        .map_err(|error| {
+            ApiError::Internal(anyhow::anyhow!("payout scheduling task failed: {error}"))
+        })?
         .map_err(|error| match error {
             ScheduleError::Invalid(why) => ApiError::InvalidRequest(why),
             ScheduleError::UnknownProduct => ApiError::NotFound,
