@@ -5,6 +5,7 @@ use crate::accounts::{AccountBook, AccountJob, JobOutcome};
 use crate::clock::Clock;
 use crate::context::RequestContext;
 use crate::error::{CommandError, PurchaseError};
+use crate::ownership::{ClusterSettings, Ownership};
 use crate::payouts::PayoutIndex;
 use crate::stats::{EngineStats, StatsSnapshot};
 use crate::writer::{ProductWriter, PurchaseOrder, PurchaseReceipt, SaleSnapshot, WriterMessage};
@@ -15,6 +16,7 @@ use domain::product::ProductCommand;
 use domain::{AccountId, Amount, OrderId, ProductId};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use store::lease::NodeAddress;
 use store::{Appended, EventStore, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -107,6 +109,8 @@ struct Inner {
     /// Product ids found unlisted lately (bounded).
     unlisted: moka::sync::Cache<ProductId, ()>,
     payout_index: Arc<tokio::sync::Mutex<PayoutIndex>>,
+    /// Which products this node owns, and who owns the others.
+    ownership: Arc<Ownership>,
 }
 
 struct Writer {
@@ -129,12 +133,27 @@ impl Drop for Inner {
 
 impl Engine {
     /// An engine over a store; writers start on first use of a product.
+    /// It owns every product (a node alone; other processes on the same log
+    /// are fenced by the stream's expected version).
     pub fn new(
         store: Arc<dyn EventStore>,
         clock: Arc<dyn Clock>,
         settings: EngineSettings,
     ) -> Engine {
+        Engine::with_cluster(store, clock, settings, ClusterSettings::sole_node())
+    }
+
+    /// An engine that runs a product's writer only while it holds the
+    /// product's lease in `cluster`; for products another node owns,
+    /// purchases and commands answer `NotOwner` with that node.
+    pub fn with_cluster(
+        store: Arc<dyn EventStore>,
+        clock: Arc<dyn Clock>,
+        settings: EngineSettings,
+        cluster: ClusterSettings,
+    ) -> Engine {
         let stats = Arc::new(EngineStats::default());
+        let ownership = Arc::new(Ownership::new(cluster, stats.clone()));
         let accounts = Arc::new(AccountBook::new(store.clone(), stats.clone()));
         Engine {
             inner: Arc::new(Inner {
@@ -150,8 +169,26 @@ impl Engine {
                     .time_to_live(UNKNOWN_PRODUCT_TTL)
                     .build(),
                 payout_index: Arc::default(),
+                ownership,
             }),
         }
+    }
+
+    /// This node, as product leases name it.
+    pub fn node(&self) -> &NodeAddress {
+        &self.inner.ownership.cluster.node
+    }
+
+    /// The node owning a product when it is another node whose lease was
+    /// live when last read (from memory, no database round trip).
+    pub fn owner_elsewhere(&self, product_id: &ProductId) -> Option<NodeAddress> {
+        self.inner.ownership.owner_elsewhere(product_id)
+    }
+
+    /// Forgets which node owns a product (it could not be reached): the next
+    /// request claims the lease or reads its holder again.
+    pub fn forget_owner(&self, product_id: &ProductId) {
+        self.inner.ownership.forget(product_id)
     }
 
     /// What the engine has done so far.
@@ -178,7 +215,9 @@ impl Engine {
                 return false;
             }
         }
-        self.writer(product_id);
+        if self.writer(product_id).is_err() {
+            return false; // Another node owns it and recovers it.
+        }
         EngineStats::bump(&self.inner.stats.recoveries_started);
         true
     }
@@ -248,10 +287,15 @@ impl Engine {
         }
     }
 
-    fn writer(&self, product_id: &ProductId) -> mpsc::Sender<WriterMessage> {
+    /// The inbox of the product's writer, started if needed; the owner
+    /// when another node holds the product's lease (as last seen).
+    fn writer(&self, product_id: &ProductId) -> Result<mpsc::Sender<WriterMessage>, NodeAddress> {
         let mut writers = self.inner.writers.lock().expect("BUG: writers poisoned");
         if let Some(writer) = writers.get(product_id).filter(|w| !w.inbox.is_closed()) {
-            return writer.inbox.clone();
+            return Ok(writer.inbox.clone());
+        }
+        if let Some(owner) = self.inner.ownership.owner_elsewhere(product_id) {
+            return Err(owner);
         }
         // Writers that stopped for idleness are forgotten here, so the map
         // holds at most the products in use.
@@ -264,6 +308,7 @@ impl Engine {
             self.inner.clock.clone(),
             self.inner.settings.clone(),
             self.inner.stats.clone(),
+            self.inner.ownership.clone(),
         );
         let task = tokio::spawn(writer.run(receiver)).abort_handle();
         writers.insert(
@@ -273,7 +318,7 @@ impl Engine {
                 task,
             },
         );
-        inbox
+        Ok(inbox)
     }
 
     /// Whether a product is listed: known here, or found in the log (one
@@ -321,10 +366,15 @@ impl Engine {
         product_id: &ProductId,
         message: WriterMessage,
     ) -> Result<(), PurchaseError> {
-        let sent = match self.writer(product_id).try_send(message) {
-            Err(mpsc::error::TrySendError::Closed(message)) => {
-                self.writer(product_id).try_send(message)
-            }
+        let sent = match self
+            .writer(product_id)
+            .map_err(PurchaseError::NotOwner)?
+            .try_send(message)
+        {
+            Err(mpsc::error::TrySendError::Closed(message)) => self
+                .writer(product_id)
+                .map_err(PurchaseError::NotOwner)?
+                .try_send(message),
             other => other,
         };
         sent.map_err(|error| match error {
@@ -342,10 +392,12 @@ impl Engine {
         product_id: &ProductId,
         message: WriterMessage,
     ) -> Result<(), CommandError> {
-        match self.writer(product_id).send(message).await {
+        let writer = self.writer(product_id).map_err(CommandError::NotOwner)?;
+        match writer.send(message).await {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(message)) => self
                 .writer(product_id)
+                .map_err(CommandError::NotOwner)?
                 .send(message)
                 .await
                 .map_err(|_| CommandError::ShuttingDown),
@@ -437,7 +489,7 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         self.send(product_id, WriterMessage::Snapshot(reply))
             .await?;
-        answer.await.map_err(|_| CommandError::ShuttingDown)
+        answer.await.map_err(|_| CommandError::ShuttingDown)?
     }
 
     /// Opens an account, deposits, withdraws...; `None` when already satisfied.

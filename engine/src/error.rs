@@ -53,6 +53,9 @@ pub enum PurchaseError {
     /// complete; retrying with the same key is safe.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// Another node owns the product's writer: ask it (the API forwards).
+    #[error("the product is owned by node {}", .0.node_id)]
+    NotOwner(store::lease::NodeAddress),
 }
 
 /// Why an administrative command (list, open, close, deposit...) failed.
@@ -76,6 +79,9 @@ pub enum CommandError {
     /// The event store cannot be reached; try again.
     #[error("the event store is unavailable")]
     Unavailable,
+    /// Another node owns the product's writer: ask it (the API forwards).
+    #[error("the product is owned by node {}", .0.node_id)]
+    NotOwner(store::lease::NodeAddress),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

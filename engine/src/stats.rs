@@ -26,6 +26,13 @@ pub struct EngineStats {
     /// Products whose writer the recovery sweep started (expired
     /// reservations or refunds owed, with no traffic to start it).
     pub recoveries_started: AtomicU64,
+    /// Product leases this node was granted (a writer starting, or taking
+    /// over a lapsed lease).
+    pub leases_claimed: AtomicU64,
+    /// Claims that found the product's lease held by another node.
+    pub owner_found_elsewhere: AtomicU64,
+    /// Writers that stopped because another node took their lease.
+    pub leases_lost: AtomicU64,
 }
 
 /// A plain copy of the counters.
@@ -51,6 +58,12 @@ pub struct StatsSnapshot {
     pub payouts_parked: u64,
     /// See [`EngineStats::recoveries_started`].
     pub recoveries_started: u64,
+    /// See [`EngineStats::leases_claimed`].
+    pub leases_claimed: u64,
+    /// See [`EngineStats::owner_found_elsewhere`].
+    pub owner_found_elsewhere: u64,
+    /// See [`EngineStats::leases_lost`].
+    pub leases_lost: u64,
 }
 
 impl EngineStats {
@@ -73,6 +86,9 @@ impl EngineStats {
             refunds: read(&self.refunds),
             payouts_parked: read(&self.payouts_parked),
             recoveries_started: read(&self.recoveries_started),
+            leases_claimed: read(&self.leases_claimed),
+            owner_found_elsewhere: read(&self.owner_found_elsewhere),
+            leases_lost: read(&self.leases_lost),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::aggregate::{Loaded, encode_all, expected_after};
 use crate::clock::Clock;
 use crate::context::RequestContext;
 use crate::error::{CommandError, PurchaseError};
+use crate::ownership::{HeldLease, Owned, Ownership, Renewal};
 use crate::stats::EngineStats;
 use domain::account::{AccountCommand, AccountRejection};
 use domain::product::{
@@ -26,6 +27,7 @@ use domain::{AccountId, Amount, Decider, OrderId, ProductId};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use store::lease::NodeAddress;
 use store::{Appended, EventStore, NewEvent, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -86,7 +88,7 @@ pub(crate) enum WriterMessage {
         RequestContext,
         oneshot::Sender<Result<Option<Appended>, CommandError>>,
     ),
-    Snapshot(oneshot::Sender<Option<SaleSnapshot>>),
+    Snapshot(oneshot::Sender<Result<Option<SaleSnapshot>, CommandError>>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +120,27 @@ pub(crate) struct ProductWriter {
     to_debit: Vec<OrderId>,
     to_settle: Vec<(OrderId, Settlement)>,
     to_refund: Vec<OrderId>,
+    ownership: Arc<Ownership>,
+    /// The product's lease while this writer holds it, and its renewals.
+    lease: Option<(Arc<HeldLease>, Renewal)>,
+}
+
+/// Why a writer's loop ended.
+enum Ended {
+    /// Every sender is gone, or it stopped for idleness.
+    Done,
+    /// Another node holds the product's lease.
+    NotOwner(NodeAddress),
+}
+
+/// Whether a writer may decide.
+enum LeaseCheck {
+    /// It holds a live lease.
+    Live,
+    /// Another node holds the lease.
+    Lost(NodeAddress),
+    /// The lease could not be read; nothing is decided this turn.
+    Unknown,
 }
 
 impl ProductWriter {
@@ -128,6 +151,7 @@ impl ProductWriter {
         clock: Arc<dyn Clock>,
         settings: EngineSettings,
         stats: Arc<EngineStats>,
+        ownership: Arc<Ownership>,
     ) -> ProductWriter {
         ProductWriter {
             stream: product_id.stream(),
@@ -145,6 +169,8 @@ impl ProductWriter {
             to_debit: Vec::new(),
             to_settle: Vec::new(),
             to_refund: Vec::new(),
+            ownership,
+            lease: None,
         }
     }
 
@@ -153,6 +179,76 @@ impl ProductWriter {
     /// answers what was already queued, and ends; the engine starts a new
     /// writer for the next command).
     pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<WriterMessage>) {
+        match self.serve(&mut inbox).await {
+            Ended::Done => {
+                if let Some((lease, renewal)) = self.lease.take() {
+                    drop(renewal);
+                    self.ownership.release(&self.product_id, &lease).await;
+                }
+            }
+            Ended::NotOwner(owner) => {
+                // Nothing more is decided here: queued callers and those
+                // waiting for pending orders ask the owner (their orders'
+                // ids make that safe), which resumes what was left.
+                inbox.close();
+                let mut messages = Vec::new();
+                while let Ok(message) = inbox.try_recv() {
+                    messages.push(message);
+                }
+                refuse_all(messages, &owner);
+                for (_, replies) in self.waiters.drain() {
+                    for reply in replies {
+                        let _ = reply.send(Err(PurchaseError::NotOwner(owner.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the writer's lease before a turn: claims it when it has none
+    /// or it lapsed; a lease granted anew (a new epoch) means another node
+    /// may have written meanwhile, so the product is reloaded first.
+    async fn check_lease(&mut self) -> LeaseCheck {
+        if self
+            .lease
+            .as_ref()
+            .is_some_and(|(lease, _)| lease.is_live())
+        {
+            return LeaseCheck::Live;
+        }
+        let previous = self.lease.take().map(|(lease, _)| lease.epoch());
+        match self.ownership.claim(&self.product_id).await {
+            Ok(Owned::Here(lease)) => {
+                if previous.is_some_and(|epoch| epoch != lease.epoch()) {
+                    self.stale = true;
+                }
+                let renewal = self.ownership.keep(&self.product_id, &lease);
+                self.lease = Some((lease, renewal));
+                LeaseCheck::Live
+            }
+            Ok(Owned::Elsewhere(owner)) => {
+                if previous.is_some() {
+                    EngineStats::bump(&self.stats.leases_lost);
+                    tracing::warn!(product = %self.product_id, owner = %owner.node_id, "lease taken by another node; writer stopping");
+                }
+                LeaseCheck::Lost(owner)
+            }
+            Err(error) => {
+                tracing::warn!(product = %self.product_id, %error, "could not claim the product's lease");
+                LeaseCheck::Unknown
+            }
+        }
+    }
+
+    /// Whether the writer's lease is live now (checked again right before
+    /// each append: a process stopped mid-turn wakes up to a lapsed lease).
+    fn lease_live(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|(lease, _)| lease.is_live())
+    }
+
+    async fn serve(&mut self, inbox: &mut mpsc::Receiver<WriterMessage>) -> Ended {
         let mut sweep = tokio::time::interval(self.settings.sweep_period);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_work = tokio::time::Instant::now();
@@ -166,7 +262,7 @@ impl ProductWriter {
                     biased;
                     message = inbox.recv() => match message {
                         Some(message) => messages.push(message),
-                        None => return,
+                        None => return Ended::Done,
                     },
                     _ = sweep.tick() => self.sweep_expired(),
                     () = tokio::time::sleep_until(stop_at), if may_stop => {
@@ -186,7 +282,17 @@ impl ProductWriter {
                     Err(_) => break,
                 }
             }
-            self.turn(messages).await;
+            match self.check_lease().await {
+                LeaseCheck::Live => self.turn(messages).await,
+                LeaseCheck::Lost(owner) => {
+                    refuse_all(messages, &owner);
+                    return Ended::NotOwner(owner);
+                }
+                LeaseCheck::Unknown => {
+                    fail_all(messages, "the product's lease could not be read");
+                    tokio::time::sleep(STORE_RETRY_PAUSE).await;
+                }
+            }
         }
     }
 
@@ -235,7 +341,7 @@ impl ProductWriter {
                     let _ = reply.send(self.execute(command, context).await);
                 }
                 WriterMessage::Snapshot(reply) => {
-                    let _ = reply.send(self.snapshot());
+                    let _ = reply.send(Ok(self.snapshot()));
                 }
             }
         }
@@ -395,6 +501,13 @@ impl ProductWriter {
                     }
                 }
             }
+            if !self.lease_live() {
+                // Decided, but not by a live owner: nothing is appended, and
+                // the next turn claims the lease again (and reloads).
+                self.to_settle = settlements;
+                self.stale = true;
+                break;
+            }
             if !events.is_empty() {
                 match self
                     .store
@@ -437,10 +550,13 @@ impl ProductWriter {
             self.answer_waiters();
             return;
         }
+        let why = if self.lease_live() {
+            "the product stream kept conflicting"
+        } else {
+            "this node's lease on the product lapsed"
+        };
         for (_, reply) in purchases {
-            let _ = reply.send(Err(PurchaseError::Unavailable(
-                "the product stream kept conflicting".into(),
-            )));
+            let _ = reply.send(Err(PurchaseError::Unavailable(why.into())));
         }
     }
 
@@ -794,6 +910,10 @@ impl ProductWriter {
             if events.is_empty() {
                 return Ok(None);
             }
+            if !self.lease_live() {
+                self.stale = true;
+                return Err(CommandError::Unavailable);
+            }
             let encoded = encode_all(&events, &context.metadata(None, None));
             match self
                 .store
@@ -865,7 +985,24 @@ fn fail_all(messages: Vec<WriterMessage>, why: &str) {
                 let _ = reply.send(Err(CommandError::Unavailable));
             }
             WriterMessage::Snapshot(reply) => {
-                let _ = reply.send(None);
+                let _ = reply.send(Err(CommandError::Unavailable));
+            }
+        }
+    }
+}
+
+/// Answers messages for a product another node owns.
+fn refuse_all(messages: Vec<WriterMessage>, owner: &NodeAddress) {
+    for message in messages {
+        match message {
+            WriterMessage::Purchase(_, reply) => {
+                let _ = reply.send(Err(PurchaseError::NotOwner(owner.clone())));
+            }
+            WriterMessage::Command(_, _, reply) => {
+                let _ = reply.send(Err(CommandError::NotOwner(owner.clone())));
+            }
+            WriterMessage::Snapshot(reply) => {
+                let _ = reply.send(Err(CommandError::NotOwner(owner.clone())));
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod error;
 #[cfg(feature = "eventstoredb")]
 pub mod eventstoredb;
+pub mod lease;
 pub mod memory;
 pub mod model;
 pub mod plan;

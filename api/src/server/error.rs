@@ -240,6 +240,7 @@ impl From<engine::CommandError> for ApiError {
                 ApiError::Unavailable("the engine".into())
             }
             CommandError::NotAllowed(why) => ApiError::InvalidRequest(why.into()),
+            CommandError::NotOwner(_) => ApiError::Unavailable("the product's owner".into()),
             CommandError::Store(store) => ApiError::from(store),
         }
     }

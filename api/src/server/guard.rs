@@ -146,6 +146,14 @@ async fn admit(
             state.limit_rate(&format!("ip:{address}"))?;
             return Ok(next.run(request).await);
         }
+        Access::Node => {
+            if !state.forwarder.is_node(request.headers()) {
+                // Node traffic is not rate limited; failed attempts are.
+                state.limit_rate(&format!("ip:{address}"))?;
+                return Err(ApiError::Unauthorized);
+            }
+            return Ok(next.run(request).await);
+        }
         Access::Roles(roles) => roles,
     };
     let token = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod auditing;
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod feed;
 pub mod guard;
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     /// Limits on connections.
     #[command(flatten)]
     pub transport: transport::TransportLimits,
+    /// Several nodes on one database: product leases and forwarding.
+    #[command(flatten)]
+    pub cluster: cluster::ClusterOptions,
     /// Purchases queued per product before new ones are refused with 503.
     #[arg(long, env = "LEDGER_PURCHASE_QUEUE_MAX", default_value_t = 10_000)]
     pub purchase_queue_max: usize,
@@ -210,7 +214,7 @@ fn parse_key_ttl(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses `30s`, `500ms`, `5m`, `24h`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m or h"))?;
@@ -259,6 +263,8 @@ pub struct AppState {
     pub provider: Option<Arc<dyn engine::payouts::PaymentProvider>>,
     /// Failed authentications per address and username.
     pub throttle: throttle::Throttle,
+    /// Sends requests for products other nodes own to their owner.
+    pub forwarder: Arc<cluster::Forwarder>,
 }
 
 impl AppState {
@@ -306,14 +312,34 @@ impl Server {
         Server::start_with_log(backend, &LogLocation::Database, limits, settings).await
     }
 
-    /// Like `start`, with the log where `log` says (the read models and API
-    /// tables stay in `backend`).
+    /// Like `start_with_log`, as a node of a cluster when `cluster` names
+    /// this node (`--advertise-url`) and the database is PostgreSQL.
     pub async fn start_with_log(
         backend: &Backend,
         log: &LogLocation,
         limits: Limits,
         settings: EngineSettings,
     ) -> anyhow::Result<Server> {
+        Server::start_node(
+            backend,
+            log,
+            limits,
+            settings,
+            &cluster::ClusterOptions::default(),
+        )
+        .await
+    }
+
+    /// Like `start`, with the log where `log` says (the read models and API
+    /// tables stay in `backend`), and this node's part in a cluster.
+    pub async fn start_node(
+        backend: &Backend,
+        log: &LogLocation,
+        limits: Limits,
+        settings: EngineSettings,
+        cluster: &cluster::ClusterOptions,
+    ) -> anyhow::Result<Server> {
+        cluster.validate()?;
         handlers::prometheus();
         let store: Arc<dyn EventStore> =
             Arc::new(metered::MeteredStore::new(log.open(backend).await?));
@@ -323,7 +349,12 @@ impl Server {
         let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
         let statuses = runner.statuses();
         let recovery_period = settings.recovery_period;
-        let engine = Engine::new(store.clone(), Arc::new(SystemClock), settings);
+        let engine = Engine::with_cluster(
+            store.clone(),
+            Arc::new(SystemClock),
+            settings,
+            cluster_settings(backend, cluster).await?,
+        );
         let quota =
             Quota::per_second(NonZeroU32::new(limits.rate_per_second.max(1)).expect("max(1)"))
                 .allow_burst(NonZeroU32::new(limits.rate_burst.max(1)).expect("max(1)"));
@@ -353,6 +384,7 @@ impl Server {
             limits,
             limiter: Arc::new(RateLimiter::keyed(quota)),
             provider: None,
+            forwarder: Arc::new(cluster::Forwarder::new(cluster)?),
         };
         auth::warm_up().await;
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
@@ -465,6 +497,36 @@ impl Server {
         self.state.db.close().await;
         self.state.access.close().await;
     }
+}
+
+/// Connections of a node's lease pool: renewals never wait behind appends.
+pub const LEASE_CONNECTIONS_MAX: u32 = 4;
+
+/// The engine's part in a cluster: leases in PostgreSQL when the node has
+/// an advertised URL there; otherwise (SQLite, or no URL) the node owns
+/// every product.
+async fn cluster_settings(
+    backend: &Backend,
+    options: &cluster::ClusterOptions,
+) -> anyhow::Result<engine::ClusterSettings> {
+    let (Some(node), Backend::Postgres(url)) = (options.node(), backend) else {
+        if options.advertise_url.is_some() {
+            tracing::info!("one node on SQLite: this node owns every product");
+        }
+        return Ok(engine::ClusterSettings::sole_node());
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(LEASE_CONNECTIONS_MAX)
+        .acquire_timeout(options.lease_renew)
+        .connect_with(store::postgres::connect_options(url)?)
+        .await?;
+    tracing::info!(node_id = %node.node_id, url = %node.url, "taking product leases");
+    Ok(engine::ClusterSettings::member(
+        node,
+        Arc::new(store::lease::PostgresLeases::new(pool)),
+        options.lease_ttl,
+        options.lease_renew,
+    ))
 }
 
 /// Creates the admin named by `LEDGER_ADMIN_USER` / `LEDGER_ADMIN_PASSWORD`
@@ -580,8 +642,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         recovery_period: options.recovery_period,
         ..EngineSettings::default()
     };
-    let mut server =
-        Server::start_with_log(&backend, &log, options.limits.clone(), settings).await?;
+    let mut server = Server::start_node(
+        &backend,
+        &log,
+        options.limits.clone(),
+        settings,
+        &options.cluster,
+    )
+    .await?;
     bootstrap_admin_from_environment(&server.state).await?;
     match &options.gateway_url {
         Some(url) => {

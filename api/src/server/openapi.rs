@@ -55,6 +55,8 @@ use utoipa::{Modify, OpenApi};
         orders::cancel_payout,
         auditing::events,
         auditing::verify,
+        super::cluster::purchase,
+        super::cluster::command,
     ),
     components(schemas(super::error::ErrorBody)),
     modifiers(&BearerAuth, &GuardResponses),
@@ -69,6 +71,12 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "node",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::new(super::cluster::NODE_SECRET_HEADER),
+            )),
         );
     }
 }
@@ -99,11 +107,15 @@ impl Modify for GuardResponses {
             if operation.request_body.is_some() {
                 statuses.extend([400, 408, 413]);
             }
-            if let Access::Roles(roles) = route.access {
-                statuses.push(401);
-                if !Role::ALL.iter().all(|role| roles.contains(role)) {
-                    statuses.push(403);
+            match route.access {
+                Access::Roles(roles) => {
+                    statuses.push(401);
+                    if !Role::ALL.iter().all(|role| roles.contains(role)) {
+                        statuses.push(403);
+                    }
                 }
+                Access::Node => statuses.push(401),
+                Access::Public => {}
             }
             // Idempotency-Key: malformed (400), used for another request or
             // still being decided (409); the body is read under the limit.

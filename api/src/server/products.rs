@@ -13,9 +13,10 @@ use super::model::{
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use domain::product::{ProductCommand, ProductTerms};
-use domain::{AccountId, Amount, Currency, ProductId};
-use engine::{PurchaseError, RequestContext};
+use domain::{AccountId, Currency, ProductId};
+use engine::PurchaseError;
 use uuid::Uuid;
 
 /// Namespace of product ids derived from (caller, idempotency key), so a
@@ -36,7 +37,7 @@ pub async fn create(
     caller: Caller,
     headers: HeaderMap,
     JsonBody(request): JsonBody<CreateProductRequest>,
-) -> Result<(StatusCode, Json<CreateProductResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let product_id = match &request.product_id {
         Some(text) => parse_product_id(text)?,
         None => {
@@ -57,18 +58,19 @@ pub async fn create(
         product_id: product_id.clone(),
         terms,
     };
-    state
-        .engine
-        .product_command(&product_id, command, context)
-        .await
-        .map_err(ApiError::from)?;
+    if let Some(refused) =
+        super::cluster::product_command(&state, &product_id, command, context).await?
+    {
+        return Ok(refused);
+    }
     tracing::info!(product_id = product_id.as_str(), "product listed");
     Ok((
         StatusCode::CREATED,
         Json(CreateProductResponse {
             product_id: product_id.as_str().to_owned(),
         }),
-    ))
+    )
+        .into_response())
 }
 
 fn terms(request: &CreateProductRequest) -> Result<ProductTerms, ApiError> {
@@ -113,7 +115,7 @@ pub async fn open(
     state: State<AppState>,
     context: Context,
     product_id: PathText,
-) -> Result<Json<ProductStateResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     switch(state, context, product_id, ProductCommand::Open, "open").await
 }
 
@@ -131,7 +133,7 @@ pub async fn close(
     state: State<AppState>,
     context: Context,
     product_id: PathText,
-) -> Result<Json<ProductStateResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     switch(state, context, product_id, ProductCommand::Close, "closed").await
 }
 
@@ -141,13 +143,13 @@ async fn switch(
     PathText(product_id): PathText,
     command: ProductCommand,
     result: &str,
-) -> Result<Json<ProductStateResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let product_id = parse_product_id(&product_id)?;
-    state
-        .engine
-        .product_command(&product_id, command, context)
-        .await
-        .map_err(ApiError::from)?;
+    if let Some(refused) =
+        super::cluster::product_command(&state, &product_id, command, context).await?
+    {
+        return Ok(refused);
+    }
     tracing::info!(
         product_id = product_id.as_str(),
         state = result,
@@ -156,7 +158,8 @@ async fn switch(
     Ok(Json(ProductStateResponse {
         product_id: product_id.as_str().to_owned(),
         state: result.to_owned(),
-    }))
+    })
+    .into_response())
 }
 
 /// `POST /v1/products/{product_id}/purchases` (customer; `Idempotency-Key`
@@ -179,7 +182,7 @@ pub async fn purchase(
     headers: HeaderMap,
     PathText(product_id): PathText,
     JsonBody(request): JsonBody<PurchaseRequest>,
-) -> Result<(StatusCode, Json<PurchaseResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let product_id = parse_product_id(&product_id)?;
     let amount = positive_amount(request.amount)?;
     let account_id = caller
@@ -193,15 +196,39 @@ pub async fn purchase(
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::InvalidRequest("Idempotency-Key is required".into()))?
         .to_owned();
-    let outcome = buy(
-        &state,
+    let request = engine::PurchaseRequest {
         product_id,
         account_id,
         amount,
         idempotency_key,
         context,
-    )
-    .await;
+    };
+    match state.engine.purchase(request.clone()).await {
+        // Another node runs this product's writer: ask it, relay its answer.
+        Err(PurchaseError::NotOwner(owner)) => {
+            super::cluster::forward_purchase(&state, &owner, request).await
+        }
+        outcome => purchase_answer(outcome),
+    }
+}
+
+/// Decides a purchase forwarded by another node here, with no second hop:
+/// when this node no longer owns the product the answer is 503, and the
+/// buyer's retry (same key) reaches the new owner.
+pub async fn purchase_here(
+    state: &AppState,
+    request: engine::PurchaseRequest,
+) -> Result<Response, ApiError> {
+    match state.engine.purchase(request).await {
+        Err(PurchaseError::NotOwner(_)) => Err(ApiError::Unavailable("the product's owner".into())),
+        outcome => purchase_answer(outcome),
+    }
+}
+
+/// A purchase's outcome as its answer (201 with the order, or the error).
+fn purchase_answer(
+    outcome: Result<engine::PurchaseReceipt, PurchaseError>,
+) -> Result<Response, ApiError> {
     let label = match &outcome {
         Ok(_) => "confirmed",
         Err(error) => outcome_label(error),
@@ -217,27 +244,8 @@ pub async fn purchase(
             amount: receipt.amount.minor(),
             status: "confirmed".into(),
         }),
-    ))
-}
-
-async fn buy(
-    state: &AppState,
-    product_id: ProductId,
-    account_id: AccountId,
-    amount: Amount,
-    idempotency_key: String,
-    context: RequestContext,
-) -> Result<engine::PurchaseReceipt, PurchaseError> {
-    state
-        .engine
-        .purchase(engine::PurchaseRequest {
-            product_id,
-            account_id,
-            amount,
-            idempotency_key,
-            context,
-        })
-        .await
+    )
+        .into_response())
 }
 
 /// A purchase outcome's metric label.
@@ -256,6 +264,7 @@ fn outcome_label(error: &PurchaseError) -> &'static str {
         PurchaseError::Invalid(_) => "invalid",
         PurchaseError::Overloaded => "overloaded",
         PurchaseError::Unavailable(_) => "unavailable",
+        PurchaseError::NotOwner(_) => "not_owner",
     }
 }
 
@@ -285,6 +294,7 @@ fn purchase_error(error: PurchaseError) -> ApiError {
         ),
         PurchaseError::Overloaded => ApiError::Overloaded(1),
         PurchaseError::Unavailable(_) => ApiError::Unavailable("the event store".into()),
+        PurchaseError::NotOwner(_) => ApiError::Unavailable("the product's owner".into()),
     }
 }
 

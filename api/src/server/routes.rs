@@ -5,7 +5,7 @@
 
 use super::AppState;
 use super::auth::Role::{self, Admin, Auditor, Customer, Operator, Support};
-use super::{auditing, guard, handlers, orders, products, users};
+use super::{auditing, cluster, guard, handlers, orders, products, users};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Method;
@@ -21,6 +21,9 @@ pub enum Access {
     /// about accounts or orders is further limited to their own (404
     /// otherwise, checked by the handler, which knows the owner).
     Roles(&'static [Role]),
+    /// Another node of the cluster, presenting the node secret
+    /// (`cluster::NODE_SECRET_HEADER`); refused when this node has none.
+    Node,
 }
 
 /// How a POST uses the `Idempotency-Key` header.
@@ -79,7 +82,7 @@ fn route(
 
 /// The route table.
 pub fn table() -> Vec<RouteSpec> {
-    use Access::{Public, Roles};
+    use Access::{Node, Public, Roles};
     let get_ = Method::GET;
     let post_ = Method::POST;
     vec![
@@ -225,11 +228,31 @@ pub fn table() -> Vec<RouteSpec> {
             get(auditing::events),
         ),
         route(
-            post_,
+            post_.clone(),
             "/v1/audit/verify",
             Roles(AUDITORS),
             post(auditing::verify),
         ),
+        // Forwarded by the node that took the request: its guard checked
+        // the caller and the idempotency key already.
+        RouteSpec {
+            idempotency: Idempotency::None,
+            ..route(
+                post_.clone(),
+                "/internal/v1/products/{product_id}/purchases",
+                Node,
+                post(cluster::purchase),
+            )
+        },
+        RouteSpec {
+            idempotency: Idempotency::None,
+            ..route(
+                post_,
+                "/internal/v1/products/{product_id}/commands",
+                Node,
+                post(cluster::command),
+            )
+        },
     ]
 }
 
