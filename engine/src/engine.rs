@@ -185,12 +185,6 @@ impl Engine {
         self.inner.ownership.owner_elsewhere(product_id)
     }
 
-    /// Forgets which node owns a product (it could not be reached): the next
-    /// request claims the lease or reads its holder again.
-    pub fn forget_owner(&self, product_id: &ProductId) {
-        self.inner.ownership.forget(product_id)
-    }
-
     /// What the engine has done so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()

@@ -173,8 +173,7 @@ impl Ownership {
         }
     }
 
-    /// Forgets which node owns a product (it could not be reached), so the
-    /// next request claims the lease or reads its new holder.
+    /// Forgets which other node owned a product (this node holds it now).
     pub(crate) fn forget(&self, product_id: &ProductId) {
         self.elsewhere
             .lock()

@@ -65,7 +65,15 @@ pub struct HttpBenchOptions {
     /// Purchases each client makes after the sell-out (each refused `sold_out`).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub rejections_per_client: u64,
-    /// Print one JSON object with the figures and checks instead of a table.
+    /// Nodes serving the API on one PostgreSQL database (`--backend
+    /// postgres`): with N > 1 the sale runs twice in this run, on one node
+    /// and then on N nodes (each a cluster member with its own listener,
+    /// taking product leases and forwarding to the owner), the clients
+    /// spread evenly over the nodes, as a load balancer would.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub nodes: u64,
+    /// Print one JSON object with the figures and checks instead of a table
+    /// (with `--nodes` above 1: `{"benchmark":"http-nodes","runs":[...]}`).
     #[arg(long)]
     pub json: bool,
 }
@@ -81,6 +89,10 @@ pub struct HttpReport {
     pub setup: &'static str,
     /// Where the load came from.
     pub generator: &'static str,
+    /// Nodes serving the API (clients spread evenly over them).
+    pub nodes: u64,
+    /// Answers with a 5xx status (`503 overloaded` included).
+    pub server_errors: u64,
     /// Concurrent clients.
     pub clients: u64,
     /// Quota.
@@ -141,11 +153,61 @@ pub struct HttpChecks {
 
 const PRODUCT: &str = "bench-http-hot";
 
-/// Runs the benchmark and prints its report; fails if a check fails.
+/// Runs the benchmark (once, or on one node and then on `--nodes`) and
+/// prints its report; fails if a check fails.
 pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
     if options.amount > options.quota {
         anyhow::bail!("--amount must be at most --quota");
     }
+    if options.nodes == 1 {
+        let report = measure(&options, 1).await?;
+        if options.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_table(&report);
+        }
+        return Ok(exit_code(report.checks.ok));
+    }
+    anyhow::ensure!(
+        matches!(options.backend, BenchBackend::Postgres),
+        "--nodes above 1 needs --backend postgres (nodes share one database)"
+    );
+    let mut runs = Vec::new();
+    for nodes in [1, options.nodes] {
+        let report = measure(&options, nodes).await?;
+        if !options.json {
+            print_table(&report);
+        }
+        runs.push(report);
+    }
+    if options.json {
+        let all = serde_json::json!({ "benchmark": "http-nodes", "runs": runs });
+        println!("{all}");
+    } else {
+        println!(
+            "ledger bench http --nodes {}: nodes, confirmed/s, p99 of a 201, 5xx",
+            options.nodes
+        );
+        for run in &runs {
+            println!(
+                "  {} node(s): {:.0} confirmed/s, p99 {:.1} ms, {} 5xx",
+                run.nodes, run.confirmed_per_second, run.purchase_latency.p99_ms, run.server_errors
+            );
+        }
+    }
+    Ok(exit_code(runs.iter().all(|run| run.checks.ok)))
+}
+
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// One sale on a fresh database served by `nodes` nodes.
+async fn measure(options: &HttpBenchOptions, nodes: u64) -> anyhow::Result<HttpReport> {
     let database = BenchDatabase::create(options.backend, options.database_url.as_deref()).await?;
     let backend = database.backend();
     let limits = Limits {
@@ -157,28 +219,61 @@ pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
         queue_max: usize::try_from(options.clients)?.max(10_000) * 2,
         ..EngineSettings::default()
     };
-    let server = Server::start(&backend, limits, settings).await?;
-    let tokens = set_up(&server, &options).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let serving = tokio::spawn(crate::server::transport::serve(
-        listener,
-        server.router(),
-        crate::server::transport::TransportLimits::default(),
-        std::future::pending(),
-    ));
+    let secret = random_hex(32);
+    let mut servers = Vec::new();
+    let mut addresses = Vec::new();
+    let mut serving = Vec::new();
+    for index in 0..nodes {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let cluster = crate::server::cluster::ClusterOptions {
+            node_id: Some(format!("bench-node-{index}")),
+            advertise_url: (nodes > 1).then(|| format!("http://{address}")),
+            node_secret: (nodes > 1).then(|| secret.clone()),
+            ..Default::default()
+        };
+        let server = Server::start_node(
+            &backend,
+            &store::LogLocation::Database,
+            limits.clone(),
+            settings.clone(),
+            &cluster,
+        )
+        .await?;
+        serving.push(tokio::spawn(crate::server::transport::serve(
+            listener,
+            server.router(),
+            crate::server::transport::TransportLimits::default(),
+            std::future::pending(),
+        )));
+        servers.push(server);
+        addresses.push(address);
+    }
+    let tokens = set_up(&servers[0], options).await?;
 
-    let outcome = drive(address, tokens, &options).await?;
-    let checks = check(&server, address, &outcome, &options).await?;
-    serving.abort();
-    server.stop().await;
+    let outcome = drive(&addresses, tokens, options).await?;
+    let checks = check(&servers[0], addresses[0], &outcome, options).await?;
+    for task in serving {
+        task.abort();
+    }
+    for server in servers {
+        server.stop().await;
+    }
 
     let sale_seconds = outcome.sale_time.as_secs_f64();
-    let report = HttpReport {
+    let server_errors = outcome
+        .answers
+        .iter()
+        .filter(|(label, _)| label.starts_with('5'))
+        .map(|(_, count)| count)
+        .sum();
+    Ok(HttpReport {
         benchmark: "http",
         backend: options.backend,
         setup: database.describe(),
         generator: "in-process reqwest clients, one keep-alive connection each, over loopback",
+        nodes,
+        server_errors,
         clients: options.clients,
         quota: options.quota,
         amount: options.amount,
@@ -192,16 +287,6 @@ pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
             / outcome.rejection_time.as_secs_f64().max(1e-9),
         answers: outcome.answers,
         checks,
-    };
-    if options.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(if report.checks.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     })
 }
 
@@ -377,7 +462,7 @@ async fn purchase(
 }
 
 async fn drive(
-    address: SocketAddr,
+    addresses: &[SocketAddr],
     tokens: Vec<String>,
     options: &HttpBenchOptions,
 ) -> anyhow::Result<Outcome> {
@@ -388,7 +473,10 @@ async fn drive(
         .timeout(Duration::from_secs(60))
         .build()
         .context("building the HTTP client")?;
-    let url = format!("http://{address}/v1/products/{PRODUCT}/purchases");
+    let urls: Vec<String> = addresses
+        .iter()
+        .map(|address| format!("http://{address}/v1/products/{PRODUCT}/purchases"))
+        .collect();
     let expected_sales = u64::try_from(options.quota / options.amount)?;
     let bar = progress(expected_sales, "http purchases".into(), options.json);
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
@@ -400,7 +488,9 @@ async fn drive(
         .into_iter()
         .enumerate()
         .map(|(index, token)| {
-            let (client, url, bar) = (client.clone(), url.clone(), bar.clone());
+            // Client i talks to node i mod N: spread evenly, nothing sticky.
+            let url = urls[index % urls.len()].clone();
+            let (client, bar) = (client.clone(), bar.clone());
             let (sold_out, sale_ended, barrier) =
                 (sold_out.clone(), sale_ended.clone(), barrier.clone());
             let amount = options.amount;
@@ -569,8 +659,14 @@ async fn check(
 fn print_table(report: &HttpReport) {
     println!("ledger bench http");
     println!(
-        "  setup: {:?} backend, {}; {} concurrent clients ({}); quota {} in purchases of {}",
-        report.backend, report.setup, report.clients, report.generator, report.quota, report.amount
+        "  setup: {:?} backend, {}; {} node(s); {} concurrent clients ({}); quota {} in purchases of {}",
+        report.backend,
+        report.setup,
+        report.nodes,
+        report.clients,
+        report.generator,
+        report.quota,
+        report.amount
     );
     println!(
         "  confirmed purchases: {} in {:.2} s ({}) => {:.0} confirmed/s",

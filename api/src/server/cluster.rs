@@ -211,7 +211,6 @@ impl Forwarder {
     /// (status, body, `Content-Type`, `Retry-After`) unchanged.
     async fn forward<T: Serialize>(
         &self,
-        state: &AppState,
         product_id: &ProductId,
         owner: &NodeAddress,
         path: &str,
@@ -242,9 +241,9 @@ impl Forwarder {
                 self.stats.unreachable.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("ledger_forwarded_total", "outcome" => "unreachable")
                     .increment(1);
-                tracing::warn!(owner = %owner.node_id, %error, "the product's owner did not answer");
-                // The owner may be gone: read the lease again next time.
-                state.engine.forget_owner(product_id);
+                // The owner may be gone: its lease, remembered until it
+                // runs out, is then claimed by the next request here.
+                tracing::warn!(owner = %owner.node_id, %product_id, %error, "the product's owner did not answer");
                 return Err(unavailable());
             }
         };
@@ -367,7 +366,6 @@ pub async fn forward_purchase(
     state
         .forwarder
         .forward(
-            state,
             &request.product_id,
             owner,
             &path,
@@ -407,14 +405,7 @@ pub async fn product_command(
             let path = format!("/internal/v1/products/{product_id}/commands");
             let answer = state
                 .forwarder
-                .forward(
-                    state,
-                    product_id,
-                    &owner,
-                    &path,
-                    &forwarded,
-                    request_id.as_deref(),
-                )
+                .forward(product_id, &owner, &path, &forwarded, request_id.as_deref())
                 .await?;
             Ok((!answer.status().is_success()).then_some(answer))
         }

@@ -95,6 +95,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("ledger_engine_product_conflicts").set(engine.product_conflicts as f64);
     metrics::gauge!("ledger_engine_payouts_parked").set(engine.payouts_parked as f64);
     metrics::gauge!("ledger_engine_recoveries_started").set(engine.recoveries_started as f64);
+    metrics::gauge!("ledger_engine_leases_claimed").set(engine.leases_claimed as f64);
+    metrics::gauge!("ledger_engine_leases_lost").set(engine.leases_lost as f64);
+    metrics::gauge!("ledger_engine_product_appends").set(engine.product_appends as f64);
+    let forwarder = &state.forwarder.stats;
+    for (outcome, counter) in [
+        ("relayed", &forwarder.forwarded),
+        ("unreachable", &forwarder.unreachable),
+        ("served", &forwarder.served),
+    ] {
+        metrics::gauge!("ledger_forwards", "outcome" => outcome)
+            .set(counter.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    }
     // Payouts by status, from the read model (a fixed set of labels). The
     // route is public: the count is read at most once a second, however
     // often it is scraped.

@@ -24,7 +24,17 @@ pub struct Cluster {
     folder: tempfile::TempDir,
     logs: PathBuf,
     log_filter: Option<String>,
+    /// Nodes take product leases and forward to each other (PostgreSQL).
+    members: bool,
+    /// Each member's port, kept across restarts (its advertised URL).
+    ports: Vec<u16>,
 }
+
+/// The node secret of a scenario's members.
+pub const NODE_SECRET: &str = "fault-suite-node-secret";
+
+/// The lease time to live of a scenario's members.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Where the nodes of a scenario write their logs; kept after the run.
 pub fn logs_folder(scenario: &str) -> PathBuf {
@@ -73,7 +83,71 @@ impl Cluster {
             folder,
             logs,
             log_filter: None,
+            members: false,
+            ports: Vec::new(),
         }
+    }
+
+    /// Nodes started from now on are members of a cluster: each advertises
+    /// its own address, takes product leases (TTL 3 s, renewed every
+    /// second) and forwards to the others with the node secret.
+    pub fn members(&mut self) {
+        self.members = true;
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to node `index`.
+    pub fn signal(&self, index: usize, signal: &str) {
+        let process = self.nodes[index].as_ref().expect("a running node");
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), process.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// The node holding a product's live lease (`node{index}`), read from
+    /// the database.
+    pub async fn owner(&self, product_id: &str) -> Option<usize> {
+        let Database::Postgres(database) = &self.database else {
+            return Some(0);
+        };
+        let pool = sqlx::PgPool::connect(&database.url).await.ok()?;
+        let holder: Option<(String,)> = sqlx::query_as(
+            "SELECT node_id FROM product_leases WHERE product_id = $1 AND expires_at > now()",
+        )
+        .bind(product_id)
+        .fetch_optional(&pool)
+        .await
+        .ok()?;
+        pool.close().await;
+        holder?.0.strip_prefix("node")?.parse().ok()
+    }
+
+    fn member_args(&mut self, index: usize) -> Vec<String> {
+        if self.ports.len() <= index {
+            self.ports.resize(index + 1, 0);
+        }
+        if self.ports[index] == 0 {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            self.ports[index] = probe.local_addr().unwrap().port();
+        }
+        let address = format!("127.0.0.1:{}", self.ports[index]);
+        vec![
+            "--listen".into(),
+            address.clone(),
+            "--node-id".into(),
+            format!("node{index}"),
+            "--advertise-url".into(),
+            format!("http://{address}"),
+            "--node-secret".into(),
+            NODE_SECRET.into(),
+            "--lease-ttl".into(),
+            format!("{}s", LEASE_TTL.as_secs()),
+            "--lease-renew".into(),
+            "1s".into(),
+            "--forward-timeout".into(),
+            "3s".into(),
+        ]
     }
 
     /// Adds `serve` arguments for nodes started from now on.
@@ -99,7 +173,13 @@ impl Cluster {
 
     /// Starts node `index` (again, if it was killed); returns its address.
     pub fn start(&mut self, index: usize) -> String {
-        let mut args: Vec<&str> = vec!["serve", "--listen", "127.0.0.1:0"];
+        let member_args = if self.members {
+            self.member_args(index)
+        } else {
+            vec!["--listen".into(), "127.0.0.1:0".into()]
+        };
+        let mut args: Vec<&str> = vec!["serve"];
+        args.extend(member_args.iter().map(String::as_str));
         args.extend(self.args.iter().map(String::as_str));
         let data_dir = match &self.database {
             Database::Sqlite(data) => {

@@ -125,6 +125,38 @@ fn scenarios() -> Vec<Scenario> {
             },
         },
         Scenario {
+            name: "three members, owner killed",
+            backend: "postgres",
+            run: |mut report| {
+                async move {
+                    let Some(mut cluster) = Cluster::postgres("owner_killed", SERVE_ARGS).await
+                    else {
+                        return skipped_without_postgres(report);
+                    };
+                    cluster.members();
+                    storm::run(cluster, 3, Fault::KillOwner, &mut report).await;
+                    report
+                }
+                .boxed_local()
+            },
+        },
+        Scenario {
+            name: "three members, owner stopped",
+            backend: "postgres",
+            run: |mut report| {
+                async move {
+                    let Some(mut cluster) = Cluster::postgres("owner_stopped", SERVE_ARGS).await
+                    else {
+                        return skipped_without_postgres(report);
+                    };
+                    cluster.members();
+                    storm::run(cluster, 3, Fault::StopOwner, &mut report).await;
+                    report
+                }
+                .boxed_local()
+            },
+        },
+        Scenario {
             name: "payout storm",
             backend: "sqlite",
             run: |mut report| {

@@ -51,6 +51,48 @@ pub enum Fault {
     KillOneOfThree,
     /// PostgreSQL stopped for a few seconds and started again.
     RestartPostgres(postgres::Control),
+    /// `kill -9` of the node owning the hot product's lease, of three
+    /// cluster members; the load balancer drops it, another node takes over.
+    KillOwner,
+    /// SIGSTOP of the owning member until another node took the lease,
+    /// then SIGCONT; the load balancer sends it traffic again, and it must
+    /// decide nothing more (it finds its lease lost; an append it had in
+    /// flight conflicts).
+    StopOwner,
+}
+
+/// How long after losing its owner the hot product must have another
+/// (the lease's time to live plus a second).
+const TAKEOVER_MAX: Duration = Duration::from_secs(crate::cluster::LEASE_TTL.as_secs() + 1);
+
+/// Waits until a node other than `old` holds the product's live lease;
+/// answers how long that took (`None`: not within 10 s).
+async fn takeover(cluster: &Cluster, old: usize, since: Instant) -> Option<Duration> {
+    while since.elapsed() < Duration::from_secs(10) {
+        if cluster
+            .owner("storm")
+            .await
+            .is_some_and(|owner| owner != old)
+        {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// A gauge of a node's `/metrics`.
+async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Every answer the buyers got, by kind.
@@ -117,7 +159,47 @@ pub async fn run(mut cluster: Cluster, nodes: usize, fault: Fault, report: &mut 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let at_fault = Tally::count(&tally.confirmed);
+    let mut woken: Option<(String, f64)> = None;
     let struck = match &fault {
+        Fault::KillOwner | Fault::StopOwner => {
+            let owner = cluster
+                .owner("storm")
+                .await
+                .expect("a node owns the hot product");
+            let url = live.read().await[owner].clone();
+            let appends_before = gauge(&http, &url, "ledger_engine_product_appends").await;
+            let since = Instant::now();
+            let stop = matches!(fault, Fault::StopOwner);
+            if stop {
+                cluster.signal(owner, "STOP");
+            } else {
+                cluster.kill(owner);
+            }
+            live.write().await.retain(|node| *node != url);
+            let took = takeover(&cluster, owner, since).await;
+            report.check(
+                format!(
+                    "another node took the hot product's lease within {}s (TTL + 1 s)",
+                    TAKEOVER_MAX.as_secs()
+                ),
+                took.is_some_and(|took| took <= TAKEOVER_MAX),
+                format!("taken over after {took:?}"),
+            );
+            if stop {
+                // Stopped past its lease's end whatever the check found.
+                let lapsed = since + crate::cluster::LEASE_TTL + Duration::from_millis(500);
+                tokio::time::sleep_until(lapsed.into()).await;
+                cluster.signal(owner, "CONT");
+                live.write().await.push(url.clone());
+                woken = Some((url, appends_before.unwrap_or(f64::NAN)));
+                format!(
+                    "owner node {owner} of {nodes} stopped after {at_fault} confirmations, woken after {:.1}s",
+                    since.elapsed().as_secs_f64()
+                )
+            } else {
+                format!("owner node {owner} of {nodes} killed after {at_fault} confirmations")
+            }
+        }
         Fault::KillAndRestart => {
             cluster.kill(0);
             let url = cluster.start(0);
@@ -156,6 +238,18 @@ pub async fn run(mut cluster: Cluster, nodes: usize, fault: Fault, report: &mut 
         keys.len()
     );
     answers_checks(&tally, &fault, report);
+    if let Some((url, appends_before)) = woken {
+        let lost = gauge(&http, &url, "ledger_engine_leases_lost").await;
+        let appends = gauge(&http, &url, "ledger_engine_product_appends").await;
+        let after_wake = appends.map(|appends| appends - appends_before);
+        report.check(
+            "the stopped owner decided nothing after waking: it found its lease lost",
+            lost.is_some_and(|lost| lost >= 1.0) && after_wake.is_some_and(|n| n <= 1.0),
+            format!(
+                "leases lost {lost:?}; product appends since just before the stop {after_wake:?} (at most the one in flight at the stop)"
+            ),
+        );
+    }
     let admin = if matches!(fault, Fault::KillAndRestart) {
         client::admin(&http, &base).await // Sessions survive; a fresh one is fine too.
     } else {

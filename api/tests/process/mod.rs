@@ -19,6 +19,13 @@ pub struct Process {
     pub url: String,
 }
 
+impl Process {
+    /// Its process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
