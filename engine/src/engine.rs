@@ -185,6 +185,30 @@ impl Engine {
         self.inner.ownership.owner_elsewhere(product_id)
     }
 
+    /// The product's owner did not answer (dead, or stopped): claims the
+    /// product's lease as soon as the owner's lease runs out, without
+    /// waiting for a request, so its pending reservations are resumed and
+    /// buyers' retries find a live owner. The claim may find that the owner
+    /// renewed after all; then nothing changes. One watch per product.
+    pub fn claim_when_lapsed(&self, product_id: &ProductId) {
+        let ownership = &self.inner.ownership;
+        if !ownership.watch(product_id) {
+            return;
+        }
+        let (engine, product_id) = (self.clone(), product_id.clone());
+        tokio::spawn(async move {
+            let ownership = &engine.inner.ownership;
+            while let Some(until) = ownership.elsewhere_until(&product_id) {
+                tokio::time::sleep_until(until).await;
+                if ownership.owner_elsewhere(&product_id).is_none() {
+                    break;
+                }
+            }
+            engine.recover(&product_id);
+            ownership.unwatch(&product_id);
+        });
+    }
+
     /// What the engine has done so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()

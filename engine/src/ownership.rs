@@ -148,6 +148,9 @@ pub(crate) struct Ownership {
     stats: Arc<EngineStats>,
     /// Products another node owns, until when that lease was seen to run.
     elsewhere: Mutex<HashMap<ProductId, (NodeAddress, Instant)>>,
+    /// Products whose owner did not answer, with a claim waiting for the
+    /// owner's lease to run out (at most one waiting claim per product).
+    watched: Mutex<std::collections::HashSet<ProductId>>,
 }
 
 impl Ownership {
@@ -156,7 +159,28 @@ impl Ownership {
             cluster,
             stats,
             elsewhere: Mutex::new(HashMap::new()),
+            watched: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// When the other node's lease on a product runs out, as last seen.
+    pub(crate) fn elsewhere_until(&self, product_id: &ProductId) -> Option<Instant> {
+        let elsewhere = self.elsewhere.lock().expect("BUG: owners poisoned");
+        elsewhere.get(product_id).map(|(_, until)| *until)
+    }
+
+    /// Marks a product as watched; false when it already was.
+    pub(crate) fn watch(&self, product_id: &ProductId) -> bool {
+        let mut watched = self.watched.lock().expect("BUG: watched poisoned");
+        watched.len() < OWNERS_REMEMBERED_MAX && watched.insert(product_id.clone())
+    }
+
+    /// Ends a product's watch.
+    pub(crate) fn unwatch(&self, product_id: &ProductId) {
+        self.watched
+            .lock()
+            .expect("BUG: watched poisoned")
+            .remove(product_id);
     }
 
     /// The node that owns a product, when it is another node whose lease

@@ -211,6 +211,7 @@ impl Forwarder {
     /// (status, body, `Content-Type`, `Retry-After`) unchanged.
     async fn forward<T: Serialize>(
         &self,
+        engine: &engine::Engine,
         product_id: &ProductId,
         owner: &NodeAddress,
         path: &str,
@@ -241,9 +242,10 @@ impl Forwarder {
                 self.stats.unreachable.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("ledger_forwarded_total", "outcome" => "unreachable")
                     .increment(1);
-                // The owner may be gone: its lease, remembered until it
-                // runs out, is then claimed by the next request here.
+                // The owner may be gone (or stopped): its lease is claimed
+                // here once it runs out, with or without traffic.
                 tracing::warn!(owner = %owner.node_id, %product_id, %error, "the product's owner did not answer");
+                engine.claim_when_lapsed(product_id);
                 return Err(unavailable());
             }
         };
@@ -366,6 +368,7 @@ pub async fn forward_purchase(
     state
         .forwarder
         .forward(
+            &state.engine,
             &request.product_id,
             owner,
             &path,
@@ -405,7 +408,14 @@ pub async fn product_command(
             let path = format!("/internal/v1/products/{product_id}/commands");
             let answer = state
                 .forwarder
-                .forward(product_id, &owner, &path, &forwarded, request_id.as_deref())
+                .forward(
+                    &state.engine,
+                    product_id,
+                    &owner,
+                    &path,
+                    &forwarded,
+                    request_id.as_deref(),
+                )
                 .await?;
             Ok((!answer.status().is_success()).then_some(answer))
         }
