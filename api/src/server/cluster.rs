@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use store::lease::NodeAddress;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// The header carrying the node secret on node-to-node requests.
 pub const NODE_SECRET_HEADER: &str = "x-ledger-node-secret";
@@ -42,8 +42,17 @@ pub const NODE_SECRET_BYTES_MIN: usize = 16;
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle keep-alive connections kept per owner node.
 pub const FORWARD_IDLE_CONNECTIONS_MAX: usize = 256;
-/// Largest answer relayed from an owner, in bytes.
-pub const FORWARD_ANSWER_BYTES_MAX: usize = 64 * 1024;
+/// Largest answer relayed from an owner, in bytes (a batch's answers).
+pub const FORWARD_ANSWER_BYTES_MAX: usize = 1024 * 1024;
+/// Most purchases forwarded to one owner in one request (a batch stays
+/// under the 64 KiB body limit: a forwarded purchase is at most ~350 bytes).
+pub const FORWARD_BATCH_MAX: usize = 128;
+/// Batches in flight to one owner at once; purchases arriving meanwhile
+/// wait for a slot and go together in the next batch.
+pub const FORWARD_BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// Owner nodes a node keeps a purchase batcher for (nodes of the cluster:
+/// URLs come from the lease table, which only nodes write).
+pub const FORWARD_OWNERS_MAX: usize = 64;
 
 /// How this node takes part in a cluster (`ledger serve`).
 #[derive(Debug, Clone, clap::Args)]
@@ -167,8 +176,17 @@ pub struct Forwarder {
     secret_hash: Option<[u8; 32]>,
     secret: Option<HeaderValue>,
     in_flight: Arc<Semaphore>,
+    timeout: Duration,
+    /// One purchase batcher per owner URL.
+    batchers: std::sync::Mutex<std::collections::HashMap<String, mpsc::Sender<Pending>>>,
     /// Counters.
-    pub stats: ForwardStats,
+    pub stats: Arc<ForwardStats>,
+}
+
+/// A purchase waiting for its batch, and who waits for its answer.
+struct Pending {
+    purchase: BatchedPurchase,
+    reply: oneshot::Sender<Option<RelayedAnswer>>,
 }
 
 impl Forwarder {
@@ -192,8 +210,67 @@ impl Forwarder {
                 .map(|secret| Sha256::digest(secret.as_bytes()).into()),
             secret,
             in_flight: Arc::new(Semaphore::new(options.forward_in_flight_max)),
-            stats: ForwardStats::default(),
+            timeout: options.forward_timeout,
+            batchers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            stats: Arc::default(),
         })
+    }
+
+    /// The batcher of purchases for one owner, started on first use.
+    fn batcher(&self, url: &str, secret: HeaderValue) -> Option<mpsc::Sender<Pending>> {
+        let mut batchers = self.batchers.lock().expect("BUG: batchers poisoned");
+        if let Some(batcher) = batchers.get(url).filter(|b| !b.is_closed()) {
+            return Some(batcher.clone());
+        }
+        batchers.retain(|_, batcher| !batcher.is_closed());
+        if batchers.len() >= FORWARD_OWNERS_MAX {
+            return None;
+        }
+        let (sender, receiver) = mpsc::channel(self.in_flight.available_permits().max(1));
+        let batches = Batches {
+            client: self.client.clone(),
+            url: format!("{url}/internal/v1/purchases"),
+            secret,
+            timeout: self.timeout,
+            stats: self.stats.clone(),
+        };
+        tokio::spawn(batches.run(receiver));
+        batchers.insert(url.to_owned(), sender.clone());
+        Some(sender)
+    }
+
+    /// Forwards a purchase to its owner within a batch, and relays the
+    /// owner's answer to it.
+    async fn forward_purchase(
+        &self,
+        engine: &engine::Engine,
+        owner: &NodeAddress,
+        purchase: BatchedPurchase,
+    ) -> Result<Response, ApiError> {
+        let unavailable = || ApiError::Unavailable("the product's owner node".into());
+        let Some(secret) = self.secret.clone() else {
+            tracing::warn!(owner = %owner.node_id, "another node owns the product but this node has no --node-secret");
+            return Err(unavailable());
+        };
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.stats.unreachable.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("ledger_forwarded_total", "outcome" => "in_flight_max").increment(1);
+            return Err(unavailable());
+        };
+        let batcher = self.batcher(&owner.url, secret).ok_or_else(unavailable)?;
+        let product_id = ProductId::parse(&purchase.product_id).map_err(|_| unavailable())?;
+        let (reply, answer) = oneshot::channel();
+        batcher
+            .send(Pending { purchase, reply })
+            .await
+            .map_err(|_| unavailable())?;
+        match answer.await.ok().flatten() {
+            Some(answer) => Ok(answer.into_response()),
+            None => {
+                engine.claim_when_lapsed(&product_id);
+                Err(unavailable())
+            }
+        }
     }
 
     /// Whether a request carries this cluster's node secret. Digests are
@@ -269,6 +346,98 @@ impl Forwarder {
     }
 }
 
+/// Sends one owner's purchases in batches.
+struct Batches {
+    client: reqwest::Client,
+    url: String,
+    secret: HeaderValue,
+    timeout: Duration,
+    stats: Arc<ForwardStats>,
+}
+
+impl Batches {
+    /// Takes what is queued (up to `FORWARD_BATCH_MAX`) once a batch slot is
+    /// free, and sends it; ends when the forwarder is dropped.
+    async fn run(self, mut queue: mpsc::Receiver<Pending>) {
+        let batches = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(FORWARD_BATCHES_IN_FLIGHT_MAX));
+        while let Some(first) = queue.recv().await {
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("BUG: the batch slots are never closed");
+            let mut batch = vec![first];
+            while batch.len() < FORWARD_BATCH_MAX {
+                match queue.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            let batches = batches.clone();
+            tokio::spawn(async move {
+                batches.send(batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Sends a batch and hands each purchase its answer (`None` to all when
+    /// the owner could not be reached or answered out of contract).
+    async fn send(&self, batch: Vec<Pending>) {
+        let (purchases, replies): (Vec<BatchedPurchase>, Vec<_>) = batch
+            .into_iter()
+            .map(|pending| (pending.purchase, pending.reply))
+            .unzip();
+        let count = purchases.len();
+        let answers = self.exchange(ForwardedBatch { purchases }).await;
+        match answers {
+            Ok(answers) if answers.len() == count => {
+                self.stats
+                    .forwarded
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                metrics::counter!("ledger_forwarded_total", "outcome" => "relayed")
+                    .increment(count as u64);
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Some(answer));
+                }
+            }
+            outcome => {
+                if let Err(error) = outcome {
+                    tracing::warn!(url = %self.url, %error, "the product's owner did not answer");
+                }
+                self.stats
+                    .unreachable
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                metrics::counter!("ledger_forwarded_total", "outcome" => "unreachable")
+                    .increment(count as u64);
+                for reply in replies {
+                    let _ = reply.send(None);
+                }
+            }
+        }
+    }
+
+    async fn exchange(&self, batch: ForwardedBatch) -> anyhow::Result<Vec<RelayedAnswer>> {
+        let answer = self
+            .client
+            .post(&self.url)
+            .header(NODE_SECRET_HEADER, self.secret.clone())
+            .timeout(self.timeout)
+            .json(&batch)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            answer.status() == reqwest::StatusCode::OK,
+            "the owner answered {}",
+            answer.status()
+        );
+        let body = read_bounded(answer).await?;
+        let answers: ForwardedAnswers = serde_json::from_slice(&body)?;
+        Ok(answers.answers)
+    }
+}
+
 async fn read_bounded(mut answer: reqwest::Response) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     while let Some(chunk) = answer.chunk().await? {
@@ -327,6 +496,77 @@ pub struct ForwardedPurchase {
     pub caller: ForwardedCaller,
 }
 
+/// A purchase within a batch: its product and the purchase.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchedPurchase {
+    /// The product.
+    pub product_id: String,
+    /// The purchase.
+    pub purchase: ForwardedPurchase,
+}
+
+/// Purchases forwarded to their products' owner in one request.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardedBatch {
+    /// At most `FORWARD_BATCH_MAX`.
+    pub purchases: Vec<BatchedPurchase>,
+}
+
+/// The owner's answer to one purchase of a batch, as the purchase route
+/// would have answered it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RelayedAnswer {
+    /// Its HTTP status.
+    pub status: u16,
+    /// Its `Retry-After` header, if any.
+    pub retry_after: Option<String>,
+    /// Its JSON body.
+    #[schema(value_type = Object)]
+    pub body: serde_json::Value,
+}
+
+impl RelayedAnswer {
+    async fn of(response: Response) -> RelayedAnswer {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let bytes = axum::body::to_bytes(response.into_body(), FORWARD_ANSWER_BYTES_MAX)
+            .await
+            .unwrap_or_default();
+        RelayedAnswer {
+            status,
+            retry_after,
+            body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let Ok(status) = StatusCode::from_u16(self.status) else {
+            return ApiError::Unavailable("the product's owner node".into()).into_response();
+        };
+        let mut response = (status, Json(self.body)).into_response();
+        if let Some(value) = self
+            .retry_after
+            .and_then(|value| HeaderValue::from_str(&value).ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// The owner's answers to a batch, in the batch's order.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForwardedAnswers {
+    /// One per purchase.
+    pub answers: Vec<RelayedAnswer>,
+}
+
 /// A product command forwarded to its product's owner.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "command")]
@@ -357,24 +597,18 @@ pub async fn forward_purchase(
     owner: &NodeAddress,
     request: engine::PurchaseRequest,
 ) -> Result<Response, ApiError> {
-    let path = format!("/internal/v1/products/{}/purchases", request.product_id);
-    let body = ForwardedPurchase {
-        account_id: request.account_id.0,
-        amount: request.amount.minor(),
-        idempotency_key: request.idempotency_key,
-        caller: ForwardedCaller::of(&request.context),
+    let purchase = BatchedPurchase {
+        product_id: request.product_id.as_str().to_owned(),
+        purchase: ForwardedPurchase {
+            account_id: request.account_id.0,
+            amount: request.amount.minor(),
+            idempotency_key: request.idempotency_key,
+            caller: ForwardedCaller::of(&request.context),
+        },
     };
-    let request_id = request.context.request_id.clone();
     state
         .forwarder
-        .forward(
-            &state.engine,
-            &request.product_id,
-            owner,
-            &path,
-            &body,
-            request_id.as_deref(),
-        )
+        .forward_purchase(&state.engine, owner, purchase)
         .await
 }
 
@@ -423,33 +657,52 @@ pub async fn product_command(
     }
 }
 
-/// `POST /internal/v1/products/{product_id}/purchases` (nodes only): a
-/// purchase another node took, decided by this node's writer and answered
-/// as `POST /v1/products/{product_id}/purchases` would be.
-#[utoipa::path(post, path = "/internal/v1/products/{product_id}/purchases", tag = "cluster",
-    security(("node" = [])), request_body = ForwardedPurchase,
-    params(("product_id" = String, Path, description = "The product",
-        pattern = r"^[A-Za-z0-9._-]{1,64}$")),
-    responses((status = 201, body = super::model::PurchaseResponse),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
-pub async fn purchase(
+/// `POST /internal/v1/purchases` (nodes only): purchases other nodes took,
+/// decided by this node's writers (all queued at once, so they share
+/// turns), each answered as `POST /v1/products/{product_id}/purchases`
+/// would be.
+#[utoipa::path(post, path = "/internal/v1/purchases", tag = "cluster",
+    security(("node" = [])), request_body = ForwardedBatch,
+    responses((status = 200, body = ForwardedAnswers),
+        (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn purchases(
     State(state): State<AppState>,
-    PathText(product_id): PathText,
-    JsonBody(request): JsonBody<ForwardedPurchase>,
-) -> Result<Response, ApiError> {
-    state.forwarder.stats.served.fetch_add(1, Ordering::Relaxed);
-    let product_id = parse_product_id(&product_id)?;
-    let amount = super::model::positive_amount(request.amount)?;
-    let request = engine::PurchaseRequest {
-        product_id,
-        account_id: AccountId(request.account_id),
-        amount,
-        idempotency_key: request.idempotency_key,
-        context: request.caller.context(),
+    JsonBody(batch): JsonBody<ForwardedBatch>,
+) -> Result<Json<ForwardedAnswers>, ApiError> {
+    if batch.purchases.len() > FORWARD_BATCH_MAX {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {FORWARD_BATCH_MAX} purchases per batch"
+        )));
+    }
+    state
+        .forwarder
+        .stats
+        .served
+        .fetch_add(batch.purchases.len() as u64, Ordering::Relaxed);
+    let decided = batch
+        .purchases
+        .into_iter()
+        .map(|purchase| decide_forwarded(&state, purchase));
+    let answers = futures::future::join_all(decided).await;
+    Ok(Json(ForwardedAnswers { answers }))
+}
+
+async fn decide_forwarded(state: &AppState, batched: BatchedPurchase) -> RelayedAnswer {
+    let request = parse_product_id(&batched.product_id).and_then(|product_id| {
+        let purchase = batched.purchase;
+        Ok(engine::PurchaseRequest {
+            product_id,
+            account_id: AccountId(purchase.account_id),
+            amount: super::model::positive_amount(purchase.amount)?,
+            idempotency_key: purchase.idempotency_key,
+            context: purchase.caller.context(),
+        })
+    });
+    let response = match request {
+        Ok(request) => products::purchase_here(state, request).await,
+        Err(error) => Err(error),
     };
-    products::purchase_here(&state, request).await
+    RelayedAnswer::of(response.unwrap_or_else(IntoResponse::into_response)).await
 }
 
 /// `POST /internal/v1/products/{product_id}/commands` (nodes only): a

@@ -55,7 +55,7 @@ use utoipa::{Modify, OpenApi};
         orders::cancel_payout,
         auditing::events,
         auditing::verify,
-        super::cluster::purchase,
+        super::cluster::purchases,
         super::cluster::command,
     ),
     components(schemas(super::error::ErrorBody)),

@@ -239,9 +239,9 @@ pub fn table() -> Vec<RouteSpec> {
             idempotency: Idempotency::None,
             ..route(
                 post_.clone(),
-                "/internal/v1/products/{product_id}/purchases",
+                "/internal/v1/purchases",
                 Node,
-                post(cluster::purchase),
+                post(cluster::purchases),
             )
         },
         RouteSpec {
