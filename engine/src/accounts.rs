@@ -162,10 +162,7 @@ impl AccountBook {
             let mut appends = Vec::new();
             // The states decided on, out of the cache until their append
             // commits (see `decide_account`).
-            let mut tentative: BTreeMap<
-                AccountId,
-                (Loaded<AccountState>, Vec<(usize, JobOutcome)>),
-            > = BTreeMap::new();
+            let mut tentative: BTreeMap<AccountId, Tentative> = BTreeMap::new();
             for account_id in undecided {
                 let guard = guards.get_mut(&account_id).expect("BUG: locked above");
                 let indexes = &by_account[&account_id];
@@ -314,6 +311,12 @@ impl AccountBook {
     }
 }
 
+/// A state decided on and the outcomes that hold once its append commits.
+type Tentative = (Loaded<AccountState>, Vec<(usize, JobOutcome)>);
+
+// One `Decided` per account per round, moved once: boxing the large
+// variant would cost an allocation and save nothing.
+#[allow(clippy::large_enum_variant)]
 enum Decided {
     /// Decide this account again next round.
     Retry,

@@ -120,7 +120,7 @@ impl LeaseStore for SoleNodeLeases {
     }
 }
 
-/// Leases in PostgreSQL's `product_leases` table (migration 0006).
+/// Leases in PostgreSQL's `product_leases` table (migration 0007).
 #[derive(Clone)]
 pub struct PostgresLeases {
     pool: PgPool,
