@@ -46,6 +46,9 @@ pub struct PurchaseReceipt {
     pub account_id: AccountId,
     /// Units bought.
     pub amount: Amount,
+    /// A log position at or after the order's confirmation: once the read
+    /// models reach it, they show the purchase.
+    pub position: i64,
 }
 
 /// A product's sale as the writer holds it.
@@ -324,6 +327,7 @@ impl ProductWriter {
             product_id: self.product_id.clone(),
             account_id,
             amount,
+            position: self.product.position,
         }
     }
 
@@ -407,6 +411,7 @@ impl ProductWriter {
                             .purchases_refused
                             .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
                         self.product.version = appended.last_version;
+                        self.product.position = self.product.position.max(appended.last_position);
                     }
                     Err(error) => {
                         self.on_append_failure(&error, settlements).await;
@@ -803,6 +808,7 @@ impl ProductWriter {
                 Ok(appended) => {
                     self.evolve_all(&events);
                     self.product.version = appended.last_version;
+                    self.product.position = self.product.position.max(appended.last_position);
                     if let ProductCommand::Release { order_id, .. } = command {
                         // A cancelled order may have been paid already; the
                         // refund is a no-op when it was not.

@@ -45,12 +45,19 @@ pub struct Progress {
     pub orders: i64,
     /// The last event reflected.
     pub position: i64,
+    /// Display name.
+    pub name: String,
+    /// When the sale first opened.
+    pub opened_at: Option<String>,
+    /// When the last of the quota was confirmed.
+    pub sold_out_at: Option<String>,
 }
 
 /// One product's progress.
 pub async fn progress(db: &ReadDb, product_id: &str) -> Result<Option<Progress>, ProjectionError> {
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
-                       position FROM sale_progress WHERE product_id = $1";
+                       position, name, opened_at, sold_out_at FROM sale_progress \
+                       WHERE product_id = $1";
     Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .fetch_optional(pool)
@@ -60,7 +67,8 @@ pub async fn progress(db: &ReadDb, product_id: &str) -> Result<Option<Progress>,
 /// Every product's progress, by product id.
 pub async fn all_progress(db: &ReadDb) -> Result<Vec<Progress>, ProjectionError> {
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
-                       position FROM sale_progress ORDER BY product_id LIMIT $1";
+                       position, name, opened_at, sold_out_at FROM sale_progress \
+                       ORDER BY product_id LIMIT $1";
     Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
         .bind(PROGRESS_LIST_MAX)
         .fetch_all(pool)
@@ -292,6 +300,67 @@ pub async fn payouts(
         .bind(product_id)
         .bind(status)
         .bind(PAYOUT_LIST_MAX)
+        .fetch_all(pool)
+        .await?))
+}
+
+/// Most payouts of one account listed at once.
+pub const ACCOUNT_PAYOUTS_MAX: i64 = 1_000;
+
+/// One account's payouts (index `payouts.by_account`), newest first.
+pub async fn account_payouts(
+    db: &ReadDb,
+    account_id: &str,
+) -> Result<Vec<PayoutView>, ProjectionError> {
+    const SQL: &str = "SELECT payout_id, product_id, account_id, amount, period, kind, status, \
+                       attempts, provider_ref FROM payouts WHERE account_id = $1 \
+                       ORDER BY created_at DESC, payout_id DESC LIMIT $2";
+    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+        .bind(account_id)
+        .bind(ACCOUNT_PAYOUTS_MAX)
+        .fetch_all(pool)
+        .await?))
+}
+
+/// Most orders of one account per page.
+pub const ACCOUNT_ORDERS_MAX: u32 = 1_000;
+
+/// One account's orders (index `orders.by_account`), newest first, at most
+/// `limit` (1 to `ACCOUNT_ORDERS_MAX`; callers validate it).
+pub async fn account_orders(
+    db: &ReadDb,
+    account_id: &str,
+    limit: u32,
+) -> Result<Vec<Order>, ProjectionError> {
+    assert!(
+        (1..=ACCOUNT_ORDERS_MAX).contains(&limit),
+        "BUG: the orders page limit must be validated by the caller"
+    );
+    const SQL: &str = "SELECT order_id, product_id, account_id, amount, status, reason, created_at \
+                       FROM orders WHERE account_id = $1 \
+                       ORDER BY created_at DESC, order_id DESC LIMIT $2";
+    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?))
+}
+
+/// Most accounts a search by deposit reference names.
+pub const REFERENCE_MATCHES_MAX: i64 = 20;
+
+/// The accounts that received a deposit with this reference (references
+/// are unique per account, not across accounts), by the index
+/// `ledger_entries.by_reference`.
+pub async fn accounts_by_deposit_reference(
+    db: &ReadDb,
+    reference: &str,
+) -> Result<Vec<String>, ProjectionError> {
+    const SQL: &str = "SELECT DISTINCT account_id FROM ledger_entries \
+                       WHERE reference = $1 AND kind = 'deposit' ORDER BY account_id LIMIT $2";
+    Ok(on_reader!(db, |pool| sqlx::query_scalar(SQL)
+        .bind(reference)
+        .bind(REFERENCE_MATCHES_MAX)
         .fetch_all(pool)
         .await?))
 }

@@ -88,6 +88,8 @@ const USER_INSERT: &str = "INSERT INTO users \
 const USER_DELETE: &str = "DELETE FROM users WHERE user_id = $1";
 const USER_BY_NAME: &str = "SELECT user_id, username, password_hash, role, account_id \
      FROM users WHERE username = $1";
+const USER_BY_ACCOUNT: &str = "SELECT user_id, username FROM users WHERE account_id = $1 \
+     ORDER BY user_id LIMIT 1";
 const USER_COUNT: &str = "SELECT COUNT(*) FROM users";
 const SESSION_INSERT: &str = "INSERT INTO sessions \
      (token_hash, user_id, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4)";
@@ -233,6 +235,18 @@ impl AccessDb {
                 account_id,
             },
         ))
+    }
+
+    /// The user (id and username) an account belongs to, by the index
+    /// `users_by_account`.
+    pub async fn user_by_account(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<(String, String)>, sqlx::Error> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(USER_BY_ACCOUNT)
+            .bind(account_id)
+            .fetch_optional(pool)
+            .await?))
     }
 
     /// How many users exist.

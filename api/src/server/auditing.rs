@@ -3,7 +3,8 @@
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use crate::audit::ExportedEvent;
+use super::model::{PathText, ProgressResponse};
+use crate::audit::{AsOf, ExportedEvent};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -130,5 +131,78 @@ pub async fn verify(State(state): State<AppState>) -> Result<Json<VerifyResponse
         events_checked: report.events_checked,
         first_bad_position: report.first_bad_position,
         head_hash: report.head_hash,
+    }))
+}
+
+/// `?as_of=` of a product's progress in history.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressAsOfParams {
+    /// A log position, or an RFC 3339 time: the sale as it stood then.
+    pub as_of: String,
+}
+
+/// `GET /v1/audit/products/{product_id}/progress?as_of=` (auditor): a
+/// product's sale progress as it stood at a position or time, folded by
+/// the product's own decider from its stream (not from the read model, so
+/// it can be set beside the read model's figures). 404 when the product
+/// was not listed by then.
+#[utoipa::path(get, path = "/v1/audit/products/{product_id}/progress", tag = "audit",
+    security(("bearer" = [])),
+    params(("product_id" = String, Path, description = "The product",
+        pattern = r"^[A-Za-z0-9._-]{1,64}$"), ProgressAsOfParams),
+    responses((status = 200, body = ProgressResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn progress_as_of(
+    State(state): State<AppState>,
+    PathText(product_id): PathText,
+    params: Result<Query<ProgressAsOfParams>, QueryRejection>,
+) -> Result<Json<ProgressResponse>, ApiError> {
+    use domain::Decider;
+    use domain::product::{ProductEvent, ProductSale, SaleStatus};
+    let product_id = super::handlers::parse_product_id(&product_id)?;
+    let Query(params) = params
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid query: {}", e.body_text())))?;
+    let as_of: AsOf = params.as_of.parse().map_err(ApiError::InvalidRequest)?;
+    let events = state.store.read_stream_to_end(&product_id.stream()).await?;
+    let mut sale = domain::product::ProductState::default();
+    let (mut position, mut opened_at, mut sold_out_at) = (0, None, None);
+    for recorded in events.iter().filter(|e| as_of.covers(e)) {
+        let event = engine::aggregate::decode::<ProductSale>(recorded)?;
+        let time = projections::envelope::time_text(recorded.recorded_at);
+        if matches!(event, ProductEvent::SaleOpened {}) && opened_at.is_none() {
+            opened_at = Some(time.clone());
+        }
+        sale = ProductSale::evolve(sale, &event);
+        let sold_out = sale
+            .sale
+            .as_ref()
+            .is_some_and(|s| s.status() == SaleStatus::SoldOut);
+        if sold_out && sold_out_at.is_none() {
+            sold_out_at = Some(time);
+        }
+        position = recorded.position;
+    }
+    let sale = sale.sale.ok_or(ApiError::NotFound)?;
+    let status = match sale.status() {
+        SaleStatus::Closed => "closed",
+        SaleStatus::Open => "open",
+        SaleStatus::FullyReserved => "fully_reserved",
+        SaleStatus::SoldOut => "sold_out",
+    };
+    Ok(Json(ProgressResponse {
+        product_id: product_id.as_str().to_owned(),
+        quota: sale.terms.quota.minor(),
+        confirmed: sale.confirmed.minor(),
+        reserved: sale.pending.minor(),
+        available: sale.available().minor(),
+        status: status.to_owned(),
+        orders: i64::try_from(sale.confirmed_orders).expect("BUG: orders fit in i64"),
+        position,
+        name: sale.terms.name.clone(),
+        opened_at,
+        sold_out_at,
     }))
 }

@@ -69,6 +69,8 @@ pub struct Rule {
     pub access: Access,
     /// Its idempotency rule.
     pub idempotency: Idempotency,
+    /// The read models it reads (`min_position` waits for them).
+    pub reads: &'static [projections::Projection],
 }
 
 /// The guard's state: the app and the route's rule.
@@ -108,6 +110,34 @@ pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
     response
 }
 
+/// The Content-Security-Policy of every answer: scripts, styles and calls
+/// only from this origin, no inline script or style, no plugins, no
+/// framing, no `<base>` rewriting. (`data:` images: the pages' empty icon.)
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// Puts the security headers on every answer: the CSP, no MIME sniffing,
+/// no framing, and no referrer (a page's address never leaks anywhere).
+pub async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
 /// Runs before every handler.
 pub async fn guard(State(guarded): State<Guarded>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -144,6 +174,7 @@ async fn admit(
     let roles = match rule.access {
         Access::Public => {
             state.limit_rate(&format!("ip:{address}"))?;
+            wait_for_min_position(state, rule, &mut request).await?;
             return Ok(next.run(request).await);
         }
         Access::Roles(roles) => roles,
@@ -155,6 +186,7 @@ async fn admit(
         return Err(ApiError::Forbidden);
     }
     request.extensions_mut().insert(caller.clone());
+    wait_for_min_position(state, rule, &mut request).await?;
     if request.method() != Method::POST || rule.idempotency == Idempotency::None {
         return Ok(next.run(request).await);
     }
@@ -166,6 +198,39 @@ async fn admit(
         )),
         (None, _) => Ok(next.run(request).await),
     }
+}
+
+/// On a route that reads read models: takes `min_position` out of the
+/// query and waits until those read models reach it (`fresh`).
+async fn wait_for_min_position(
+    state: &AppState,
+    rule: Rule,
+    request: &mut Request,
+) -> Result<(), ApiError> {
+    if rule.reads.is_empty() {
+        return Ok(());
+    }
+    let Some(query) = request.uri().query() else {
+        return Ok(());
+    };
+    let (min_position, rest) = super::fresh::take_min_position(query)?;
+    let Some(min_position) = min_position else {
+        return Ok(());
+    };
+    let path_and_query = if rest.is_empty() {
+        request.uri().path().to_owned()
+    } else {
+        format!("{}?{rest}", request.uri().path())
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest("malformed query".into()))?,
+    );
+    *request.uri_mut() = axum::http::Uri::from_parts(parts)
+        .map_err(|_| ApiError::InvalidRequest("malformed query".into()))?;
+    super::fresh::wait_for(state, rule.reads, min_position).await
 }
 
 /// The caller a token stands for. Only a token the caches do not know costs

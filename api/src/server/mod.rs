@@ -5,6 +5,7 @@ pub mod auditing;
 pub mod auth;
 pub mod error;
 pub mod feed;
+pub mod fresh;
 pub mod guard;
 pub mod handlers;
 pub mod keys;
@@ -14,6 +15,7 @@ pub mod openapi;
 pub mod orders;
 pub mod products;
 pub mod routes;
+pub mod support;
 pub mod throttle;
 pub mod transport;
 pub mod users;
@@ -314,13 +316,25 @@ impl Server {
         limits: Limits,
         settings: EngineSettings,
     ) -> anyhow::Result<Server> {
+        Server::start_with_runner(backend, log, limits, settings, RunnerOptions::default()).await
+    }
+
+    /// Like `start_with_log`, with these projection runner options (tests
+    /// inject faults before the runner's commits with them).
+    pub async fn start_with_runner(
+        backend: &Backend,
+        log: &LogLocation,
+        limits: Limits,
+        settings: EngineSettings,
+        runner_options: RunnerOptions,
+    ) -> anyhow::Result<Server> {
         handlers::prometheus();
         let store: Arc<dyn EventStore> =
             Arc::new(metered::MeteredStore::new(log.open(backend).await?));
         let db = ReadDb::open(backend).await?;
         projections::prepare(store.clone(), &db).await?;
         let access = AccessDb::open(backend).await?;
-        let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
+        let runner = Runner::start(store.clone(), db.clone(), runner_options);
         let statuses = runner.statuses();
         let recovery_period = settings.recovery_period;
         let engine = Engine::new(store.clone(), Arc::new(SystemClock), settings);
@@ -439,6 +453,7 @@ impl Server {
                     }),
             )
             .layer(axum::middleware::from_fn(guard::sanitize_request_id))
+            .layer(axum::middleware::from_fn(guard::security_headers))
             .layer(axum::middleware::from_fn(guard::close_after_unread_body))
     }
 

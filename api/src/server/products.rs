@@ -57,16 +57,18 @@ pub async fn create(
         product_id: product_id.clone(),
         terms,
     };
-    state
+    let appended = state
         .engine
         .product_command(&product_id, command, context)
         .await
         .map_err(ApiError::from)?;
+    let position = position_reached(&state, appended).await?;
     tracing::info!(product_id = product_id.as_str(), "product listed");
     Ok((
         StatusCode::CREATED,
         Json(CreateProductResponse {
             product_id: product_id.as_str().to_owned(),
+            position,
         }),
     ))
 }
@@ -143,11 +145,12 @@ async fn switch(
     result: &str,
 ) -> Result<Json<ProductStateResponse>, ApiError> {
     let product_id = parse_product_id(&product_id)?;
-    state
+    let appended = state
         .engine
         .product_command(&product_id, command, context)
         .await
         .map_err(ApiError::from)?;
+    let position = position_reached(&state, appended).await?;
     tracing::info!(
         product_id = product_id.as_str(),
         state = result,
@@ -156,7 +159,21 @@ async fn switch(
     Ok(Json(ProductStateResponse {
         product_id: product_id.as_str().to_owned(),
         state: result.to_owned(),
+        position,
     }))
+}
+
+/// The log position a command reached: its append's last event, or, when
+/// the command was already satisfied and appended nothing, the log's head
+/// (which is at or after whatever satisfied it).
+pub async fn position_reached(
+    state: &AppState,
+    appended: Option<store::Appended>,
+) -> Result<i64, ApiError> {
+    match appended {
+        Some(appended) => Ok(appended.last_position),
+        None => Ok(state.store.head().await?),
+    }
 }
 
 /// `POST /v1/products/{product_id}/purchases` (customer; `Idempotency-Key`
@@ -216,6 +233,7 @@ pub async fn purchase(
             account_id: receipt.account_id.to_string(),
             amount: receipt.amount.minor(),
             status: "confirmed".into(),
+            position: receipt.position,
         }),
     ))
 }

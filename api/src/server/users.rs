@@ -110,6 +110,7 @@ pub async fn create(
     auth::validate_password(&request.password)
         .map_err(|why| ApiError::InvalidRequest(why.into()))?;
     let account_id = (request.role == Role::Customer).then(|| AccountId(Uuid::now_v7()));
+    let mut position = None;
     let created = state
         .auth
         .create_user(
@@ -127,14 +128,19 @@ pub async fn create(
             account_id,
             currency: Currency::CNY,
         };
-        if let Err(error) = state
+        match state
             .engine
             .account_command(account_id, open, context)
             .await
         {
-            // Without its account the user could not buy: take it back.
-            state.access.delete_user(&created.user_id).await?;
-            return Err(ApiError::from(error));
+            Ok(appended) => {
+                position = Some(super::products::position_reached(&state, appended).await?);
+            }
+            Err(error) => {
+                // Without its account the user could not buy: take it back.
+                state.access.delete_user(&created.user_id).await?;
+                return Err(ApiError::from(error));
+            }
         }
     }
     tracing::info!(user_id = %created.user_id, role = request.role.as_str(), "user created");
@@ -143,13 +149,14 @@ pub async fn create(
         Json(CreateUserResponse {
             user_id: created.user_id,
             account_id: created.account_id,
+            position,
         }),
     ))
 }
 
 /// An account id from a path; a customer may only name their own (another
 /// is answered as if it did not exist).
-fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
+pub fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
     let account_id = Uuid::parse_str(text)
         .map(AccountId)
         .map_err(|_| ApiError::InvalidRequest("account_id is not a UUID".into()))?;
