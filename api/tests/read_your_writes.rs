@@ -273,8 +273,8 @@ async fn stale_reads(kind: Kind) {
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     assert_eq!(answer.body["available"], DEPOSIT + 5, "{answer:?}");
 
-    // A position nothing has reached yet is stale at once; a malformed one
-    // is refused.
+    // A position no write reached (beyond the head) and a malformed one are
+    // refused at once.
     let head = api.server.state.store.head().await.unwrap();
     let future = api
         .get(
@@ -282,7 +282,11 @@ async fn stale_reads(kind: Kind) {
             &customer.token,
         )
         .await;
-    assert_eq!(future.code(), "stale", "{future:?}");
+    assert_eq!(
+        (future.status, future.code()),
+        (StatusCode::BAD_REQUEST, "invalid_request"),
+        "{future:?}"
+    );
     for bad in ["-1", "x", "1&min_position=2", ""] {
         let reply = api
             .get(

@@ -61,9 +61,10 @@ pub fn take_min_position(query: &str) -> Result<(Option<i64>, String), ApiError>
 }
 
 /// Waits until every one of `projections` has reached `min_position`;
-/// 503 `stale` when they have not within `MIN_POSITION_WAIT_MAX`, at once
-/// when the position is beyond the log's head (nothing written reached it,
-/// so no read model can).
+/// 503 `stale` when they have not within `MIN_POSITION_WAIT_MAX`. A
+/// position beyond the log's head is 400 at once: a write answers only
+/// once it committed, so no write's position is ever beyond the head, and
+/// such a position is made up (waiting for it would only hold a request).
 pub async fn wait_for(
     state: &AppState,
     projections: &[Projection],
@@ -77,8 +78,11 @@ pub async fn wait_for(
     if reached_in_memory() {
         return Ok(());
     }
-    if min_position > state.store.head().await? {
-        return Err(ApiError::Stale(STALE_RETRY_AFTER_SECONDS));
+    let head = state.store.head().await?;
+    if min_position > head {
+        return Err(ApiError::InvalidRequest(format!(
+            "min_position {min_position} is beyond the log's head ({head}): no write reached it"
+        )));
     }
     let deadline = Instant::now() + MIN_POSITION_WAIT_MAX;
     let mut next_checkpoint_read = Instant::now();

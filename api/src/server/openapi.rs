@@ -107,8 +107,9 @@ impl Modify for GuardResponses {
             if operation.request_body.is_some() {
                 statuses.extend([400, 408, 413]);
             }
-            // A read of read models takes `min_position` (a malformed one is
-            // 400; one not reached in time is 503 `stale`).
+            // A read of read models takes `min_position` (a malformed one,
+            // or one beyond the log's head, is 400; one not reached in time
+            // is 503 `stale`).
             if !route.reads.is_empty() {
                 operation
                     .parameters
@@ -159,7 +160,8 @@ fn min_position_parameter() -> Parameter {
         .required(Required::False)
         .description(Some(
             "Answer only once the read model reflects the log up to this position (a \
-             write's `position`); waits at most 2 s, else 503 `stale` with `Retry-After`",
+             write's `position`); waits at most 2 s, else 503 `stale` with `Retry-After`; \
+             a position beyond the log's head is 400",
         ))
         .schema(Some(
             ObjectBuilder::new()
