@@ -380,6 +380,15 @@ return {
       reserved: section.querySelector(".bar .reserved")?.style.width ?? null,
     },
     px: { bar: box(".bar"), confirmed: box(".bar .confirmed"), reserved: box(".bar .reserved") },
+    chartInk: (() => {
+      // Pixels of the chart's bars actually drawn (green), not just data.
+      const canvas = section.querySelector("canvas.chart");
+      if (!canvas || canvas.width === 0) return 0;
+      const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      let ink = 0;
+      for (let i = 0; i < pixels.length; i += 4) if (pixels[i + 3] > 0 && pixels[i + 1] > pixels[i] + 40) ink++;
+      return ink;
+    })(),
   },
 };
 """
@@ -682,6 +691,9 @@ def check_support(api, admin_token, product_id, console, args, passed):
         raise CheckFailed(f"the order {order_id} or the ledger is missing: {shown}")
     passed(f"support found {XSS_USERNAME!r} by username, shown as text (no element made of it); "
            f"balances and {shown['ledger']} ledger entries shown")
+    if args.screenshot_dir:
+        console.js("window.scrollTo(0, 0);")
+        console.driver.screenshot(os.path.join(args.screenshot_dir, "console-search.png"))
 
     # Found by the order id, its timeline opens by itself.
     console.search(order_id)
@@ -927,8 +939,8 @@ def run(args, results):
             f" + available {after['text']['available']} = quota {after['text']['quota']})"
         )
         charted = page.wait(
-            "the orders/s chart to move",
-            lambda s: int(s["section"]["data"].get("chartNonzero") or 0) > 0, 10,
+            "the orders/s chart to draw the batch",
+            lambda s: int(s["section"]["data"].get("chartNonzero") or 0) > 0 and s["section"]["chartInk"] > 0, 10,
         )["section"]
         if charted["text"]["name"] != "Browser test note":
             raise CheckFailed(f"the card shows {charted['text']['name']!r}, not the product's name")
@@ -936,7 +948,8 @@ def run(args, results):
             raise CheckFailed(f"time since opening shows {charted['data'].get('sinceOpen')!r}")
         passed(
             f"card shows the name {charted['text']['name']!r}, open for {charted['data']['sinceOpen']}; "
-            f"the chart has {charted['data']['chartNonzero']} non-zero point(s) of {charted['data']['chartPoints']}"
+            f"the chart has {charted['data']['chartNonzero']} non-zero bar(s) of {charted['data']['chartPoints']} "
+            f"({charted['chartInk']} px drawn)"
         )
         if args.screenshot_dir:
             driver.screenshot(os.path.join(args.screenshot_dir, "dashboard-selling.png"))

@@ -230,9 +230,57 @@ async fn pages_are_strict(api: &TestApi) {
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 }
 
+/// A verification walks in the background; its progress, then its result,
+/// are read back by id.
+async fn verifies_in_the_background(api: &TestApi) {
+    let head = api.server.state.store.head().await.unwrap();
+    let started = api
+        .post("/v1/audit/verifications", &api.admin, json!({}))
+        .await;
+    assert_eq!(started.status, StatusCode::ACCEPTED, "{started:?}");
+    assert!(
+        started.body["head"].as_i64().unwrap() >= head,
+        "{started:?}"
+    );
+    let id = started.body["verification_id"].as_str().unwrap().to_owned();
+    let mut job = started.body;
+    for _ in 0..500 {
+        if job["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let reply = api
+            .get(&format!("/v1/audit/verifications/{id}"), &api.admin)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        job = reply.body;
+    }
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["result"]["ok"], true, "{job}");
+    assert_eq!(job["result"]["first_bad_position"], Value::Null, "{job}");
+    assert!(
+        job["result"]["events_checked"].as_u64().unwrap() >= head as u64,
+        "{job}"
+    );
+    assert!(job["checked_position"].as_i64().unwrap() >= head, "{job}");
+    let unknown = api
+        .get(
+            "/v1/audit/verifications/00000000-0000-0000-0000-000000000000",
+            &api.admin,
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{unknown:?}");
+    let helper = api.login("helper", "helper-password").await;
+    let refused = api
+        .post("/v1/audit/verifications", &helper, json!({}))
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+}
+
 async fn console(api: &TestApi) {
     finds_customers(api).await;
     pages_are_strict(api).await;
+    verifies_in_the_background(api).await;
 }
 
 on_both_backends!(console_reads_on_sqlite, console_reads_on_postgres, console);

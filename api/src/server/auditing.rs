@@ -39,7 +39,7 @@ pub struct EventsResponse {
 }
 
 /// What a walk of the chain found.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VerifyResponse {
     /// True when every stored hash matches.
     pub ok: bool,
@@ -205,4 +205,155 @@ pub async fn progress_as_of(
         opened_at,
         sold_out_at,
     }))
+}
+
+/// Chain verifications kept in memory, newest first; older ones are
+/// forgotten (their results were answered to whoever watched them).
+pub const VERIFICATIONS_KEPT_MAX: usize = 16;
+
+/// One walk of the chain started by `POST /v1/audit/verifications`, with
+/// its progress.
+#[derive(Debug)]
+struct Verification {
+    id: String,
+    head: i64,
+    started_at: String,
+    checked_position: std::sync::atomic::AtomicI64,
+    outcome: std::sync::Mutex<Option<Result<VerifyResponse, String>>>,
+}
+
+/// The node's chain verifications: at most one walks at a time.
+#[derive(Debug, Default)]
+pub struct Verifications {
+    jobs: std::sync::Mutex<std::collections::VecDeque<std::sync::Arc<Verification>>>,
+}
+
+/// A verification as answered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VerificationResponse {
+    /// Its id.
+    pub verification_id: String,
+    /// `running`, `done` (see `result`) or `failed` (see `error`).
+    pub state: String,
+    /// The log's head when it started: it walks up to here at least.
+    pub head: i64,
+    /// The last position checked so far.
+    pub checked_position: i64,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// The walk's result, once done.
+    pub result: Option<VerifyResponse>,
+    /// Why it could not finish, if it failed.
+    pub error: Option<String>,
+}
+
+impl Verification {
+    fn answer(&self) -> VerificationResponse {
+        let outcome = self.outcome.lock().expect("BUG: poisoned").clone();
+        let (state, result, error) = match outcome {
+            None => ("running", None, None),
+            Some(Ok(result)) => ("done", Some(result), None),
+            Some(Err(error)) => ("failed", None, Some(error)),
+        };
+        VerificationResponse {
+            verification_id: self.id.clone(),
+            state: state.to_owned(),
+            head: self.head,
+            checked_position: self
+                .checked_position
+                .load(std::sync::atomic::Ordering::Relaxed),
+            started_at: self.started_at.clone(),
+            result,
+            error,
+        }
+    }
+}
+
+/// `POST /v1/audit/verifications` (auditor): starts walking the chain in
+/// the background and answers at once, so a page can show the walk's
+/// progress; while one runs, answers that one.
+#[utoipa::path(post, path = "/v1/audit/verifications", tag = "audit", security(("bearer" = [])),
+    responses((status = 202, body = VerificationResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 501, body = ErrorBody)))]
+pub async fn start_verification(
+    State(state): State<AppState>,
+) -> Result<(axum::http::StatusCode, Json<VerificationResponse>), ApiError> {
+    if !state.store.keeps_hash_chain() {
+        return Err(ApiError::NotSupported(
+            "this event store keeps no hash chain".into(),
+        ));
+    }
+    let head = state.store.head().await?;
+    let job = {
+        let mut jobs = state.verifications.jobs.lock().expect("BUG: poisoned");
+        if let Some(running) = jobs
+            .iter()
+            .find(|job| job.outcome.lock().expect("BUG: poisoned").is_none())
+        {
+            let answer = running.answer();
+            return Ok((axum::http::StatusCode::ACCEPTED, Json(answer)));
+        }
+        let job = std::sync::Arc::new(Verification {
+            id: uuid::Uuid::now_v7().to_string(),
+            head,
+            started_at: projections::envelope::time_text(chrono::Utc::now()),
+            checked_position: std::sync::atomic::AtomicI64::new(0),
+            outcome: std::sync::Mutex::new(None),
+        });
+        jobs.push_front(job.clone());
+        jobs.truncate(VERIFICATIONS_KEPT_MAX);
+        job
+    };
+    let answer = job.answer();
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let watched = job.clone();
+        let progress = move |position: i64| {
+            watched
+                .checked_position
+                .fetch_max(position, std::sync::atomic::Ordering::Relaxed);
+        };
+        let outcome = match store.verify_chain(&progress).await {
+            Ok(report) => {
+                if !report.ok {
+                    tracing::error!(first_bad_position = ?report.first_bad_position, "hash chain broken");
+                }
+                Ok(VerifyResponse {
+                    ok: report.ok,
+                    events_checked: report.events_checked,
+                    first_bad_position: report.first_bad_position,
+                    head_hash: report.head_hash,
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, "chain verification failed");
+                Err("the event store could not be read to the end; start again".to_owned())
+            }
+        };
+        *job.outcome.lock().expect("BUG: poisoned") = Some(outcome);
+    });
+    Ok((axum::http::StatusCode::ACCEPTED, Json(answer)))
+}
+
+/// `GET /v1/audit/verifications/{verification_id}` (auditor): a
+/// verification's progress, then its result (404 once forgotten).
+#[utoipa::path(get, path = "/v1/audit/verifications/{verification_id}", tag = "audit",
+    security(("bearer" = [])),
+    params(("verification_id" = String, Path, description = "The verification",
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")),
+    responses((status = 200, body = VerificationResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn verification(
+    State(state): State<AppState>,
+    PathText(verification_id): PathText,
+) -> Result<Json<VerificationResponse>, ApiError> {
+    let id = uuid::Uuid::parse_str(&verification_id)
+        .map_err(|_| ApiError::InvalidRequest("verification_id is not a UUID".into()))?
+        .to_string();
+    let jobs = state.verifications.jobs.lock().expect("BUG: poisoned");
+    jobs.iter()
+        .find(|job| job.id == id)
+        .map(|job| Json(job.answer()))
+        .ok_or(ApiError::NotFound)
 }

@@ -261,6 +261,8 @@ pub struct AppState {
     pub provider: Option<Arc<dyn engine::payouts::PaymentProvider>>,
     /// Failed authentications per address and username.
     pub throttle: throttle::Throttle,
+    /// Chain verifications walking (or walked) in the background.
+    pub verifications: Arc<auditing::Verifications>,
 }
 
 impl AppState {
@@ -367,6 +369,7 @@ impl Server {
             limits,
             limiter: Arc::new(RateLimiter::keyed(quota)),
             provider: None,
+            verifications: Arc::default(),
         };
         auth::warm_up().await;
         let housekeeping = tokio::spawn(housekeeping(state.clone()));

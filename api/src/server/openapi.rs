@@ -59,6 +59,8 @@ use utoipa::{Modify, OpenApi};
         auditing::events,
         auditing::verify,
         auditing::progress_as_of,
+        auditing::start_verification,
+        auditing::verification,
         support::search,
         support::account_orders,
         support::account_payouts,

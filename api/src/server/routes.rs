@@ -286,6 +286,18 @@ pub fn table() -> Vec<RouteSpec> {
             get(auditing::progress_as_of),
         ),
         route(
+            post_.clone(),
+            "/v1/audit/verifications",
+            Roles(AUDITORS),
+            post(auditing::start_verification),
+        ),
+        route(
+            get_.clone(),
+            "/v1/audit/verifications/{verification_id}",
+            Roles(AUDITORS),
+            get(auditing::verification),
+        ),
+        route(
             post_,
             "/v1/audit/verify",
             Roles(AUDITORS),

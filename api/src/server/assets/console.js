@@ -8,6 +8,7 @@
 (() => {
   const LEDGER_PAGE = 20;
   const EXPORT_PAGE = 1000;
+  const VERIFY_POLL_MS = 250;
   const READERS = ["support", "operator", "auditor", "admin"];
   const AUDITORS = ["auditor", "admin"];
   const ACTORS = ["operator", "admin"];
@@ -269,19 +270,28 @@
   }
 
   // ---- forensics --------------------------------------------------------
+  // Starts a walk of the chain on the server and follows its progress
+  // (the last position checked against the head it started from).
   async function verify() {
     $("verify").disabled = true;
     $("verify-result").hidden = true;
     $("verify-progress").hidden = false;
+    const bar = $("verify-progress").querySelector("progress");
+    bar.removeAttribute("value");
     const started = performance.now();
-    let head = null;
-    try { head = (await api("GET", "/readyz")).head; } catch { head = null; }
-    const tick = setInterval(() => {
-      const seconds = ((performance.now() - started) / 1000).toFixed(1);
-      $("verify-status").textContent = `walking the chain${head === null ? "" : ` up to position ${format(head)}`} · ${seconds}s`;
-    }, 200);
     try {
-      const report = await api("POST", "/v1/audit/verify");
+      let job = await api("POST", "/v1/audit/verifications");
+      while (job.state === "running") {
+        bar.max = Math.max(1, job.head);
+        bar.value = Math.min(job.checked_position, job.head);
+        const seconds = ((performance.now() - started) / 1000).toFixed(1);
+        $("verify-status").textContent =
+          `checked up to position ${format(job.checked_position)} of ${format(job.head)} · ${seconds}s`;
+        await new Promise((resolve) => setTimeout(resolve, VERIFY_POLL_MS));
+        job = await api("GET", `/v1/audit/verifications/${q(job.verification_id)}`);
+      }
+      if (job.state !== "done") throw new Error(job.error ?? "the verification failed");
+      const report = job.result;
       $("verify-ok").textContent = report.ok ? "ok: every hash matches" : "BROKEN: a stored event does not match its hash";
       $("verify-ok").className = report.ok ? "ok" : "bad";
       $("verify-checked").textContent = format(report.events_checked);
@@ -289,12 +299,10 @@
       $("verify-head-hash").textContent = report.head_hash ?? "–";
       $("verify-result").hidden = false;
       $("verify-result").dataset.ok = String(report.ok);
+      $("verify-progress").hidden = true;
     } catch (failure) {
       $("verify-status").textContent = failure.message;
     } finally {
-      clearInterval(tick);
-      $("verify-progress").hidden = $("verify-result").hidden;
-      if (!$("verify-result").hidden) $("verify-progress").hidden = true;
       $("verify").disabled = false;
     }
   }

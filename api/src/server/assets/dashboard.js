@@ -13,6 +13,7 @@
 const RATE_WINDOW_MS = 5000;
 const RATE_SAMPLE_MS = 1000;
 const CHART_SECONDS = 300;
+const CHART_SECONDS_MIN = 60;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 30000;
 const cards = new Map();
@@ -87,6 +88,9 @@ function clocks(entry) {
   root.dataset.sinceOpen = since.textContent;
 }
 
+// One bar a sample, newest at the right. The axis spans the samples kept
+// (at least CHART_SECONDS_MIN, at most CHART_SECONDS), so a sale that
+// started a minute ago fills the chart rather than its last pixels.
 function draw(entry) {
   const canvas = entry.root.querySelector(".chart");
   const width = canvas.clientWidth || canvas.width;
@@ -94,30 +98,17 @@ function draw(entry) {
   const context = canvas.getContext("2d");
   const { height } = canvas;
   context.clearRect(0, 0, canvas.width, height);
+  const span = Math.max(entry.chart.length, CHART_SECONDS_MIN);
+  const step = canvas.width / span;
   const peak = Math.max(1, ...entry.chart);
-  const step = canvas.width / (CHART_SECONDS - 1);
-  const offset = CHART_SECONDS - entry.chart.length;
-  context.strokeStyle = "#eceff1";
-  context.beginPath();
-  context.moveTo(0, height - 0.5);
-  context.lineTo(canvas.width, height - 0.5);
-  context.stroke();
-  context.strokeStyle = "#2e7d32";
-  context.fillStyle = "rgba(46, 125, 50, 0.15)";
-  context.lineWidth = 2;
-  context.beginPath();
+  context.fillStyle = "#eceff1";
+  context.fillRect(0, height - 1, canvas.width, 1);
+  context.fillStyle = "#2e7d32";
+  const offset = span - entry.chart.length;
   entry.chart.forEach((rate, i) => {
-    const x = (offset + i) * step;
-    const y = height - 2 - (height - 4) * rate / peak;
-    if (i === 0) context.moveTo(x, y); else context.lineTo(x, y);
+    const bar = Math.round((height - 2) * rate / peak);
+    if (bar > 0) context.fillRect((offset + i) * step, height - 1 - bar, Math.max(1, step - 1), bar);
   });
-  context.stroke();
-  if (entry.chart.length > 1) {
-    context.lineTo((offset + entry.chart.length - 1) * step, height);
-    context.lineTo(offset * step, height);
-    context.closePath();
-    context.fill();
-  }
   entry.root.querySelector(".peak").textContent = format(Math.round(Math.max(0, ...entry.chart)));
   entry.root.dataset.chartPoints = entry.chart.length;
   entry.root.dataset.chartNonzero = entry.chart.filter((r) => r > 0).length;
