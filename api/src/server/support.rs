@@ -94,26 +94,13 @@ pub async fn search(
             "q must be 1 to 200 characters without control characters".into(),
         ));
     }
-    let mut found: Vec<(String, MatchedBy, Option<String>)> = Vec::new();
+    let mut found: Vec<Found> = Vec::new();
     if let Some(user) = state.access.user_by_name(text).await?
         && let Some(account_id) = user.account_id
     {
         found.push((account_id, MatchedBy::Username, None));
     }
-    if let Ok(id) = Uuid::parse_str(text) {
-        let id = id.to_string();
-        if query::balance(&state.db, &id).await?.is_some() {
-            found.push((id.clone(), MatchedBy::AccountId, None));
-        }
-        if let Some(order) = query::order(&state.db, &id).await? {
-            found.push((order.account_id, MatchedBy::OrderId, Some(order.order_id)));
-        }
-    }
-    if domain::ids::validate_reference(text).is_ok() {
-        for account_id in query::accounts_by_deposit_reference(&state.db, text).await? {
-            found.push((account_id, MatchedBy::DepositReference, None));
-        }
-    }
+    found.extend(read_model_matches(&state.db, text).await?);
     let mut customers: Vec<CustomerMatch> = Vec::new();
     for (account_id, matched_by, order_id) in found {
         if customers.len() == SEARCH_RESULTS_MAX
@@ -131,6 +118,34 @@ pub async fn search(
         });
     }
     Ok(Json(SearchResponse { customers }))
+}
+
+/// An account found, how, and the order that matched.
+pub type Found = (String, MatchedBy, Option<String>);
+
+/// What the read models know the text as: an account id, an order id, a
+/// deposit reference (one indexed lookup each; the username is the API's
+/// own table).
+pub async fn read_model_matches(
+    db: &projections::ReadDb,
+    text: &str,
+) -> Result<Vec<Found>, projections::ProjectionError> {
+    let mut found = Vec::new();
+    if let Ok(id) = Uuid::parse_str(text) {
+        let id = id.to_string();
+        if query::balance(db, &id).await?.is_some() {
+            found.push((id.clone(), MatchedBy::AccountId, None));
+        }
+        if let Some(order) = query::order(db, &id).await? {
+            found.push((order.account_id, MatchedBy::OrderId, Some(order.order_id)));
+        }
+    }
+    if domain::ids::validate_reference(text).is_ok() {
+        for account_id in query::accounts_by_deposit_reference(db, text).await? {
+            found.push((account_id, MatchedBy::DepositReference, None));
+        }
+    }
+    Ok(found)
 }
 
 /// Paging of an account's orders.

@@ -187,7 +187,9 @@ pub async fn account(
         .map_err(|e| ApiError::InvalidRequest(format!("invalid query: {}", e.body_text())))?;
     if let Some(as_of) = params.as_of {
         let as_of: AsOf = as_of.parse().map_err(ApiError::InvalidRequest)?;
-        return balance_as_of(&state, account_id, as_of).await.map(Json);
+        return balance_as_of(state.store.as_ref(), &state.db, account_id, as_of)
+            .await
+            .map(Json);
     }
     query::balance(&state.db, &account_id.to_string())
         .await?
@@ -322,12 +324,13 @@ pub struct AsOfParams {
 /// An account's balances as of a point in history, folded from its own
 /// stream; `held` counts purchases debited then whose order was neither
 /// confirmed nor refunded then (from each order's timeline).
-async fn balance_as_of(
-    state: &AppState,
+pub async fn balance_as_of(
+    store: &dyn store::EventStore,
+    db: &projections::ReadDb,
     account_id: AccountId,
     as_of: AsOf,
 ) -> Result<AccountResponse, ApiError> {
-    let events = state.store.read_stream_to_end(&account_id.stream()).await?;
+    let events = store.read_stream_to_end(&account_id.stream()).await?;
     let mut account = domain::account::AccountState::default();
     let mut version = 0;
     for recorded in events.iter().filter(|e| as_of.covers(e)) {
@@ -343,8 +346,7 @@ async fn balance_as_of(
         if purchase.refunded {
             continue;
         }
-        let timeline =
-            query::timeline(&state.db, state.store.as_ref(), &order_id.to_string()).await?;
+        let timeline = query::timeline(db, store, &order_id.to_string()).await?;
         let confirmed = timeline.iter().any(|event| {
             let within = match as_of {
                 AsOf::Position(position) => event.position <= position,
