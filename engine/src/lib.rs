@@ -21,4 +21,4 @@ pub use context::RequestContext;
 pub use engine::{Engine, EngineSettings, PurchaseRequest, order_id_for};
 pub use error::{CommandError, PurchaseError};
 pub use stats::{EngineStats, StatsSnapshot};
-pub use writer::{PurchaseReceipt, SaleSnapshot};
+pub use writer::{Placed, PurchaseReceipt, SaleSnapshot};

@@ -46,9 +46,19 @@ pub struct PurchaseReceipt {
     pub account_id: AccountId,
     /// Units bought.
     pub amount: Amount,
-    /// A log position at or after the order's confirmation: once the read
-    /// models reach it, they show the purchase.
-    pub position: i64,
+}
+
+/// A confirmed purchase and where it can be seen: a log position at or
+/// after the order's confirmation (once the read models reach it, they show
+/// the purchase). The position is an observation, not part of the outcome:
+/// a retry answers the same receipt, possibly with a later position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The outcome.
+    pub receipt: PurchaseReceipt,
+    /// The writer's last known position of its product stream, at or after
+    /// the confirmation.
+    pub visible_at: i64,
 }
 
 /// A product's sale as the writer holds it.
@@ -70,7 +80,7 @@ pub struct SaleSnapshot {
     pub version: i64,
 }
 
-pub(crate) type PurchaseReply = oneshot::Sender<Result<PurchaseReceipt, PurchaseError>>;
+pub(crate) type PurchaseReply = oneshot::Sender<Result<Placed, PurchaseError>>;
 
 /// A purchase as queued for the writer.
 #[derive(Debug)]
@@ -99,7 +109,7 @@ enum Settlement {
 }
 
 enum Known {
-    Answer(Result<PurchaseReceipt, PurchaseError>),
+    Answer(Result<Placed, PurchaseError>),
     Pending,
 }
 
@@ -321,13 +331,15 @@ impl ProductWriter {
         None
     }
 
-    fn receipt(&self, order_id: OrderId, account_id: AccountId, amount: Amount) -> PurchaseReceipt {
-        PurchaseReceipt {
-            order_id,
-            product_id: self.product_id.clone(),
-            account_id,
-            amount,
-            position: self.product.position,
+    fn receipt(&self, order_id: OrderId, account_id: AccountId, amount: Amount) -> Placed {
+        Placed {
+            receipt: PurchaseReceipt {
+                order_id,
+                product_id: self.product_id.clone(),
+                account_id,
+                amount,
+            },
+            visible_at: self.product.position,
         }
     }
 

@@ -224,7 +224,8 @@ pub async fn purchase(
         Err(error) => outcome_label(error),
     };
     metrics::counter!("ledger_purchases_total", "outcome" => label).increment(1);
-    let receipt = outcome.map_err(purchase_error)?;
+    let placed = outcome.map_err(purchase_error)?;
+    let receipt = placed.receipt;
     Ok((
         StatusCode::CREATED,
         Json(PurchaseResponse {
@@ -233,7 +234,7 @@ pub async fn purchase(
             account_id: receipt.account_id.to_string(),
             amount: receipt.amount.minor(),
             status: "confirmed".into(),
-            position: receipt.position,
+            position: placed.visible_at,
         }),
     ))
 }
@@ -245,10 +246,10 @@ async fn buy(
     amount: Amount,
     idempotency_key: String,
     context: RequestContext,
-) -> Result<engine::PurchaseReceipt, PurchaseError> {
+) -> Result<engine::Placed, PurchaseError> {
     state
         .engine
-        .purchase(engine::PurchaseRequest {
+        .place(engine::PurchaseRequest {
             product_id,
             account_id,
             amount,
