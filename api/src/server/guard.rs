@@ -108,6 +108,29 @@ pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
     response
 }
 
+/// Runs a write to its end even if the caller hangs up. hyper drops a
+/// request's future when its connection closes; a write cut between two
+/// awaits (a user created and its account not yet opened, an idempotency
+/// key taken and its answer not yet stored, a payout run planned and its
+/// payouts not yet created) would be left half done. Writes therefore run
+/// in a task of their own, which the connection cannot cancel; reads
+/// (GET, HEAD, OPTIONS) are cancelled with their connection as usual. A
+/// panic in the task is raised again here, for the panic layer to answer.
+pub async fn run_to_completion(request: Request, next: Next) -> Response {
+    if request.method().is_safe() {
+        return next.run(request).await;
+    }
+    let span = tracing::Span::current();
+    let task = tokio::spawn(tracing::Instrument::instrument(next.run(request), span));
+    match task.await {
+        Ok(response) => response,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => {
+            ApiError::Internal(anyhow::anyhow!("request task ended: {error}")).into_response()
+        }
+    }
+}
+
 /// Runs before every handler.
 pub async fn guard(State(guarded): State<Guarded>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -401,6 +424,45 @@ impl<S: Send + Sync> FromRequestParts<S> for Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write whose caller hangs up half-way still runs to its end; a
+    /// read is cancelled with its connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_outlive_a_caller_that_hangs_up() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let finished = Arc::new(AtomicUsize::new(0));
+        let slow = {
+            let finished = finished.clone();
+            move || async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                "done"
+            }
+        };
+        let app = axum::Router::new()
+            .route("/slow", axum::routing::post(slow.clone()).get(slow))
+            .layer(axum::middleware::from_fn(run_to_completion));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/slow", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(50))
+            .build()
+            .unwrap();
+        assert!(client.get(&url).send().await.unwrap_err().is_timeout());
+        assert!(client.post(&url).send().await.unwrap_err().is_timeout());
+        // Both calls hung up after 50 ms; only the write reaches its end.
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while finished.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the write never finished");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The read, started first, would have ended by now had it run on.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1, "the read was cancelled");
+        server.abort();
+    }
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {

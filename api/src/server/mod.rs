@@ -412,6 +412,7 @@ impl Server {
     /// The HTTP service: the route table plus request ids and panic capture.
     pub fn router(&self) -> axum::Router {
         routes::router(self.state.clone())
+            .layer(axum::middleware::from_fn(guard::run_to_completion))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 handlers::panicked,
