@@ -843,3 +843,39 @@ impl KeyTx {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The purge's search for old keys goes through the age index, not a
+    /// scan of every key kept.
+    #[tokio::test]
+    async fn the_key_purge_finds_old_keys_by_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = AccessDb::open(&Backend::Sqlite(dir.path().join("ledger.db")))
+            .await
+            .unwrap();
+        let AccessDb::Sqlite(pool, _) = &db else {
+            unreachable!("opened on SQLite")
+        };
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN SELECT user_id, idempotency_key FROM idempotency_keys \
+             WHERE created_at_ms <= $1 AND (status IS NOT NULL OR locked_until_ms <= $2) LIMIT $3",
+        )
+        .bind(0_i64)
+        .bind(0_i64)
+        .bind(100_i64)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("USING INDEX idempotency_keys_created")),
+            "{details:?}"
+        );
+        db.close().await;
+    }
+}
