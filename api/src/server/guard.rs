@@ -178,6 +178,16 @@ async fn admit(
         return Err(ApiError::Forbidden);
     }
     request.extensions_mut().insert(caller.clone());
+    // A write naming a product that is not listed decides nothing: answered
+    // 404 from the engine's memory before its idempotency key is written,
+    // so a flood of made-up products costs no write at all.
+    if request.method() == Method::POST
+        && rule.path.starts_with(PRODUCT_ROUTES)
+        && let Some(product_id) = product_in_path(request.uri().path())
+        && !state.engine.is_listed(&product_id).await?
+    {
+        return Err(ApiError::NotFound);
+    }
     if request.method() != Method::POST || rule.idempotency == Idempotency::None {
         return Ok(next.run(request).await);
     }
@@ -189,6 +199,18 @@ async fn admit(
         )),
         (None, _) => Ok(next.run(request).await),
     }
+}
+
+/// Routes about one listed product.
+const PRODUCT_ROUTES: &str = "/v1/products/{product_id}/";
+
+/// The product a `/v1/products/{product_id}/...` path names, when the
+/// segment is a valid product id as written (anything else is left to the
+/// handler, which answers 400).
+fn product_in_path(path: &str) -> Option<domain::ProductId> {
+    let rest = path.strip_prefix("/v1/products/")?;
+    let segment = rest.split('/').next()?;
+    domain::ProductId::parse(segment).ok()
 }
 
 /// The caller a token stands for. Only a token the caches do not know costs
@@ -462,6 +484,16 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         assert_eq!(finished.load(Ordering::SeqCst), 1, "the read was cancelled");
         server.abort();
+    }
+
+    #[test]
+    fn product_ids_are_read_from_product_paths_only_when_valid() {
+        assert_eq!(
+            product_in_path("/v1/products/hot-1/purchases").map(|p| p.as_str().to_owned()),
+            Some("hot-1".to_owned())
+        );
+        assert!(product_in_path("/v1/products/%3Cx%3E/purchases").is_none());
+        assert!(product_in_path("/v1/orders/x").is_none());
     }
 
     #[test]

@@ -272,9 +272,10 @@ impl AppState {
         self.limiter
             .check_key(&client.to_owned())
             .map_err(|not_until| {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
+                // The limiter's own clock: a new one per refusal would be
+                // set up anew each time (it showed in profiles under floods).
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
                 metrics::counter!("ledger_rate_limited_total").increment(1);
                 ApiError::RateLimited(wait.as_secs().max(1))
             })
