@@ -356,10 +356,6 @@ impl PostgresEventStore {
     }
 }
 
-fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
-    row.raw()?.parse()
-}
-
 #[async_trait]
 impl EventStore for PostgresEventStore {
     async fn verify_chain(
@@ -397,17 +393,13 @@ impl EventStore for PostgresEventStore {
         after_version: i64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3",
+        sql::read_stream(
+            sql::Either::Postgres(&self.pool),
+            stream_id,
+            after_version,
+            clamp_limit(limit),
         )
-        .bind(stream_id)
-        .bind(after_version)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        .await
     }
 
     async fn read_all(
@@ -415,23 +407,11 @@ impl EventStore for PostgresEventStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-        )
-        .bind(after)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        sql::read_all(sql::Either::Postgres(&self.pool), after, clamp_limit(limit)).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(head)
+        sql::head(sql::Either::Postgres(&self.pool)).await
     }
 
     fn commits(&self) -> watch::Receiver<Position> {

@@ -16,7 +16,7 @@
 
 use crate::chain;
 use crate::error::StoreError;
-use crate::model::StreamAppend;
+use crate::model::{Position, RecordedEvent, StreamAppend};
 use crate::plan::Planned;
 use crate::rows::{RawEvent, metadata_text};
 use chrono::{DateTime, Utc};
@@ -298,6 +298,60 @@ pub(crate) fn event_rows<'a>(
         }
     }
     rows
+}
+
+/// A stream's events after a version, in version order (the same text on
+/// both backends).
+const STREAM_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, \
+     schema_version, data, metadata, recorded_at, hash \
+     FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3";
+
+/// The log's events after a position, in position order.
+const LOG_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, \
+     schema_version, data, metadata, recorded_at, hash \
+     FROM events WHERE position > $1 ORDER BY position LIMIT $2";
+
+/// Up to `limit` events of a stream after `after_version`, parsed.
+pub(crate) async fn read_stream(
+    pool: AnyPool<'_>,
+    stream_id: &str,
+    after_version: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    crate::on_backend!(pool, |pool| {
+        let rows = sqlx::query(STREAM_PAGE)
+            .bind(stream_id)
+            .bind(after_version)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        rows.iter().map(|row| row.raw()?.parse()).collect()
+    })
+}
+
+/// Up to `limit` events of the log after `after`, parsed.
+pub(crate) async fn read_all(
+    pool: AnyPool<'_>,
+    after: Position,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    crate::on_backend!(pool, |pool| {
+        let rows = sqlx::query(LOG_PAGE)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        rows.iter().map(|row| row.raw()?.parse()).collect()
+    })
+}
+
+/// The log's last position (0 when empty).
+pub(crate) async fn head(pool: AnyPool<'_>) -> Result<Position, StoreError> {
+    Ok(crate::on_backend!(pool, |pool| {
+        sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(pool)
+            .await?
+    }))
 }
 
 /// A page of stored rows, exactly as stored, with their hashes (the same

@@ -398,10 +398,6 @@ impl SqliteEventStore {
     }
 }
 
-fn parse_row(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, StoreError> {
-    row.raw()?.parse()
-}
-
 #[async_trait]
 impl EventStore for SqliteEventStore {
     async fn verify_chain(
@@ -439,17 +435,13 @@ impl EventStore for SqliteEventStore {
         after_version: i64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
+        sql::read_stream(
+            sql::Either::Sqlite(&self.read),
+            stream_id,
+            after_version,
+            clamp_limit(limit),
         )
-        .bind(stream_id)
-        .bind(after_version)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        .await
     }
 
     async fn read_all(
@@ -457,23 +449,11 @@ impl EventStore for SqliteEventStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
-        )
-        .bind(after)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        sql::read_all(sql::Either::Sqlite(&self.read), after, clamp_limit(limit)).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&self.read)
-            .await?;
-        Ok(head)
+        sql::head(sql::Either::Sqlite(&self.read)).await
     }
 
     fn commits(&self) -> watch::Receiver<Position> {
