@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
-use crate::sql::{self, RawRow};
+use crate::sql;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;

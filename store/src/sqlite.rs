@@ -9,7 +9,7 @@ use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, READ_LIMIT_MAX, clamp_limit, run_hook};
-use crate::sql::{self, RawRow, parse_uuid};
+use crate::sql::{self, parse_uuid};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::SqlitePool;
