@@ -16,7 +16,7 @@
 
 use crate::chain;
 use crate::error::StoreError;
-use crate::model::{Position, RecordedEvent, StreamAppend};
+use crate::model::{NewEvent, Position, RecordedEvent, StreamAppend};
 use crate::plan::Planned;
 use crate::rows::{RawEvent, metadata_text};
 use chrono::{DateTime, Utc};
@@ -235,6 +235,8 @@ impl<'q, O> BindArray<'q> for sqlx::query::QueryScalar<'q, Postgres, O, PgArgume
 /// One event as an append inserts it: its place, its stored text and its
 /// hash.
 pub(crate) struct EventRow<'a> {
+    /// The event as the caller gave it.
+    pub event: &'a NewEvent,
     pub stream_id: &'a str,
     pub version: i64,
     pub event_id: Uuid,
@@ -247,7 +249,8 @@ pub(crate) struct EventRow<'a> {
 
 /// The rows an append inserts for its planned streams, in order, each
 /// chained to the one before it from `previous` (the log's last hash), all
-/// recorded at `recorded_at`. Both SQL backends insert exactly these.
+/// recorded at `recorded_at`. Every backend that keeps the chain (SQLite,
+/// PostgreSQL, memory) inserts exactly these.
 pub(crate) fn event_rows<'a>(
     appends: &'a [StreamAppend],
     planned: &[Planned],
@@ -286,6 +289,7 @@ pub(crate) fn event_rows<'a>(
                 ),
             );
             rows.push(EventRow {
+                event,
                 stream_id: &append.stream_id,
                 version,
                 event_id: event.event_id,
