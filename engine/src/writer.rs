@@ -770,30 +770,12 @@ impl ProductWriter {
     /// right after `version_before` (even when answered as a duplicate), and
     /// its positions increase with them.
     fn appended(&mut self, version_before: i64, count: usize, appended: &Appended) {
-        let count = i64::try_from(count).expect("BUG: a batch's size fits i64");
-        assert!(count > 0, "BUG: an empty product append");
         assert_eq!(
             self.product.version, version_before,
             "BUG: product {} moved while its append was in flight",
             self.product_id
         );
-        assert!(
-            appended.first_version == version_before + 1
-                && appended.last_version == version_before + count,
-            "BUG: product {} appended {count} events after version {version_before} \
-             and the store answered versions {}..={} (duplicate: {})",
-            self.product_id,
-            appended.first_version,
-            appended.last_version,
-            appended.duplicate
-        );
-        assert!(
-            appended.last_position >= appended.first_position + (count - 1),
-            "BUG: product {} got positions {}..={} for {count} events",
-            self.product_id,
-            appended.first_position,
-            appended.last_position
-        );
+        check_product_append(&self.product_id, version_before, count, appended);
         self.product.version = appended.last_version;
         self.undurable = 0;
     }
@@ -899,6 +881,34 @@ impl ProductWriter {
     }
 }
 
+/// The store's answer to a product append of `count` events expected at
+/// `version_before`: the dense run of versions right after it, with
+/// positions growing at least as fast.
+fn check_product_append(
+    product_id: &ProductId,
+    version_before: i64,
+    count: usize,
+    appended: &Appended,
+) {
+    let count = i64::try_from(count).expect("BUG: a batch's size fits i64");
+    assert!(count > 0, "BUG: an empty product append");
+    assert!(
+        appended.first_version == version_before + 1
+            && appended.last_version == version_before + count,
+        "BUG: product {product_id} appended {count} events after version {version_before} \
+         and the store answered versions {}..={} (duplicate: {})",
+        appended.first_version,
+        appended.last_version,
+        appended.duplicate
+    );
+    assert!(
+        appended.last_position >= appended.first_position + (count - 1),
+        "BUG: product {product_id} got positions {}..={} for {count} events",
+        appended.first_position,
+        appended.last_position
+    );
+}
+
 /// How a purchase of a batch was decided.
 enum Decided {
     /// Events of its own are in the batch.
@@ -966,5 +976,50 @@ fn refused_error(reason: RefusalReason, sale: &Sale) -> PurchaseError {
             min: sale.terms.min_purchase,
             max: sale.terms.max_purchase,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(versions: (i64, i64), positions: (i64, i64)) -> Appended {
+        Appended {
+            stream_id: "product-fund-a".into(),
+            first_version: versions.0,
+            last_version: versions.1,
+            first_position: positions.0,
+            last_position: positions.1,
+            duplicate: false,
+        }
+    }
+
+    fn product() -> ProductId {
+        ProductId::parse("fund-a").unwrap()
+    }
+
+    #[test]
+    fn an_append_right_after_the_decided_version_passes() {
+        check_product_append(&product(), 7, 3, &answer((8, 10), (100, 102)));
+        // Positions may leave gaps (EventStoreDB, rolled-back appends).
+        check_product_append(&product(), 0, 2, &answer((1, 2), (5, 900)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a appended 3 events after version 7")]
+    fn an_append_that_skips_a_version_is_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((9, 11), (100, 102)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a appended 3 events after version 7")]
+    fn an_append_that_goes_back_is_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((6, 8), (100, 102)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a got positions 100..=101 for 3 events")]
+    fn positions_denser_than_the_events_are_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((8, 10), (100, 101)));
     }
 }
