@@ -162,10 +162,7 @@ impl AccountBook {
             let mut appends = Vec::new();
             // The states decided on, out of the cache until their append
             // commits (see `decide_account`).
-            let mut tentative: BTreeMap<
-                AccountId,
-                (Loaded<AccountState>, Vec<(usize, JobOutcome)>),
-            > = BTreeMap::new();
+            let mut tentative: BTreeMap<AccountId, Tentative> = BTreeMap::new();
             for account_id in undecided {
                 let guard = guards.get_mut(&account_id).expect("BUG: locked above");
                 let indexes = &by_account[&account_id];
@@ -181,7 +178,7 @@ impl AccountBook {
                     }
                     Ok(Decided::Append(append, loaded, results)) => {
                         appends.push(append);
-                        tentative.insert(account_id, (loaded, results));
+                        tentative.insert(account_id, (*loaded, results));
                     }
                     Err(error) => {
                         last_error = error.to_string();
@@ -310,9 +307,13 @@ impl AccountBook {
             expected: expected_after(version_before),
             events: new_events,
         };
-        Ok(Decided::Append(append, loaded, results))
+        Ok(Decided::Append(append, Box::new(loaded), results))
     }
 }
+
+/// An account's state decided on and the outcomes that hold once its
+/// append commits.
+type Tentative = (Loaded<AccountState>, Vec<(usize, JobOutcome)>);
 
 enum Decided {
     /// Decide this account again next round.
@@ -321,5 +322,9 @@ enum Decided {
     Final(Vec<(usize, JobOutcome)>),
     /// Write this; the state (decided on, out of the cache) and the
     /// outcomes hold if it is appended.
-    Append(StreamAppend, Loaded<AccountState>, Vec<(usize, JobOutcome)>),
+    Append(
+        StreamAppend,
+        Box<Loaded<AccountState>>,
+        Vec<(usize, JobOutcome)>,
+    ),
 }
