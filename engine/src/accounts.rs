@@ -162,7 +162,7 @@ impl AccountBook {
             let mut appends = Vec::new();
             // The states decided on, out of the cache until their append
             // commits (see `decide_account`).
-            let mut tentative: Tentative = BTreeMap::new();
+            let mut tentative: BTreeMap<AccountId, Tentative> = BTreeMap::new();
             for account_id in undecided {
                 let guard = guards.get_mut(&account_id).expect("BUG: locked above");
                 let indexes = &by_account[&account_id];
@@ -311,9 +311,9 @@ impl AccountBook {
     }
 }
 
-/// The states a round decided on, by account, with their outcomes: out of
-/// the cache until their append commits.
-type Tentative = BTreeMap<AccountId, (Loaded<AccountState>, Vec<(usize, JobOutcome)>)>;
+/// An account's state decided on and the outcomes that hold once its
+/// append commits.
+type Tentative = (Loaded<AccountState>, Vec<(usize, JobOutcome)>);
 
 enum Decided {
     /// Decide this account again next round.

@@ -16,16 +16,6 @@ pub const TIMELINE_EVENTS_MAX: i64 = 1_000;
 /// Most payouts one list returns.
 pub const PAYOUT_LIST_MAX: i64 = 10_000;
 
-/// Runs the same query on whichever reader pool the database has.
-macro_rules! on_reader {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            ReadDb::Sqlite { read: $pool, .. } => $body,
-            ReadDb::Postgres { read: $pool, .. } => $body,
-        }
-    };
-}
-
 /// A product's sale progress (`confirmed + reserved + available = quota`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Progress {
@@ -58,7 +48,7 @@ pub async fn progress(db: &ReadDb, product_id: &str) -> Result<Option<Progress>,
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
                        position, name, opened_at, sold_out_at FROM sale_progress \
                        WHERE product_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .fetch_optional(pool)
         .await?))
@@ -69,7 +59,7 @@ pub async fn all_progress(db: &ReadDb) -> Result<Vec<Progress>, ProjectionError>
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
                        position, name, opened_at, sold_out_at FROM sale_progress \
                        ORDER BY product_id LIMIT $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(PROGRESS_LIST_MAX)
         .fetch_all(pool)
         .await?))
@@ -98,7 +88,7 @@ pub struct Balance {
 pub async fn balance(db: &ReadDb, account_id: &str) -> Result<Option<Balance>, ProjectionError> {
     const SQL: &str = "SELECT account_id, available, held, total_deposited, total_invested, \
                        total_paid_out, version FROM account_balances WHERE account_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .fetch_optional(pool)
         .await?))
@@ -116,7 +106,7 @@ pub async fn balances(
     const SQL: &str = "SELECT account_id, available, held, total_deposited, total_invested, \
                        total_paid_out, version FROM account_balances WHERE account_id > $1 \
                        ORDER BY account_id LIMIT $2";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(after_account_id)
         .bind(BALANCE_LIST_MAX)
         .fetch_all(pool)
@@ -172,7 +162,7 @@ pub async fn ledger(
                        payout_id, occurred_at FROM ledger_entries \
                        WHERE account_id = $1 AND position > $2 ORDER BY position, seq LIMIT $3";
     let wanted = i64::from(limit) + 1;
-    let mut entries: Vec<Entry> = on_reader!(db, |pool| sqlx::query_as(SQL)
+    let mut entries: Vec<Entry> = store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .bind(after)
         .bind(wanted)
@@ -209,7 +199,7 @@ pub struct Order {
 pub async fn order(db: &ReadDb, order_id: &str) -> Result<Option<Order>, ProjectionError> {
     const SQL: &str = "SELECT order_id, product_id, account_id, amount, status, reason, created_at \
                        FROM orders WHERE order_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(order_id)
         .fetch_optional(pool)
         .await?))
@@ -239,7 +229,7 @@ pub async fn timeline(
 ) -> Result<Vec<TimelineEvent>, ProjectionError> {
     const SQL: &str = "SELECT position FROM timeline_events WHERE correlation_id = $1 \
                        ORDER BY position LIMIT $2";
-    let positions: Vec<i64> = on_reader!(db, |pool| sqlx::query_scalar(SQL)
+    let positions: Vec<i64> = store::on_backend!(db.reader(), |pool| sqlx::query_scalar(SQL)
         .bind(correlation_id)
         .bind(TIMELINE_EVENTS_MAX)
         .fetch_all(pool)
@@ -296,7 +286,7 @@ pub async fn payouts(
                        attempts, provider_ref FROM payouts \
                        WHERE ($1 IS NULL OR product_id = $1) AND ($2 IS NULL OR status = $2) \
                        ORDER BY created_at, payout_id LIMIT $3";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .bind(status)
         .bind(PAYOUT_LIST_MAX)
@@ -315,7 +305,7 @@ pub async fn account_payouts(
     const SQL: &str = "SELECT payout_id, product_id, account_id, amount, period, kind, status, \
                        attempts, provider_ref FROM payouts WHERE account_id = $1 \
                        ORDER BY created_at DESC, payout_id DESC LIMIT $2";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .bind(ACCOUNT_PAYOUTS_MAX)
         .fetch_all(pool)
@@ -339,7 +329,7 @@ pub async fn account_orders(
     const SQL: &str = "SELECT order_id, product_id, account_id, amount, status, reason, created_at \
                        FROM orders WHERE account_id = $1 \
                        ORDER BY created_at DESC, order_id DESC LIMIT $2";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .bind(i64::from(limit))
         .fetch_all(pool)
@@ -358,7 +348,7 @@ pub async fn accounts_by_deposit_reference(
 ) -> Result<Vec<String>, ProjectionError> {
     const SQL: &str = "SELECT DISTINCT account_id FROM ledger_entries \
                        WHERE reference = $1 AND kind = 'deposit' ORDER BY account_id LIMIT $2";
-    Ok(on_reader!(db, |pool| sqlx::query_scalar(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_scalar(SQL)
         .bind(reference)
         .bind(REFERENCE_MATCHES_MAX)
         .fetch_all(pool)
@@ -370,8 +360,9 @@ pub async fn payout_status_counts(
     db: &ReadDb,
 ) -> Result<std::collections::BTreeMap<String, i64>, ProjectionError> {
     const SQL: &str = "SELECT status, COUNT(*) FROM payouts GROUP BY status";
-    let rows: Vec<(String, i64)> =
-        on_reader!(db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+    let rows: Vec<(String, i64)> = store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
+        .fetch_all(pool)
+        .await?);
     Ok(rows.into_iter().collect())
 }
 
@@ -404,7 +395,7 @@ pub async fn entitlement(
                        principal_scheduled, interest_days AS interest_days_scheduled, \
                        term_days - interest_days AS interest_days_remaining, position \
                        FROM sale_progress WHERE product_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .fetch_optional(pool)
         .await?))

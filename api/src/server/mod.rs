@@ -276,9 +276,10 @@ impl AppState {
         self.limiter
             .check_key(&client.to_owned())
             .map_err(|not_until| {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
+                // The limiter's own clock: a new one per refusal would be
+                // set up anew each time (it showed in profiles under floods).
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
                 metrics::counter!("ledger_rate_limited_total").increment(1);
                 ApiError::RateLimited(wait.as_secs().max(1))
             })
@@ -429,6 +430,7 @@ impl Server {
     /// The HTTP service: the route table plus request ids and panic capture.
     pub fn router(&self) -> axum::Router {
         routes::router(self.state.clone())
+            .layer(axum::middleware::from_fn(guard::run_to_completion))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 handlers::panicked,
