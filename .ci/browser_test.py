@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Browser check of the live progress dashboard (`GET /`).
+"""Browser check of the live progress dashboard (`GET /`) and the console (`GET /console`).
 
 Drives a running `ledger serve` through its HTTP API and watches the
 dashboard in headless Chromium through chromedriver. Uses only the Python
@@ -22,7 +22,19 @@ small loopback proxy in this script, so the stream can be cut):
      insufficient_quota on the way, one more refused as sold_out at the end)
      the page shows "sold out" and a full confirmed bar;
   6. orders/s falls back to 0 once nothing sells, the page is live, shows a
-     projection lag, and logged no console error.
+     projection lag, and logged no console error; the card shows the
+     product's name, the time since opening, and its orders/s chart moved
+     during the sale;
+  7. console, support: a support user finds a customer named
+     `<img src=x onerror=alert(1)>` by username (rendered as that text, no
+     element made of it), opens them, sees balances, the ledger, the order
+     and its timeline (who, role, request of each event); found by order id,
+     the timeline opens by itself;
+  8. console, auditor: verifying the chain shows ok and the head hash; after
+     a row of `events` is edited in the SQLite file behind the server's back,
+     verifying shows the edited position as the first bad one; balances and
+     sale progress as of a position; the export downloads every event;
+  9. every page is served with a strict Content-Security-Policy.
 
 Exits 0 when every check passed, 1 otherwise; prints a short summary.
 Only loopback addresses are contacted.
@@ -368,6 +380,15 @@ return {
       reserved: section.querySelector(".bar .reserved")?.style.width ?? null,
     },
     px: { bar: box(".bar"), confirmed: box(".bar .confirmed"), reserved: box(".bar .reserved") },
+    chartInk: (() => {
+      // Pixels of the chart's bars actually drawn (green), not just data.
+      const canvas = section.querySelector("canvas.chart");
+      if (!canvas || canvas.width === 0) return 0;
+      const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      let ink = 0;
+      for (let i = 0; i < pixels.length; i += 4) if (pixels[i + 3] > 0 && pixels[i + 1] > pixels[i] + 40) ink++;
+      return ink;
+    })(),
   },
 };
 """
@@ -533,6 +554,290 @@ class Sale:
             time.sleep(0.1)
 
 
+# --------------------------------------------------------------------------
+# The console (/console)
+
+XSS_USERNAME = "<img src=x onerror=alert(1)>"
+
+
+class Console:
+    """The console page driven through small scripts (fill, submit, read)."""
+
+    def __init__(self, driver, base):
+        self.driver = driver
+        self.base = base
+
+    def open(self):
+        self.driver.get(self.base + "/console")
+
+    def js(self, script, *args):
+        return self.driver.execute(script, *args)
+
+    def login(self, username, password):
+        self.open()
+        self.js(
+            """
+            document.getElementById("login-username").value = arguments[0];
+            document.getElementById("login-password").value = arguments[1];
+            document.getElementById("login-form").requestSubmit();
+            """,
+            username, password,
+        )
+        self.wait("the console to log in", "return !document.getElementById('app-view').hidden;", 10)
+
+    def wait(self, what, script, timeout, *args):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(script, *args)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                page = self.js("return document.body.innerText.slice(0, 1500);")
+                raise CheckFailed(f"timed out after {timeout}s waiting for {what}; the page reads: {page!r}")
+            time.sleep(0.1)
+
+    def search(self, text):
+        self.js(
+            """
+            document.getElementById("tab-customers").click();
+            document.getElementById("search-text").value = arguments[0];
+            document.getElementById("search-results").querySelector("tbody").replaceChildren();
+            document.getElementById("search-form").requestSubmit();
+            """,
+            text,
+        )
+
+
+def check_security_headers(base, passed):
+    for path in ("/", "/console", "/assets/console.js"):
+        request = urllib.request.Request(base + path)
+        with OPENER.open(request, timeout=10) as response:
+            csp = response.headers.get("Content-Security-Policy", "")
+            sniff = response.headers.get("X-Content-Type-Options", "")
+        for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'"):
+            if directive not in csp:
+                raise CheckFailed(f"GET {path}: Content-Security-Policy {csp!r} lacks {directive!r}")
+        if "unsafe-inline" in csp or "unsafe-eval" in csp or sniff != "nosniff":
+            raise CheckFailed(f"GET {path}: weak headers: CSP {csp!r}, X-Content-Type-Options {sniff!r}")
+    for path in ("/", "/console"):
+        with OPENER.open(urllib.request.Request(base + path), timeout=10) as response:
+            page = response.read().decode()
+        if "<script>" in page or " on" + "click=" in page or "style=" in page:
+            raise CheckFailed(f"GET {path} has inline script or style")
+    passed("pages and assets carry a strict Content-Security-Policy; no inline script or style")
+
+
+def check_no_console_errors(driver, passed):
+    errors = [e.get("message", "") for e in driver.browser_log() if e.get("level") == "SEVERE"]
+    if errors:
+        raise CheckFailed("the console page logged errors: " + "; ".join(errors))
+    passed("the console logged no error (no CSP violation, no failed load)")
+
+
+def check_support(api, admin_token, product_id, console, args, passed):
+    password = f"pw-{uuid.uuid4().hex}"
+    _, created = api.call(
+        "POST", "/v1/users", {"username": XSS_USERNAME, "password": password, "role": "customer"},
+        token=admin_token, expect=(201,),
+    )
+    account = created["account_id"]
+    api.call("POST", f"/v1/accounts/{account}/deposits", {"amount": 500_000, "reference": "xss-probe-deposit"},
+             token=admin_token, expect=(201,))
+    # The product is sold out: the probe buys into a product of its own.
+    probe_product = product_id + ".support"
+    api.call("POST", "/v1/products", {"product_id": probe_product, "name": "Support probe <b>fund</b>",
+             "quota": 1_000_000, "min_purchase": 100, "max_purchase": 100_000, "annual_rate_bps": 300,
+             "term_days": 30}, token=admin_token, expect=(201,))
+    api.call("POST", f"/v1/products/{probe_product}/open", token=admin_token, expect=(200,))
+    token = login(api, XSS_USERNAME, password)["token"]
+    _, bought = api.call("POST", f"/v1/products/{probe_product}/purchases", {"amount": 12_300}, token=token,
+                         headers={"Idempotency-Key": "xss-probe-order", "X-Request-Id": "browser-probe-req"},
+                         expect=(201,))
+    order_id = bought["order_id"]
+    # Read our own write: the order is in the read models before the page looks.
+    api.call("GET", f"/v1/orders/{order_id}?min_position={bought['position']}", token=admin_token, expect=(200,))
+    support_password = f"pw-{uuid.uuid4().hex}"
+    api.call("POST", "/v1/users", {"username": "browser-support", "password": support_password, "role": "support"},
+             token=admin_token, expect=(201,))
+
+    console.login("browser-support", support_password)
+    console.search(XSS_USERNAME)
+    console.wait("the search to find the probe", "return document.querySelectorAll('#search-results tbody tr').length > 0;", 10)
+    found = console.js(
+        """
+        const cell = document.querySelector("#search-results tbody tr td.username");
+        return { text: cell.textContent, children: cell.children.length,
+                 images: document.querySelectorAll("img").length,
+                 name: document.getElementById("customer-name").textContent };
+        """
+    )
+    if found["text"] != XSS_USERNAME or found["children"] != 0 or found["images"] != 0:
+        raise CheckFailed(f"the XSS probe was not rendered as text: {found}")
+    console.wait("the customer to open", "return document.querySelectorAll('#orders tbody tr').length > 0;", 10)
+    shown = console.js(
+        """
+        const text = (id) => document.getElementById(id).textContent;
+        return { name: text("customer-name"), images: document.querySelectorAll("img").length,
+                 available: text("balance-available"), invested: text("balance-invested"),
+                 ledger: document.querySelectorAll("#ledger tbody tr").length,
+                 orders: [...document.querySelectorAll("#orders tbody tr")].map((tr) => tr.dataset.orderId) };
+        """
+    )
+    if shown["name"] != XSS_USERNAME or shown["images"] != 0:
+        raise CheckFailed(f"the customer's name is not rendered as text: {shown}")
+    if shown_number(shown["available"]) != 500_000 - 12_300 or shown_number(shown["invested"]) != 12_300:
+        raise CheckFailed(f"balances shown {shown}, expected available {500_000 - 12_300}, invested 12,300")
+    if order_id not in shown["orders"] or shown["ledger"] < 2:
+        raise CheckFailed(f"the order {order_id} or the ledger is missing: {shown}")
+    passed(f"support found {XSS_USERNAME!r} by username, shown as text (no element made of it); "
+           f"balances and {shown['ledger']} ledger entries shown")
+    if args.screenshot_dir:
+        console.js("window.scrollTo(0, 0);")
+        console.driver.screenshot(os.path.join(args.screenshot_dir, "console-search.png"))
+
+    # Found by the order id, its timeline opens by itself.
+    console.search(order_id)
+    timeline = console.wait(
+        "the order's timeline",
+        """
+        const box = document.getElementById("timeline");
+        if (box.hidden || box.dataset.subject !== arguments[0]) return null;
+        const rows = [...document.querySelectorAll("#timeline-events tbody tr")];
+        if (rows.length === 0) return null;
+        return rows.map((tr) => [...tr.children].map((td) => td.textContent));
+        """,
+        10, order_id,
+    )
+    types = [cells[2] for cells in timeline]
+    for wanted in ("quota_reserved", "reservation_confirmed"):
+        if wanted not in types:
+            raise CheckFailed(f"the timeline lacks {wanted}: {types}")
+    requested = [cells for cells in timeline if cells[5] == "browser-probe-req"]
+    if not requested or any(cells[4] != "customer" or cells[3] == "system" for cells in requested):
+        raise CheckFailed(f"the timeline does not show who asked (customer, request browser-probe-req): {timeline}")
+    passed(f"found by order id, the purchase's timeline shows {len(timeline)} events ({', '.join(types)}) "
+           f"with who, role customer and request browser-probe-req")
+    if args.screenshot_dir:
+        console.js("document.getElementById('timeline').scrollIntoView();")
+        console.driver.screenshot(os.path.join(args.screenshot_dir, "console-support.png"))
+    console.js("document.getElementById('logout').click();")
+
+
+def tamper(database, position):
+    """Edits one event's data in the SQLite log behind the server's back."""
+    import sqlite3
+    connection = sqlite3.connect(database, timeout=30)
+    try:
+        connection.execute("DROP TRIGGER IF EXISTS events_no_update")
+        changed = connection.execute(
+            "UPDATE events SET data = replace(data, '1', '9') WHERE position = ? AND data LIKE '%1%'", (position,)
+        ).rowcount
+        connection.commit()
+    finally:
+        connection.close()
+    if changed != 1:
+        raise CheckFailed(f"could not edit the event at position {position}")
+
+
+def verify_in_page(console, what):
+    console.js("document.getElementById('tab-forensics').click(); document.getElementById('verify-result').hidden = true;"
+               "document.getElementById('verify').click();")
+    return console.wait(
+        what,
+        """
+        const result = document.getElementById("verify-result");
+        if (result.hidden) return null;
+        const text = (id) => document.getElementById(id).textContent;
+        return { ok: result.dataset.ok, checked: text("verify-checked"), first_bad: text("verify-first-bad"),
+                 head_hash: text("verify-head-hash"), result: text("verify-ok") };
+        """,
+        30,
+    )
+
+
+def check_auditor(api, admin_token, console, args, passed):
+    password = f"pw-{uuid.uuid4().hex}"
+    api.call("POST", "/v1/users", {"username": "browser-auditor", "password": password, "role": "auditor"},
+             token=admin_token, expect=(201,))
+    console.login("browser-auditor", password)
+    clean = verify_in_page(console, "the chain to verify")
+    if clean["ok"] != "true" or clean["first_bad"] != "none" or len(clean["head_hash"]) != 64:
+        raise CheckFailed(f"verifying the untouched chain shows {clean}")
+    passed(f"auditor: chain ok over {clean['checked']} events, head hash {clean['head_hash'][:16]}…")
+    if args.screenshot_dir:
+        console.driver.screenshot(os.path.join(args.screenshot_dir, "forensics-ok.png"))
+
+    # As of a position: an account and the sale then.
+    _, page = api.call("GET", "/v1/audit/events?after=0&limit=1000", token=admin_token, expect=(200,))
+    listed = next(e for e in page["events"] if e["type"] == "product_listed")
+    deposit = next(e for e in page["events"] if e["type"] == "funds_deposited")
+    account = deposit["stream"].split("-", 1)[1]
+    # As the product was listed: the first customer funded, nothing sold yet.
+    point = listed["position"]
+    console.js(
+        """
+        document.getElementById("asof-point").value = arguments[0];
+        document.getElementById("asof-account").value = arguments[1];
+        document.getElementById("asof-product").value = arguments[2];
+        document.getElementById("asof-form").requestSubmit();
+        """,
+        str(point), account, listed["data"]["product_id"],
+    )
+    as_of = console.wait(
+        "balances and progress as of a position",
+        """
+        const a = document.getElementById("asof-account-result"), p = document.getElementById("asof-product-result");
+        const failure = document.getElementById("asof-message").textContent;
+        if (failure) return { failure };
+        if (a.hidden || p.hidden) return null;
+        const cells = (t) => [...t.querySelectorAll("tbody td")].map((td) => td.textContent);
+        return { account: cells(a), product: cells(p) };
+        """,
+        10,
+    )
+    if (
+        "failure" in as_of
+        or shown_number(as_of["account"][1]) != deposit["data"]["amount"]
+        or as_of["product"][1] != "closed"
+        or shown_number(as_of["product"][3]) != 0
+    ):
+        raise CheckFailed(
+            f"as of position {point} the page shows {as_of}, expected available {deposit['data']['amount']} "
+            "and a closed product with nothing confirmed"
+        )
+    passed(f"as of position {point}: account available {as_of['account'][1]}, product {as_of['product'][0]!r} {as_of['product'][1]}")
+
+    # The export downloads every event.
+    console.js("delete document.body.dataset.exported; document.getElementById('export').click();")
+    exported = int(console.wait("the export", "return document.body.dataset.exported;", 30))
+    in_log = count_events(api, admin_token)
+    if exported != in_log:
+        raise CheckFailed(f"the export held {exported} events, the log {in_log}")
+    passed(f"export downloaded {exported} events as JSON lines")
+
+    # A row edited in the database: verify names it.
+    bad_position = deposit["position"]
+    tamper(args.database, bad_position)
+    broken = verify_in_page(console, "the tampered chain to verify")
+    if broken["ok"] != "false" or broken["first_bad"] != str(bad_position):
+        raise CheckFailed(f"after editing position {bad_position}, verify shows {broken}")
+    passed(f"after the event at position {bad_position} was edited in the database, verify shows "
+           f"{broken['result']!r}, first bad position {broken['first_bad']}")
+    if args.screenshot_dir:
+        console.driver.screenshot(os.path.join(args.screenshot_dir, "forensics-tampered.png"))
+
+
+def count_events(api, token):
+    """Events in the log, paged through the auditors' route."""
+    count, after = 0, 0
+    while True:
+        _, page = api.call("GET", f"/v1/audit/events?after={after}&limit=1000", token=token, expect=(200,))
+        count += len(page["events"])
+        if page["next"] is None:
+            return count
+        after = page["next"]
+
+
 def run(args, results):
     api = Api(args.base_url)
 
@@ -633,6 +938,19 @@ def run(args, results):
             f"the API (confirmed {after['text']['confirmed']} + reserved {after['text']['reserved']}"
             f" + available {after['text']['available']} = quota {after['text']['quota']})"
         )
+        charted = page.wait(
+            "the orders/s chart to draw the batch",
+            lambda s: int(s["section"]["data"].get("chartNonzero") or 0) > 0 and s["section"]["chartInk"] > 0, 10,
+        )["section"]
+        if charted["text"]["name"] != "Browser test note":
+            raise CheckFailed(f"the card shows {charted['text']['name']!r}, not the product's name")
+        if charted["data"].get("sinceOpen") in (None, "", "–", "not opened"):
+            raise CheckFailed(f"time since opening shows {charted['data'].get('sinceOpen')!r}")
+        passed(
+            f"card shows the name {charted['text']['name']!r}, open for {charted['data']['sinceOpen']}; "
+            f"the chart has {charted['data']['chartNonzero']} non-zero bar(s) of {charted['data']['chartPoints']} "
+            f"({charted['chartInk']} px drawn)"
+        )
         if args.screenshot_dir:
             driver.screenshot(os.path.join(args.screenshot_dir, "dashboard-selling.png"))
 
@@ -705,6 +1023,12 @@ def run(args, results):
         passed(f"orders/s back to 0, still live, projection lag {snapshot['page']['lag']} events, no console errors")
         if args.screenshot_dir:
             driver.screenshot(os.path.join(args.screenshot_dir, "dashboard-sold-out.png"))
+
+        check_security_headers(args.base_url, passed)
+        console = Console(driver, args.base_url)
+        check_support(api, admin_token, product_id, console, args, passed)
+        check_auditor(api, admin_token, console, args, passed)
+        check_no_console_errors(driver, passed)
     except BaseException:
         if args.screenshot_dir and driver is not None and driver.session:
             try:
@@ -728,7 +1052,10 @@ def main():
     parser.add_argument("--workdir", required=True, help="scratch folder (browser profile, logs)")
     parser.add_argument("--screenshot-dir", help="where to save screenshots of the page")
     parser.add_argument("--page-from", help="serve the dashboard from this file instead of the server's copy")
+    parser.add_argument("--database", help="the server's SQLite log (default: WORKDIR/data/ledger.db), edited by the tamper check")
     args = parser.parse_args()
+    if not args.database:
+        args.database = os.path.join(args.workdir, "data", "ledger.db")
     if not args.admin_user or not args.admin_password:
         parser.error("admin credentials are needed (--admin-user/--admin-password or LEDGER_ADMIN_*)")
     started = time.monotonic()

@@ -135,6 +135,9 @@ pub enum BenchCommand {
     Purchases(bench::purchases::PurchaseOptions),
     /// Generate a realistic history, then rebuild every read model from it.
     Rebuild(bench::rebuild::RebuildBenchOptions),
+    /// Generate a history, then time the support console's lookups in it
+    /// (search, ledger page, order timeline, balance as of a position).
+    Lookups(bench::lookups::LookupBenchOptions),
     /// Many concurrent clients buying one hot product over HTTP, through
     /// the whole API; checks the log and read models afterwards.
     Http(bench::http::HttpBenchOptions),
@@ -156,6 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Append(options)) => bench::append::run(options).await,
         Command::Bench(BenchCommand::Purchases(options)) => bench::purchases::run(options).await,
         Command::Bench(BenchCommand::Rebuild(options)) => bench::rebuild::run(options).await,
+        Command::Bench(BenchCommand::Lookups(options)) => bench::lookups::run(options).await,
         Command::Bench(BenchCommand::Http(options)) => bench::http::run(options).await,
         Command::Bench(BenchCommand::Attack(options)) => bench::attack::run(options).await,
         Command::Bench(BenchCommand::Payouts(options)) => bench::payouts::run(options).await,

@@ -562,6 +562,18 @@ async fn made_up_products_answer_404_and_leave_no_trace() {
         }
     }
     assert_eq!(api.server.state.store.head().await.unwrap(), head);
+    // Refused before their idempotency keys were written: no key is taken.
+    api.settle().await;
+    for index in [0, 49] {
+        let begun = api
+            .server
+            .state
+            .access
+            .begin(&buyer.user_id, &format!("k{index}"), "probe", 1, 500)
+            .await
+            .unwrap();
+        assert_eq!(begun, api::server::access::Begun::Run, "key k{index}");
+    }
     let queues = api.server.state.engine.queue_depths();
     assert!(
         queues.iter().all(|(id, _)| id.as_str() == "real-bond"),

@@ -1,4 +1,4 @@
-//! The HTTP API against API.md, on SQLite and PostgreSQL: the walkthrough a
+//! The HTTP API against docs/http-api.md, on SQLite and PostgreSQL: the walkthrough a
 //! newcomer does, the policy of every route, idempotency keys, limits,
 //! concurrent buyers, metrics, OpenAPI and the progress stream.
 
@@ -293,9 +293,12 @@ async fn every_route_enforces_its_policy(api: &TestApi) {
             assert_ne!(route.idempotency, Idempotency::None, "{}", route.path);
         }
     }
-    // API.md's public routes, and no others.
+    // The contract's public routes and the console's page and static
+    // assets (which hold no data), and no others.
     let expected: BTreeSet<&str> = [
         "/",
+        "/console",
+        "/assets/{file}",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -1238,6 +1241,9 @@ async fn progress_reads_come_from_memory_and_reflect_purchases(api: &TestApi) {
             "available",
             "status",
             "orders",
+            "name",
+            "opened_at",
+            "sold_out_at",
             "position"
         ])
     );

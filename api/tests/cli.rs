@@ -346,6 +346,32 @@ fn rebuild_benchmark_reports_figures_and_checks_as_json() {
     assert_eq!(report["checks"]["drift_differences"], 0, "{report}");
 }
 
+#[test]
+fn lookup_benchmark_times_every_console_lookup_and_checks_the_answers() {
+    let printed = run(ledger().args([
+        "bench",
+        "lookups",
+        "--events",
+        "3000",
+        "--accounts",
+        "100",
+        "--products",
+        "2",
+        "--samples",
+        "20",
+        "--json",
+    ]));
+    let report = json(&printed);
+    assert_eq!(report["benchmark"], "lookups");
+    assert!(report["events"].as_i64() >= Some(3_000), "{report}");
+    assert_eq!(report["wrong_answers"], 0, "{report}");
+    let lookups = report["lookups"].as_array().unwrap();
+    assert_eq!(lookups.len(), 6, "{report}");
+    for lookup in lookups {
+        assert!(lookup["latency"]["p99_ms"].as_f64() > Some(0.0), "{report}");
+    }
+}
+
 /// Payday through a lying, rate-limited gateway: every holder paid once,
 /// checked against the gateway's own record.
 #[test]

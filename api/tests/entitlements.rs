@@ -1,4 +1,4 @@
-//! The money bounds of API.md's "Additions (v1.1)", over HTTP on both
+//! The money bounds of docs/http-api.md ("Conventions", "Payouts"), over HTTP on both
 //! backends: payouts bounded by what holders are owed whatever the labels,
 //! the entitlements view, parked payouts and the operator's retry and
 //! cancel, the product's currency at purchase, and the 10^15 limits.

@@ -94,7 +94,7 @@ async fn public_routes_answer_from_the_read_models() {
     ] {
         assert!(
             one.get(field).is_some(),
-            "API.md field {field} missing: {one}"
+            "contract field {field} missing: {one}"
         );
     }
     let (status, body) = get(&server, "/v1/products/no-such/progress").await;

@@ -178,7 +178,7 @@ impl AccountBook {
                     }
                     Ok(Decided::Append(append, loaded, results)) => {
                         appends.push(append);
-                        tentative.insert(account_id, (loaded, results));
+                        tentative.insert(account_id, (*loaded, results));
                     }
                     Err(error) => {
                         last_error = error.to_string();
@@ -307,16 +307,14 @@ impl AccountBook {
             expected: expected_after(version_before),
             events: new_events,
         };
-        Ok(Decided::Append(append, loaded, results))
+        Ok(Decided::Append(append, Box::new(loaded), results))
     }
 }
 
-/// A state decided on and the outcomes that hold once its append commits.
+/// An account's state decided on and the outcomes that hold once its
+/// append commits.
 type Tentative = (Loaded<AccountState>, Vec<(usize, JobOutcome)>);
 
-// One `Decided` per account per round, moved once: boxing the large
-// variant would cost an allocation and save nothing.
-#[allow(clippy::large_enum_variant)]
 enum Decided {
     /// Decide this account again next round.
     Retry,
@@ -324,5 +322,9 @@ enum Decided {
     Final(Vec<(usize, JobOutcome)>),
     /// Write this; the state (decided on, out of the cache) and the
     /// outcomes hold if it is appended.
-    Append(StreamAppend, Loaded<AccountState>, Vec<(usize, JobOutcome)>),
+    Append(
+        StreamAppend,
+        Box<Loaded<AccountState>>,
+        Vec<(usize, JobOutcome)>,
+    ),
 }

@@ -11,6 +11,9 @@ pub struct Loaded<S> {
     pub state: S,
     /// The stream's last version folded in (0: no stream).
     pub version: i64,
+    /// The log position of the last event folded in or appended (0: none):
+    /// a reader of the read models that has reached it sees this state.
+    pub position: i64,
 }
 
 /// Decodes a stored event into the aggregate's event type.
@@ -42,6 +45,7 @@ impl<S: Default> Loaded<S> {
             let event = decode::<D>(recorded)?;
             self.state = D::evolve(std::mem::take(&mut self.state), &event);
             self.version = recorded.version;
+            self.position = self.position.max(recorded.position);
         }
         Ok(())
     }

@@ -8,7 +8,9 @@ use crate::error::{CommandError, PurchaseError};
 use crate::ownership::{ClusterSettings, Ownership};
 use crate::payouts::PayoutIndex;
 use crate::stats::{EngineStats, StatsSnapshot};
-use crate::writer::{ProductWriter, PurchaseOrder, PurchaseReceipt, SaleSnapshot, WriterMessage};
+use crate::writer::{
+    Placed, ProductWriter, PurchaseOrder, PurchaseReceipt, SaleSnapshot, WriterMessage,
+};
 use domain::account::{AccountCommand, AccountState};
 use domain::ids::validate_reference;
 use domain::payout::ScheduledPayout;
@@ -429,6 +431,12 @@ impl Engine {
         &self,
         request: PurchaseRequest,
     ) -> Result<PurchaseReceipt, PurchaseError> {
+        self.place(request).await.map(|placed| placed.receipt)
+    }
+
+    /// Like `purchase`, with a log position at or after the confirmation
+    /// (for a caller that reads its own write).
+    pub async fn place(&self, request: PurchaseRequest) -> Result<Placed, PurchaseError> {
         validate_reference(&request.idempotency_key).map_err(|_| {
             PurchaseError::Invalid("idempotency key must be 1 to 128 printable characters".into())
         })?;

@@ -23,4 +23,4 @@ pub use engine::{Engine, EngineSettings, PurchaseRequest, order_id_for};
 pub use error::{CommandError, PurchaseError};
 pub use ownership::ClusterSettings;
 pub use stats::{EngineStats, StatsSnapshot};
-pub use writer::{PurchaseReceipt, SaleSnapshot};
+pub use writer::{Placed, PurchaseReceipt, SaleSnapshot};

@@ -200,6 +200,39 @@ pub async fn schedule(
     Err(ScheduleError::Contention)
 }
 
+/// Creates whatever payouts of a run already planned in the product stream
+/// do not exist yet: what a scheduler that stopped between the plan and its
+/// payouts (a crash, a failed append) left undone. The recovery sweep calls
+/// it for runs whose payouts it has not all seen; payout ids are fixed by
+/// the run, so a payout created meanwhile is never created twice.
+pub async fn complete_run(
+    store: &dyn EventStore,
+    product_id: &ProductId,
+    period: &str,
+) -> Result<ScheduleReport, ScheduleError> {
+    let mut product = Loaded::default();
+    product
+        .catch_up::<ProductSale>(store, &product_id.stream())
+        .await?;
+    let sale = product
+        .state
+        .sale
+        .as_ref()
+        .ok_or(ScheduleError::UnknownProduct)?;
+    let run =
+        sale.payouts.runs.get(period).ok_or_else(|| {
+            ScheduleError::Invalid(format!("no payout run {period:?} is planned"))
+        })?;
+    let request = ScheduleRequest {
+        product_id: product_id.clone(),
+        period: period.to_owned(),
+        kind: run.kind,
+        days: run.days,
+        context: RequestContext::system(),
+    };
+    create_payouts(store, &request, sale, run).await
+}
+
 /// Creates the payouts of a planned run that do not exist yet.
 async fn create_payouts(
     store: &dyn EventStore,

@@ -6,12 +6,21 @@
 //! payment was taken and not confirmed, or it is past its expiry) or a
 //! refund owed, whichever node was selling it.
 //!
+//! It also follows payout runs: a run planned in a product stream
+//! (`payout_run_planned`, which says how many payouts it makes) whose
+//! payouts have not all been created a grace period later (the scheduler
+//! crashed or its append failed between the plan and the payouts) is
+//! completed with `payouts::complete_run`, so holders are not left owed
+//! money nobody will pay until an operator repeats the request.
+//!
 //! Several nodes may sweep at once: the writers they start are fenced by the
-//! product stream's expected version, and recovery is idempotent per order.
+//! product stream's expected version, recovery is idempotent per order, and
+//! payouts are created with "no stream" expected under ids the run fixes.
 
 use crate::engine::Engine;
 use chrono::{DateTime, Utc};
 use domain::account::AccountEvent;
+use domain::payout::PayoutEvent;
 use domain::product::ProductEvent;
 use domain::{OrderId, ProductId};
 use std::collections::{BTreeSet, HashMap};
@@ -56,11 +65,24 @@ impl InFlight {
     }
 }
 
-/// The orders still in flight, followed from the log.
+/// A payout run planned whose payouts the index has not all seen.
+#[derive(Debug, Clone)]
+struct PlannedRun {
+    /// When the plan was recorded.
+    since: DateTime<Utc>,
+    /// Payouts the plan makes.
+    expected: u32,
+    /// Payouts seen created.
+    seen: u32,
+}
+
+/// The orders still in flight and the payout runs not yet complete,
+/// followed from the log.
 #[derive(Debug, Default)]
 pub struct RecoveryIndex {
     position: i64,
     orders: HashMap<OrderId, InFlight>,
+    runs: HashMap<(ProductId, String), PlannedRun>,
 }
 
 impl RecoveryIndex {
@@ -72,6 +94,11 @@ impl RecoveryIndex {
     /// Orders in flight (pending, or released and not yet refunded).
     pub fn in_flight(&self) -> usize {
         self.orders.len()
+    }
+
+    /// Payout runs planned whose payouts have not all been seen.
+    pub fn runs_incomplete(&self) -> usize {
+        self.runs.len()
     }
 
     /// Reads the log from where it stopped.
@@ -93,7 +120,43 @@ impl RecoveryIndex {
             position: error.position,
             reason: error.to_string(),
         };
+        if recorded.stream_id.starts_with("payout-") {
+            if recorded.event_type != "payout_scheduled" {
+                return Ok(());
+            }
+            if let PayoutEvent::PayoutScheduled {
+                product_id, period, ..
+            } = codec::decode::<PayoutEvent>(recorded).map_err(corrupt)?
+            {
+                let key = (product_id, period);
+                if let Some(run) = self.runs.get_mut(&key) {
+                    run.seen += 1;
+                    if run.seen >= run.expected {
+                        self.runs.remove(&key);
+                    }
+                }
+            }
+            return Ok(());
+        }
         if let Some(id) = recorded.stream_id.strip_prefix("product-") {
+            if recorded.event_type == "payout_run_planned" {
+                let Ok(product_id) = ProductId::parse(id) else {
+                    return Ok(());
+                };
+                if let ProductEvent::PayoutRunPlanned {
+                    period, payouts, ..
+                } = codec::decode::<ProductEvent>(recorded).map_err(corrupt)?
+                    && payouts > 0
+                {
+                    let run = PlannedRun {
+                        since: recorded.recorded_at,
+                        expected: payouts,
+                        seen: 0,
+                    };
+                    self.runs.insert((product_id, period), run);
+                }
+                return Ok(());
+            }
             if !matches!(
                 recorded.event_type.as_str(),
                 "quota_reserved" | "reservation_confirmed" | "reservation_released"
@@ -183,24 +246,66 @@ impl RecoveryIndex {
             .map(|order| order.product_id.clone())
             .collect()
     }
+
+    /// Payout runs planned at least a grace period before `now` whose
+    /// payouts have not all been seen.
+    fn runs_due(&self, now: DateTime<Utc>) -> Vec<(ProductId, String)> {
+        self.runs
+            .iter()
+            .filter(|(_, run)| now >= run.since + RECOVERY_GRACE)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
 }
 
-/// One sweep: catch up with the log, then start the writer of every product
-/// that needs one. Returns the products whose writer this sweep started.
+/// What one sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Products whose writer the sweep started.
+    pub started: Vec<ProductId>,
+    /// Payouts created for runs planned and left incomplete.
+    pub payouts_created: usize,
+}
+
+/// One sweep: catch up with the log, start the writer of every product that
+/// needs one, and complete the payout runs left incomplete.
 pub async fn sweep(
     index: &mut RecoveryIndex,
     store: &dyn EventStore,
     engine: &Engine,
-) -> Result<Vec<ProductId>, StoreError> {
+) -> Result<SweepReport, StoreError> {
     index.catch_up(store).await?;
-    let mut started = Vec::new();
-    for product_id in index.products_to_recover(engine.now()) {
+    let mut report = SweepReport::default();
+    let now = engine.now();
+    for product_id in index.products_to_recover(now) {
         if engine.recover(&product_id) {
             tracing::info!(product = %product_id, "recovery: started the writer of a product with orders left in flight");
-            started.push(product_id);
+            report.started.push(product_id);
         }
     }
-    Ok(started)
+    for key in index.runs_due(now) {
+        let (product_id, period) = &key;
+        match crate::payouts::complete_run(store, product_id, period).await {
+            Ok(completed) => {
+                if completed.scheduled > 0 {
+                    tracing::warn!(
+                        product = %product_id,
+                        %period,
+                        created = completed.scheduled,
+                        "recovery: created the payouts of a run planned and left incomplete"
+                    );
+                }
+                report.payouts_created += completed.scheduled;
+                index.runs.remove(&key);
+            }
+            Err(crate::payouts::ScheduleError::Store(error)) => return Err(error),
+            Err(error) => {
+                tracing::error!(product = %product_id, %period, %error, "recovery: a planned payout run cannot be completed");
+                index.runs.remove(&key);
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Sweeps at once and then every `period` until `stop` turns true.

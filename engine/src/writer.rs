@@ -50,6 +50,19 @@ pub struct PurchaseReceipt {
     pub amount: Amount,
 }
 
+/// A confirmed purchase and where it can be seen: a log position at or
+/// after the order's confirmation (once the read models reach it, they show
+/// the purchase). The position is an observation, not part of the outcome:
+/// a retry answers the same receipt, possibly with a later position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The outcome.
+    pub receipt: PurchaseReceipt,
+    /// The writer's last known position of its product stream, at or after
+    /// the confirmation.
+    pub visible_at: i64,
+}
+
 /// A product's sale as the writer holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaleSnapshot {
@@ -69,7 +82,7 @@ pub struct SaleSnapshot {
     pub version: i64,
 }
 
-pub(crate) type PurchaseReply = oneshot::Sender<Result<PurchaseReceipt, PurchaseError>>;
+pub(crate) type PurchaseReply = oneshot::Sender<Result<Placed, PurchaseError>>;
 
 /// A purchase as queued for the writer.
 #[derive(Debug)]
@@ -98,7 +111,7 @@ enum Settlement {
 }
 
 enum Known {
-    Answer(Result<PurchaseReceipt, PurchaseError>),
+    Answer(Result<Placed, PurchaseError>),
     Pending,
 }
 
@@ -113,6 +126,10 @@ pub(crate) struct ProductWriter {
     product: Loaded<ProductState>,
     /// The in-memory state may not match the store (a failed append): reload first.
     stale: bool,
+    /// Events evolved into the state and not yet appended: while any is,
+    /// no answer may be read from the state (a reply is a promise that its
+    /// events are durable).
+    undurable: usize,
     /// Whether released orders were checked for payments still held (once per writer).
     scanned_released: bool,
     waiters: HashMap<OrderId, Vec<PurchaseReply>>,
@@ -163,6 +180,7 @@ impl ProductWriter {
             stats,
             product: Loaded::default(),
             stale: true,
+            undurable: 0,
             scanned_released: false,
             waiters: HashMap::new(),
             contexts: HashMap::new(),
@@ -322,9 +340,17 @@ impl ProductWriter {
         }
         let mut purchases = Vec::new();
         for message in messages {
+            // A command's failed append may have left the state ahead of the
+            // store: read it again before answering anything from it.
+            if self.stale && matches!(message, WriterMessage::Purchase(..)) && !self.reload().await
+            {
+                fail_all(vec![message], "the event store is unavailable");
+                continue;
+            }
             match message {
                 WriterMessage::Purchase(order, reply) => match self.known(&order) {
                     Some(Known::Answer(answer)) => {
+                        self.assert_durable();
                         let _ = reply.send(answer);
                     }
                     Some(Known::Pending) => {
@@ -424,12 +450,15 @@ impl ProductWriter {
         None
     }
 
-    fn receipt(&self, order_id: OrderId, account_id: AccountId, amount: Amount) -> PurchaseReceipt {
-        PurchaseReceipt {
-            order_id,
-            product_id: self.product_id.clone(),
-            account_id,
-            amount,
+    fn receipt(&self, order_id: OrderId, account_id: AccountId, amount: Amount) -> Placed {
+        Placed {
+            receipt: PurchaseReceipt {
+                order_id,
+                product_id: self.product_id.clone(),
+                account_id,
+                amount,
+            },
+            visible_at: self.product.position,
         }
     }
 
@@ -485,6 +514,8 @@ impl ProductWriter {
                     Err(rejection) => panic!("BUG: a purchase cannot be rejected with {rejection}"),
                 }
             }
+            // Everything decided above is in memory only until the append.
+            self.undurable = events.len();
             // Refusals answered from memory are only as good as the memory:
             // an append proves it current (its expected version held);
             // without one, the stream is checked for events not seen yet.
@@ -519,7 +550,7 @@ impl ProductWriter {
                         self.stats
                             .purchases_refused
                             .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
-                        self.product.version = appended.last_version;
+                        self.appended(version_before, self.undurable, &appended);
                     }
                     Err(error) => {
                         self.on_append_failure(&error, settlements).await;
@@ -588,6 +619,7 @@ impl ProductWriter {
     }
 
     fn answer_or_wait(&mut self, order: PurchaseOrder, reply: PurchaseReply) {
+        self.assert_durable();
         match self.known(&order) {
             Some(Known::Answer(answer)) => {
                 let _ = reply.send(answer);
@@ -643,6 +675,7 @@ impl ProductWriter {
 
     /// Answers every waiter whose order is no longer pending.
     fn answer_waiters(&mut self) {
+        self.assert_durable();
         let Some(sale) = self.product.state.sale.as_ref() else {
             return;
         };
@@ -808,7 +841,18 @@ impl ProductWriter {
             tracing::warn!(product = %self.product_id, %error, "could not load the product stream");
             return false;
         }
+        // Versions only grow: the log never loses what this writer saw
+        // committed.
+        assert!(
+            fresh.version >= self.product.version,
+            "BUG: product {} went back from version {} to {} on reload",
+            self.product_id,
+            self.product.version,
+            fresh.version
+        );
         self.product = fresh;
+        // The state is now exactly what the store holds.
+        self.undurable = 0;
         let Some(sale) = self.product.state.sale.as_ref() else {
             self.stale = false;
             return true;
@@ -850,6 +894,36 @@ impl ProductWriter {
         self.stale = false;
         self.answer_waiters();
         true
+    }
+
+    /// Moves the state's version past an append of `count` events made
+    /// at `version_before`, checking the store's answer: the append was
+    /// fenced by the expected version, so its versions are the dense run
+    /// right after `version_before` (even when answered as a duplicate), and
+    /// its positions increase with them.
+    fn appended(&mut self, version_before: i64, count: usize, appended: &Appended) {
+        assert_eq!(
+            self.product.version, version_before,
+            "BUG: product {} moved while its append was in flight",
+            self.product_id
+        );
+        check_product_append(&self.product_id, version_before, count, appended);
+        self.product.version = appended.last_version;
+        self.product.position = self.product.position.max(appended.last_position);
+        self.undurable = 0;
+    }
+
+    /// A reply read from the state is a promise that the events behind it
+    /// are committed: no answer may leave while the state holds events not
+    /// yet appended, or may not match the store.
+    fn assert_durable(&self) {
+        assert!(
+            self.undurable == 0 && !self.stale,
+            "BUG: product {} answering with {} events not yet durable (stale: {})",
+            self.product_id,
+            self.undurable,
+            self.stale
+        );
     }
 
     fn queue_refund(&mut self, order_id: OrderId) {
@@ -915,14 +989,16 @@ impl ProductWriter {
                 return Err(CommandError::Unavailable);
             }
             let encoded = encode_all(&events, &context.metadata(None, None));
+            let encoded_count = encoded.len();
             match self
                 .store
                 .append(&self.stream, expected_after(self.product.version), encoded)
                 .await
             {
                 Ok(appended) => {
+                    let version_before = self.product.version;
                     self.evolve_all(&events);
-                    self.product.version = appended.last_version;
+                    self.appended(version_before, encoded_count, &appended);
                     if let ProductCommand::Release { order_id, .. } = command {
                         // A cancelled order may have been paid already; the
                         // refund is a no-op when it was not.
@@ -940,6 +1016,34 @@ impl ProductWriter {
         }
         Err(CommandError::Contention(self.stream.clone()))
     }
+}
+
+/// The store's answer to a product append of `count` events expected at
+/// `version_before`: the dense run of versions right after it, with
+/// positions growing at least as fast.
+fn check_product_append(
+    product_id: &ProductId,
+    version_before: i64,
+    count: usize,
+    appended: &Appended,
+) {
+    let count = i64::try_from(count).expect("BUG: a batch's size fits i64");
+    assert!(count > 0, "BUG: an empty product append");
+    assert!(
+        appended.first_version == version_before + 1
+            && appended.last_version == version_before + count,
+        "BUG: product {product_id} appended {count} events after version {version_before} \
+         and the store answered versions {}..={} (duplicate: {})",
+        appended.first_version,
+        appended.last_version,
+        appended.duplicate
+    );
+    assert!(
+        appended.last_position >= appended.first_position + (count - 1),
+        "BUG: product {product_id} got positions {}..={} for {count} events",
+        appended.first_position,
+        appended.last_position
+    );
 }
 
 /// How a purchase of a batch was decided.
@@ -1026,5 +1130,50 @@ fn refused_error(reason: RefusalReason, sale: &Sale) -> PurchaseError {
             min: sale.terms.min_purchase,
             max: sale.terms.max_purchase,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(versions: (i64, i64), positions: (i64, i64)) -> Appended {
+        Appended {
+            stream_id: "product-fund-a".into(),
+            first_version: versions.0,
+            last_version: versions.1,
+            first_position: positions.0,
+            last_position: positions.1,
+            duplicate: false,
+        }
+    }
+
+    fn product() -> ProductId {
+        ProductId::parse("fund-a").unwrap()
+    }
+
+    #[test]
+    fn an_append_right_after_the_decided_version_passes() {
+        check_product_append(&product(), 7, 3, &answer((8, 10), (100, 102)));
+        // Positions may leave gaps (EventStoreDB, rolled-back appends).
+        check_product_append(&product(), 0, 2, &answer((1, 2), (5, 900)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a appended 3 events after version 7")]
+    fn an_append_that_skips_a_version_is_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((9, 11), (100, 102)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a appended 3 events after version 7")]
+    fn an_append_that_goes_back_is_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((6, 8), (100, 102)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: product fund-a got positions 100..=101 for 3 events")]
+    fn positions_denser_than_the_events_are_a_bug() {
+        check_product_append(&product(), 7, 3, &answer((8, 10), (100, 101)));
     }
 }

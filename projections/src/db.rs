@@ -17,6 +17,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions as _, Postgres, Sqlite, Transaction};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use store::Backend;
+use store::sql::{AnyConnection, AnyPool, Cell, ColumnKind, Either, RowBatch};
 
 /// Connections readers of the read models may hold (per process).
 pub const READ_CONNECTIONS_MAX: u32 = 8;
@@ -102,6 +103,15 @@ pub fn sqlite_read_models(ledger: &Path) -> PathBuf {
 }
 
 impl ReadDb {
+    /// Its reader pool, for queries written once for both backends
+    /// (`store::on_backend!`).
+    pub fn reader(&self) -> AnyPool<'_> {
+        match self {
+            ReadDb::Sqlite { read, .. } => Either::Sqlite(read),
+            ReadDb::Postgres { read, .. } => Either::Postgres(read),
+        }
+    }
+
     /// Opens the read models beside the log a backend names (PostgreSQL: in
     /// the same database; SQLite: in their own file, `sqlite_read_models`),
     /// applying the ledger's migrations if needed. An SQLite deployment that
@@ -213,20 +223,12 @@ impl ReadDb {
         &self,
         projection: Projection,
     ) -> Result<Option<Checkpoint>, ProjectionError> {
-        let row: Option<(i64, i64, i64)> = match self {
-            ReadDb::Sqlite { read, .. } => {
-                sqlx::query_as(CHECKPOINT_SELECT)
-                    .bind(projection.name())
-                    .fetch_optional(read)
-                    .await?
-            }
-            ReadDb::Postgres { read, .. } => {
-                sqlx::query_as(CHECKPOINT_SELECT)
-                    .bind(projection.name())
-                    .fetch_optional(read)
-                    .await?
-            }
-        };
+        let row: Option<(i64, i64, i64)> = store::on_backend!(self.reader(), |read| {
+            sqlx::query_as(CHECKPOINT_SELECT)
+                .bind(projection.name())
+                .fetch_optional(read)
+                .await?
+        });
         Ok(row.map(checkpoint_of))
     }
 
@@ -269,24 +271,16 @@ fn checkpoint_of((generation, schema_version, position): (i64, i64, i64)) -> Che
     }
 }
 
-/// Runs the same statement on whichever connection the transaction holds
-/// (the body is typed once per database); `$conn` is the connection.
-macro_rules! on_tx {
-    ($tx:expr, |$conn:ident| $body:expr) => {
-        match $tx {
-            Tx::Sqlite(tx, _) => {
-                let $conn = &mut **tx;
-                $body
-            }
-            Tx::Postgres(tx) => {
-                let $conn = &mut **tx;
-                $body
-            }
-        }
-    };
-}
-
 impl Tx {
+    /// Its connection, for statement code written once for both backends
+    /// (`store::on_backend!`).
+    pub fn connection(&mut self) -> AnyConnection<'_> {
+        match self {
+            Tx::Sqlite(tx, _) => Either::Sqlite(&mut **tx),
+            Tx::Postgres(tx) => Either::Postgres(&mut **tx),
+        }
+    }
+
     /// Its SQL dialect.
     pub fn dialect(&self) -> Dialect {
         match self {
@@ -297,7 +291,7 @@ impl Tx {
 
     /// Runs one generated statement without parameters.
     pub async fn execute(&mut self, sql: String) -> Result<(), ProjectionError> {
-        on_tx!(self, |conn| {
+        store::on_backend!(self.connection(), |conn| {
             sqlx::query(AssertSqlSafe(sql)).execute(conn).await?;
         });
         Ok(())
@@ -305,7 +299,7 @@ impl Tx {
 
     /// Runs one generated statement whose parameter 1 is JSON text.
     pub async fn execute_json(&mut self, sql: String, json: String) -> Result<(), ProjectionError> {
-        on_tx!(self, |conn| {
+        store::on_backend!(self.connection(), |conn| {
             sqlx::query(AssertSqlSafe(sql))
                 .bind(json)
                 .execute(conn)
@@ -325,19 +319,33 @@ impl Tx {
     ) -> Result<(), ProjectionError> {
         match self {
             Tx::Postgres(tx) => {
-                let mut query = sqlx::query(AssertSqlSafe(table.write_arrays(generation)));
-                for (column, kind) in table.columns {
-                    query = if kind.is_integer() {
-                        let values: Vec<Option<i64>> =
-                            rows.iter().map(|row| row[*column].as_i64()).collect();
-                        query.bind(values)
-                    } else {
-                        let values: Vec<Option<&str>> =
-                            rows.iter().map(|row| row[*column].as_str()).collect();
-                        query.bind(values)
-                    };
+                let kinds: Vec<ColumnKind> = table
+                    .columns
+                    .iter()
+                    .map(|(_, kind)| {
+                        if kind.is_integer() {
+                            ColumnKind::Integer
+                        } else {
+                            ColumnKind::Text
+                        }
+                    })
+                    .collect();
+                let mut batch = RowBatch::new(&kinds);
+                let mut cells = Vec::with_capacity(kinds.len());
+                for row in rows {
+                    cells.clear();
+                    cells.extend(table.columns.iter().zip(&kinds).map(|((column, _), kind)| {
+                        match kind {
+                            ColumnKind::Integer => Cell::Integer(row[*column].as_i64()),
+                            ColumnKind::Text => Cell::Text(row[*column].as_str()),
+                        }
+                    }));
+                    batch.push(&cells);
                 }
-                query.execute(&mut **tx).await?;
+                batch
+                    .bind_arrays(sqlx::query(AssertSqlSafe(table.write_arrays(generation))))
+                    .execute(&mut **tx)
+                    .await?;
             }
             Tx::Sqlite(tx, _) => {
                 let mut rest = rows;
@@ -376,10 +384,12 @@ impl Tx {
         sql: String,
         json: String,
     ) -> Result<Vec<String>, ProjectionError> {
-        Ok(on_tx!(self, |conn| sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(json)
-            .fetch_all(conn)
-            .await?))
+        Ok(store::on_backend!(self.connection(), |conn| {
+            sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(json)
+                .fetch_all(conn)
+                .await?
+        }))
     }
 
     /// A projection's checkpoint, locked until commit where the database can
@@ -412,7 +422,7 @@ impl Tx {
         checkpoint: Checkpoint,
     ) -> Result<(), ProjectionError> {
         let now = time_text(Utc::now());
-        on_tx!(self, |conn| {
+        store::on_backend!(self.connection(), |conn| {
             sqlx::query(CHECKPOINT_UPSERT)
                 .bind(projection.name())
                 .bind(checkpoint.generation)
@@ -453,7 +463,7 @@ impl Tx {
         let now = Utc::now();
         let (now_text, until) = (time_text(now), time_text(now + REBUILD_LEASE));
         for projection in projections {
-            on_tx!(&mut *self, |conn| {
+            store::on_backend!(self.connection(), |conn| {
                 sqlx::query(EXPIRED)
                     .bind(projection.name())
                     .bind(&now_text)
@@ -492,7 +502,7 @@ impl Tx {
             "UPDATE projection_rebuilds SET expires_at = $3 WHERE projection = $1 AND owner = $2";
         let until = time_text(Utc::now() + REBUILD_LEASE);
         for projection in projections {
-            let renewed = on_tx!(&mut *self, |conn| sqlx::query(RENEW)
+            let renewed = store::on_backend!(self.connection(), |conn| sqlx::query(RENEW)
                 .bind(projection.name())
                 .bind(owner)
                 .bind(&until)
@@ -515,7 +525,7 @@ impl Tx {
         const RELEASE: &str =
             "DELETE FROM projection_rebuilds WHERE projection = $1 AND owner = $2";
         for projection in projections {
-            on_tx!(&mut *self, |conn| {
+            store::on_backend!(self.connection(), |conn| {
                 sqlx::query(RELEASE)
                     .bind(projection.name())
                     .bind(owner)

@@ -247,6 +247,8 @@ impl Fold for SaleFold {
                 principal_scheduled: 0,
                 interest_days: 0,
                 listed_at: envelope.occurred_at.clone(),
+                opened_at: None,
+                sold_out_at: None,
                 updated_at: String::new(),
                 position: 0,
             };
@@ -257,7 +259,12 @@ impl Fold for SaleFold {
         };
         match event {
             ProductEvent::ProductListed { .. } => {}
-            ProductEvent::SaleOpened {} => row.sale_open = 1,
+            ProductEvent::SaleOpened {} => {
+                row.sale_open = 1;
+                if row.opened_at.is_none() {
+                    row.opened_at = Some(envelope.occurred_at.clone());
+                }
+            }
             ProductEvent::SaleClosed {} => row.sale_open = 0,
             ProductEvent::QuotaReserved { amount, .. } => row.reserved += amount.minor(),
             ProductEvent::ReservationConfirmed { amount, .. } => {
@@ -286,6 +293,9 @@ impl Fold for SaleFold {
             "available quota",
         )?;
         row.status = sale_status(row).to_owned();
+        if row.status == "sold_out" && row.sold_out_at.is_none() {
+            row.sold_out_at = Some(envelope.occurred_at.clone());
+        }
         row.updated_at.clone_from(&envelope.occurred_at);
         row.position = envelope.position();
         Ok(())

@@ -46,8 +46,11 @@ impl Projection {
     pub fn schema_version(self) -> i64 {
         match self {
             // 2: payout runs planned (principal_scheduled, interest_days).
-            Projection::SaleProgress => 2,
-            Projection::Accounts | Projection::Orders | Projection::Payouts => 1,
+            // 3: when the sale opened and sold out (the dashboard's clocks).
+            Projection::SaleProgress => 3,
+            // 2: ledger entries indexed by reference.
+            Projection::Accounts => 2,
+            Projection::Orders | Projection::Payouts => 1,
         }
     }
 

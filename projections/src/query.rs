@@ -16,16 +16,6 @@ pub const TIMELINE_EVENTS_MAX: i64 = 1_000;
 /// Most payouts one list returns.
 pub const PAYOUT_LIST_MAX: i64 = 10_000;
 
-/// Runs the same query on whichever reader pool the database has.
-macro_rules! on_reader {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            ReadDb::Sqlite { read: $pool, .. } => $body,
-            ReadDb::Postgres { read: $pool, .. } => $body,
-        }
-    };
-}
-
 /// A product's sale progress (`confirmed + reserved + available = quota`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Progress {
@@ -45,13 +35,20 @@ pub struct Progress {
     pub orders: i64,
     /// The last event reflected.
     pub position: i64,
+    /// Display name.
+    pub name: String,
+    /// When the sale first opened.
+    pub opened_at: Option<String>,
+    /// When the last of the quota was confirmed.
+    pub sold_out_at: Option<String>,
 }
 
 /// One product's progress.
 pub async fn progress(db: &ReadDb, product_id: &str) -> Result<Option<Progress>, ProjectionError> {
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
-                       position FROM sale_progress WHERE product_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+                       position, name, opened_at, sold_out_at FROM sale_progress \
+                       WHERE product_id = $1";
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .fetch_optional(pool)
         .await?))
@@ -60,8 +57,9 @@ pub async fn progress(db: &ReadDb, product_id: &str) -> Result<Option<Progress>,
 /// Every product's progress, by product id.
 pub async fn all_progress(db: &ReadDb) -> Result<Vec<Progress>, ProjectionError> {
     const SQL: &str = "SELECT product_id, quota, confirmed, reserved, available, status, orders, \
-                       position FROM sale_progress ORDER BY product_id LIMIT $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+                       position, name, opened_at, sold_out_at FROM sale_progress \
+                       ORDER BY product_id LIMIT $1";
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(PROGRESS_LIST_MAX)
         .fetch_all(pool)
         .await?))
@@ -90,7 +88,7 @@ pub struct Balance {
 pub async fn balance(db: &ReadDb, account_id: &str) -> Result<Option<Balance>, ProjectionError> {
     const SQL: &str = "SELECT account_id, available, held, total_deposited, total_invested, \
                        total_paid_out, version FROM account_balances WHERE account_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .fetch_optional(pool)
         .await?))
@@ -108,7 +106,7 @@ pub async fn balances(
     const SQL: &str = "SELECT account_id, available, held, total_deposited, total_invested, \
                        total_paid_out, version FROM account_balances WHERE account_id > $1 \
                        ORDER BY account_id LIMIT $2";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(after_account_id)
         .bind(BALANCE_LIST_MAX)
         .fetch_all(pool)
@@ -164,7 +162,7 @@ pub async fn ledger(
                        payout_id, occurred_at FROM ledger_entries \
                        WHERE account_id = $1 AND position > $2 ORDER BY position, seq LIMIT $3";
     let wanted = i64::from(limit) + 1;
-    let mut entries: Vec<Entry> = on_reader!(db, |pool| sqlx::query_as(SQL)
+    let mut entries: Vec<Entry> = store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(account_id)
         .bind(after)
         .bind(wanted)
@@ -201,7 +199,7 @@ pub struct Order {
 pub async fn order(db: &ReadDb, order_id: &str) -> Result<Option<Order>, ProjectionError> {
     const SQL: &str = "SELECT order_id, product_id, account_id, amount, status, reason, created_at \
                        FROM orders WHERE order_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(order_id)
         .fetch_optional(pool)
         .await?))
@@ -231,7 +229,7 @@ pub async fn timeline(
 ) -> Result<Vec<TimelineEvent>, ProjectionError> {
     const SQL: &str = "SELECT position FROM timeline_events WHERE correlation_id = $1 \
                        ORDER BY position LIMIT $2";
-    let positions: Vec<i64> = on_reader!(db, |pool| sqlx::query_scalar(SQL)
+    let positions: Vec<i64> = store::on_backend!(db.reader(), |pool| sqlx::query_scalar(SQL)
         .bind(correlation_id)
         .bind(TIMELINE_EVENTS_MAX)
         .fetch_all(pool)
@@ -288,7 +286,7 @@ pub async fn payouts(
                        attempts, provider_ref FROM payouts \
                        WHERE ($1 IS NULL OR product_id = $1) AND ($2 IS NULL OR status = $2) \
                        ORDER BY created_at, payout_id LIMIT $3";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .bind(status)
         .bind(PAYOUT_LIST_MAX)
@@ -296,13 +294,77 @@ pub async fn payouts(
         .await?))
 }
 
+/// Most payouts of one account listed at once.
+pub const ACCOUNT_PAYOUTS_MAX: i64 = 1_000;
+
+/// One account's payouts (index `payouts.by_account`), newest first.
+pub async fn account_payouts(
+    db: &ReadDb,
+    account_id: &str,
+) -> Result<Vec<PayoutView>, ProjectionError> {
+    const SQL: &str = "SELECT payout_id, product_id, account_id, amount, period, kind, status, \
+                       attempts, provider_ref FROM payouts WHERE account_id = $1 \
+                       ORDER BY created_at DESC, payout_id DESC LIMIT $2";
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
+        .bind(account_id)
+        .bind(ACCOUNT_PAYOUTS_MAX)
+        .fetch_all(pool)
+        .await?))
+}
+
+/// Most orders of one account per page.
+pub const ACCOUNT_ORDERS_MAX: u32 = 1_000;
+
+/// One account's orders (index `orders.by_account`), newest first, at most
+/// `limit` (1 to `ACCOUNT_ORDERS_MAX`; callers validate it).
+pub async fn account_orders(
+    db: &ReadDb,
+    account_id: &str,
+    limit: u32,
+) -> Result<Vec<Order>, ProjectionError> {
+    assert!(
+        (1..=ACCOUNT_ORDERS_MAX).contains(&limit),
+        "BUG: the orders page limit must be validated by the caller"
+    );
+    const SQL: &str = "SELECT order_id, product_id, account_id, amount, status, reason, created_at \
+                       FROM orders WHERE account_id = $1 \
+                       ORDER BY created_at DESC, order_id DESC LIMIT $2";
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?))
+}
+
+/// Most accounts a search by deposit reference names.
+pub const REFERENCE_MATCHES_MAX: i64 = 20;
+
+/// The accounts that received a deposit with this reference (references
+/// are unique per account, not across accounts), by the index
+/// `ledger_entries.by_reference`.
+pub async fn accounts_by_deposit_reference(
+    db: &ReadDb,
+    reference: &str,
+) -> Result<Vec<String>, ProjectionError> {
+    const SQL: &str = "SELECT DISTINCT account_id FROM ledger_entries \
+                       WHERE reference = $1 AND kind = 'deposit' ORDER BY account_id LIMIT $2";
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_scalar(
+        SQL
+    )
+    .bind(reference)
+    .bind(REFERENCE_MATCHES_MAX)
+    .fetch_all(pool)
+    .await?))
+}
+
 /// How many payouts are in each status (for metrics).
 pub async fn payout_status_counts(
     db: &ReadDb,
 ) -> Result<std::collections::BTreeMap<String, i64>, ProjectionError> {
     const SQL: &str = "SELECT status, COUNT(*) FROM payouts GROUP BY status";
-    let rows: Vec<(String, i64)> =
-        on_reader!(db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+    let rows: Vec<(String, i64)> = store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
+        .fetch_all(pool)
+        .await?);
     Ok(rows.into_iter().collect())
 }
 
@@ -335,7 +397,7 @@ pub async fn entitlement(
                        principal_scheduled, interest_days AS interest_days_scheduled, \
                        term_days - interest_days AS interest_days_remaining, position \
                        FROM sale_progress WHERE product_id = $1";
-    Ok(on_reader!(db, |pool| sqlx::query_as(SQL)
+    Ok(store::on_backend!(db.reader(), |pool| sqlx::query_as(SQL)
         .bind(product_id)
         .fetch_optional(pool)
         .await?))

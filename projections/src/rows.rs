@@ -47,6 +47,10 @@ pub struct SaleRow {
     pub interest_days: i64,
     /// When the product was listed.
     pub listed_at: String,
+    /// When the sale was first opened.
+    pub opened_at: Option<String>,
+    /// When the last of the quota was confirmed.
+    pub sold_out_at: Option<String>,
     /// When the row last changed.
     pub updated_at: String,
     /// The last event applied to the row.

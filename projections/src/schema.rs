@@ -332,6 +332,8 @@ pub const SALE_PROGRESS: Table = Table {
         ("principal_scheduled", Type::Integer),
         ("interest_days", Type::Integer),
         ("listed_at", Type::Text),
+        ("opened_at", Type::TextOrNull),
+        ("sold_out_at", Type::TextOrNull),
         ("updated_at", Type::Text),
         ("position", Type::Integer),
     ],
@@ -394,7 +396,8 @@ pub const LEDGER_ENTRIES: Table = Table {
         ("occurred_at", Type::Text),
     ],
     key: &["account_id", "position", "seq"],
-    indexes: &[],
+    // Support finds a customer by a deposit's reference.
+    indexes: &[("by_reference", "reference")],
     writes: Writes::AppendOnly,
 };
 

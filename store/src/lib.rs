@@ -17,6 +17,7 @@ pub mod postgres;
 mod rows;
 pub use rows::metadata_text;
 pub mod scratch;
+pub mod sql;
 pub mod sqlite;
 pub mod subscription;
 #[cfg(feature = "testing")]

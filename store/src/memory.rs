@@ -4,7 +4,7 @@
 
 use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
-use crate::plan::{self, Planned, StoredId, outcomes};
+use crate::plan::{self, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
 use async_trait::async_trait;
 use chrono::Utc;
@@ -135,8 +135,7 @@ impl EventStore for MemoryEventStore {
         // Microseconds: what both SQL backends store, so the hash covers
         // exactly what is read back.
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
-        let mut rows = Vec::new();
-        let (first_position, mut previous, recorded_at) = {
+        let (first_position, previous, recorded_at) = {
             let log = self.log.read().expect("BUG: memory log poisoned");
             let previous = log
                 .events
@@ -147,41 +146,23 @@ impl EventStore for MemoryEventStore {
             let recorded_at = log.events.last().map_or(now, |e| now.max(e.recorded_at));
             (log.next_position, previous, recorded_at)
         };
-        for (append, plan) in appends.iter().zip(&planned) {
-            let Planned::Insert { first_version } = plan else {
-                continue;
-            };
-            for (offset, event) in append.events.iter().enumerate() {
-                let version = first_version + offset as i64;
-                let (data, metadata) = (
-                    event.data.to_string(),
-                    crate::rows::metadata_text(&event.metadata),
-                );
-                previous = crate::chain::link(
-                    &previous,
-                    &crate::chain::Link::appended(
-                        &append.stream_id,
-                        version,
-                        event,
-                        &data,
-                        &metadata,
-                        recorded_at,
-                    ),
-                );
-                rows.push(RecordedEvent {
-                    position: first_position + rows.len() as i64,
-                    stream_id: append.stream_id.clone(),
-                    version,
-                    event_id: event.event_id,
-                    event_type: event.event_type.clone(),
-                    schema_version: event.schema_version,
-                    data: event.data.clone(),
-                    metadata: event.metadata.clone(),
+        let rows: Vec<RecordedEvent> =
+            crate::sql::event_rows(&appends, &planned, previous, recorded_at)
+                .into_iter()
+                .zip(first_position..)
+                .map(|(row, position)| RecordedEvent {
+                    position,
+                    stream_id: row.stream_id.to_owned(),
+                    version: row.version,
+                    event_id: row.event_id,
+                    event_type: row.event_type.to_owned(),
+                    schema_version: row.schema_version,
+                    data: row.event.data.clone(),
+                    metadata: row.event.metadata.clone(),
                     recorded_at,
-                    hash: Some(previous.clone()),
-                });
-            }
-        }
+                    hash: Some(row.hash),
+                })
+                .collect();
         // Positions are taken before the hook runs, like an identity column.
         self.log
             .write()

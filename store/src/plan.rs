@@ -124,6 +124,12 @@ pub fn plan(
                     actual,
                 })));
             }
+            // Versions only grow: a stream continues from its last version.
+            assert!(
+                actual >= 0,
+                "BUG: stream {} at version {actual}",
+                append.stream_id
+            );
             Ok(Planned::Insert {
                 first_version: actual + 1,
             })
@@ -186,6 +192,16 @@ pub(crate) fn outcomes(
                 };
                 let first = append.events.first().expect("BUG: validated non-empty");
                 let last = append.events.last().expect("BUG: validated non-empty");
+                // A stream's new events take increasing positions, in the
+                // order of their versions.
+                for pair in append.events.windows(2) {
+                    let (before, after) = (position(&pair[0]), position(&pair[1]));
+                    assert!(
+                        before < after,
+                        "BUG: stream {} got position {after} after {before}",
+                        append.stream_id
+                    );
+                }
                 StreamOutcome::Appended(Appended {
                     stream_id: append.stream_id.clone(),
                     first_version,
@@ -239,6 +255,28 @@ mod tests {
                 .unwrap()
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn outcomes_carry_a_streams_first_and_last_positions() {
+        let appends = [append("a", ExpectedVersion::NoStream, &[1, 2])];
+        let positions = HashMap::from([(Uuid::from_u128(1), 7), (Uuid::from_u128(2), 9)]);
+        let planned = vec![Planned::Insert { first_version: 1 }];
+        let outcome = &outcomes(&appends, planned, &positions)[0];
+        assert!(matches!(outcome, StreamOutcome::Appended(a)
+            if (a.first_version, a.last_version, a.first_position, a.last_position) == (1, 2, 7, 9)));
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: stream a got position 7 after 9")]
+    fn positions_out_of_version_order_are_a_bug() {
+        let appends = [append("a", ExpectedVersion::NoStream, &[1, 2])];
+        let positions = HashMap::from([(Uuid::from_u128(1), 9), (Uuid::from_u128(2), 7)]);
+        outcomes(
+            &appends,
+            vec![Planned::Insert { first_version: 1 }],
+            &positions,
         );
     }
 

@@ -13,11 +13,11 @@ use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, clamp_limit, run_hook};
-use crate::rows::{RawEvent, metadata_text};
+use crate::sql;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Row};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
@@ -164,37 +164,18 @@ impl PostgresEventStore {
         // Under the append lock: the last committed event is the chain's
         // end, and the recording time is no earlier than its, so times
         // follow positions.
-        let (mut previous, last_recorded_at) = chain_end(&mut *tx).await?;
+        let (end_position, previous, last_recorded_at) = chain_end(&mut *tx).await?;
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
-        for (append, plan) in appends.iter().zip(planned) {
-            let Planned::Insert { first_version } = plan else {
-                continue;
-            };
-            for (offset, event) in append.events.iter().enumerate() {
-                let data = event.data.to_string();
-                let metadata = metadata_text(&event.metadata);
-                let version = first_version + offset as i64;
-                previous = chain::link(
-                    &previous,
-                    &chain::Link::appended(
-                        &append.stream_id,
-                        version,
-                        event,
-                        &data,
-                        &metadata,
-                        recorded_at,
-                    ),
-                );
-                columns.stream_ids.push(append.stream_id.as_str());
-                columns.versions.push(version);
-                columns.event_ids.push(event.event_id);
-                columns.event_types.push(event.event_type.as_str());
-                columns.schema_versions.push(event.schema_version);
-                columns.data.push(data);
-                columns.metadata.push(metadata);
-                columns.hashes.push(previous.clone());
-            }
+        for row in sql::event_rows(appends, planned, previous, recorded_at) {
+            columns.stream_ids.push(row.stream_id);
+            columns.versions.push(row.version);
+            columns.event_ids.push(row.event_id);
+            columns.event_types.push(row.event_type);
+            columns.schema_versions.push(row.schema_version);
+            columns.data.push(row.data);
+            columns.metadata.push(row.metadata);
+            columns.hashes.push(row.hash);
         }
         if columns.event_ids.is_empty() {
             return Ok(HashMap::new());
@@ -221,6 +202,7 @@ impl PostgresEventStore {
         .bind(&columns.hashes)
         .fetch_all(tx)
         .await?;
+        check_positions(&columns.event_ids, &inserted, end_position);
         Ok(inserted
             .into_iter()
             .map(|(position, id)| (id, position))
@@ -241,125 +223,46 @@ struct Columns<'a> {
     hashes: Vec<String>,
 }
 
-/// The last event's hash (the chain's genesis for an empty log) and its
-/// recording time.
+/// A batch's positions, checked: one per event, every one past the log's
+/// end (`end_position`, read under the append lock), increasing in the
+/// order the events were given, so readers see the batch in that order.
+fn check_positions(order: &[Uuid], inserted: &[(Position, Uuid)], end_position: Position) {
+    assert_eq!(
+        order.len(),
+        inserted.len(),
+        "BUG: {} events inserted as {} rows",
+        order.len(),
+        inserted.len()
+    );
+    let positions: HashMap<Uuid, Position> = inserted.iter().map(|(p, id)| (*id, *p)).collect();
+    let mut before = end_position;
+    for event_id in order {
+        let position = positions[event_id];
+        assert!(
+            position > before,
+            "BUG: event {event_id} inserted at position {position}, not after {before}"
+        );
+        before = position;
+    }
+}
+
+/// The last event's position (0 for an empty log), its hash (the chain's
+/// genesis for an empty log) and its recording time.
 async fn chain_end(
     tx: &mut sqlx::PgConnection,
-) -> Result<(String, Option<DateTime<Utc>>), StoreError> {
+) -> Result<(Position, String, Option<DateTime<Utc>>), StoreError> {
     let last: Option<(i64, Option<String>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1",
     )
     .fetch_optional(tx)
     .await?;
     match last {
-        None => Ok((chain::GENESIS.to_owned(), None)),
-        Some((_, Some(hash), recorded_at)) => Ok((hash, Some(recorded_at))),
+        None => Ok((0, chain::GENESIS.to_owned(), None)),
+        Some((position, Some(hash), recorded_at)) => Ok((position, hash, Some(recorded_at))),
         Some((position, None, _)) => Err(StoreError::Corrupt {
             position,
             reason: "the last event has no hash".into(),
         }),
-    }
-}
-
-/// A page of stored rows, exactly as stored, with their hashes.
-const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
-     data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
-
-fn raw_row(row: &sqlx::postgres::PgRow) -> Result<RawEvent, StoreError> {
-    let raw = RawEvent {
-        position: row.try_get("position")?,
-        stream_id: row.try_get("stream_id")?,
-        version: row.try_get("version")?,
-        event_id: row.try_get("event_id")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        data: row.try_get("data")?,
-        metadata: row.try_get("metadata")?,
-        recorded_at: row.try_get("recorded_at")?,
-        hash: row.try_get("hash")?,
-    };
-    Ok(raw)
-}
-
-/// Gives events written before hashes existed their hash, in position
-/// order, under the append lock (the only update the table allows).
-async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK_KEY)
-        .execute(&mut *tx)
-        .await?;
-    // Only events from before the chain: the unhashed prefix of the log. A
-    // missing hash after a hashed event is damage for `verify` to report,
-    // never something to fill in.
-    let hashed: Option<i64> =
-        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NOT NULL")
-            .fetch_one(&mut *tx)
-            .await?;
-    let unhashed: Option<i64> =
-        sqlx::query_scalar("SELECT MAX(position) FROM events WHERE hash IS NULL AND position < $1")
-            .bind(hashed.unwrap_or(i64::MAX))
-            .fetch_one(&mut *tx)
-            .await?;
-    let Some(end) = unhashed else {
-        return Ok(0);
-    };
-    let mut previous = chain::GENESIS.to_owned();
-    let mut after = 0;
-    let mut filled = 0;
-    loop {
-        let rows = sqlx::query(RAW_PAGE)
-            .bind(after)
-            .bind(1_000i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        if rows.is_empty() || after >= end {
-            break;
-        }
-        for row in &rows {
-            let raw = raw_row(row)?;
-            after = raw.position;
-            if after > end {
-                break;
-            }
-            previous = chain::link(&previous, &raw.link());
-            sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
-                .bind(&previous)
-                .bind(raw.position)
-                .execute(&mut *tx)
-                .await?;
-            filled += 1;
-        }
-    }
-    tx.commit().await?;
-    Ok(filled)
-}
-
-impl PostgresEventStore {
-    /// Walks the whole hash chain over the rows exactly as stored;
-    /// `progress` hears each page's last position.
-    async fn walk_chain(
-        &self,
-        progress: &(dyn Fn(i64) + Send + Sync),
-    ) -> Result<chain::ChainReport, StoreError> {
-        let mut verifier = chain::Verifier::default();
-        let mut after = 0i64;
-        loop {
-            let rows = sqlx::query(RAW_PAGE)
-                .bind(after)
-                .bind(i64::try_from(crate::port::READ_LIMIT_MAX).expect("BUG: small constant"))
-                .fetch_all(&self.pool)
-                .await?;
-            if rows.is_empty() {
-                return Ok(verifier.report());
-            }
-            for row in &rows {
-                let raw = raw_row(row)?;
-                after = raw.position;
-                verifier.check(raw.position, &raw.link(), raw.hash.as_deref());
-            }
-            progress(after);
-        }
     }
 }
 
@@ -396,6 +299,19 @@ async fn listen_once(
         let position = notification.payload().parse::<Position>().unwrap_or(0);
         sender.send_modify(|head| *head = (*head).max(position));
     }
+}
+
+/// Gives events written before hashes existed their hash, under the
+/// append lock (see `sql::backfill_hashes`).
+async fn backfill_hashes(pool: &PgPool) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let filled = sql::backfill_hashes(sql::Either::Postgres(&mut *tx)).await?;
+    tx.commit().await?;
+    Ok(filled)
 }
 
 impl PostgresEventStore {
@@ -440,17 +356,18 @@ impl PostgresEventStore {
     }
 }
 
-fn parse_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, StoreError> {
-    raw_row(row)?.parse()
-}
-
 #[async_trait]
 impl EventStore for PostgresEventStore {
     async fn verify_chain(
         &self,
         progress: &(dyn Fn(i64) + Send + Sync),
     ) -> Result<chain::ChainReport, StoreError> {
-        self.walk_chain(progress).await
+        sql::walk_chain(
+            sql::Either::Postgres(&self.pool),
+            i64::try_from(crate::port::READ_LIMIT_MAX).expect("BUG: small constant"),
+            progress,
+        )
+        .await
     }
 
     fn backend(&self) -> &'static str {
@@ -476,17 +393,13 @@ impl EventStore for PostgresEventStore {
         after_version: i64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3",
+        sql::read_stream(
+            sql::Either::Postgres(&self.pool),
+            stream_id,
+            after_version,
+            clamp_limit(limit),
         )
-        .bind(stream_id)
-        .bind(after_version)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        .await
     }
 
     async fn read_all(
@@ -494,23 +407,11 @@ impl EventStore for PostgresEventStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-        )
-        .bind(after)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        sql::read_all(sql::Either::Postgres(&self.pool), after, clamp_limit(limit)).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(head)
+        sql::head(sql::Either::Postgres(&self.pool)).await
     }
 
     fn commits(&self) -> watch::Receiver<Position> {

@@ -9,11 +9,11 @@ use crate::error::StoreError;
 use crate::model::{Position, RecordedEvent, StreamAppend, StreamOutcome};
 use crate::plan::{self, IdLookup, Planned, StoredId, outcomes};
 use crate::port::{AppendHook, EventStore, READ_LIMIT_MAX, clamp_limit, run_hook};
-use crate::rows::{RawEvent, metadata_text};
+use crate::sql::{self, parse_uuid};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -245,45 +245,28 @@ impl SqliteEventStore {
     ) -> Result<HashMap<Uuid, Position>, StoreError> {
         // Under the write lock: the chain's end, and a recording time no
         // earlier than the last event's, so times follow positions.
-        let (mut previous, last_recorded_at) = chain_end(&mut *tx).await?;
+        let (end_position, previous, last_recorded_at) = chain_end(&mut *tx).await?;
         let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
         let recorded_text = recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-        let mut rows = Vec::new();
         let mut order = Vec::new();
-        for (append, plan) in appends.iter().zip(planned) {
-            let Planned::Insert { first_version } = plan else {
-                continue;
-            };
-            for (offset, event) in append.events.iter().enumerate() {
-                order.push(event.event_id);
-                let data = event.data.to_string();
-                let metadata = metadata_text(&event.metadata);
-                let version = first_version + offset as i64;
-                previous = chain::link(
-                    &previous,
-                    &chain::Link::appended(
-                        &append.stream_id,
-                        version,
-                        event,
-                        &data,
-                        &metadata,
-                        recorded_at,
-                    ),
-                );
-                rows.push(BatchRow {
-                    s: &append.stream_id,
-                    v: version,
-                    i: event.event_id,
-                    t: &event.event_type,
-                    n: event.schema_version,
-                    d: data,
-                    m: metadata,
+        let rows: Vec<BatchRow<'_>> = sql::event_rows(appends, planned, previous, recorded_at)
+            .into_iter()
+            .map(|row| {
+                order.push(row.event_id);
+                BatchRow {
+                    s: row.stream_id,
+                    v: row.version,
+                    i: row.event_id,
+                    t: row.event_type,
+                    n: row.schema_version,
+                    d: row.data,
+                    m: row.metadata,
                     r: &recorded_text,
-                    h: previous.clone(),
-                });
-            }
-        }
+                    h: row.hash,
+                }
+            })
+            .collect();
         if rows.is_empty() {
             return Ok(HashMap::new());
         }
@@ -310,6 +293,11 @@ impl SqliteEventStore {
             "BUG: not every row was inserted"
         );
         let first = inserted.last_insert_rowid() - count + 1;
+        // The batch's positions are the dense run right after the log's end.
+        assert!(
+            first > end_position,
+            "BUG: a batch inserted at position {first} after the log's end at {end_position}"
+        );
         Ok(order.into_iter().zip(first..).collect())
     }
 }
@@ -328,18 +316,27 @@ struct BatchRow<'a> {
     h: String,
 }
 
-/// The last event's hash (the chain's genesis for an empty log) and its
-/// recording time.
+/// Gives events written before hashes existed their hash, in one write
+/// transaction (see `sql::backfill_hashes`).
+async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let filled = sql::backfill_hashes(sql::Either::Sqlite(&mut *tx)).await?;
+    tx.commit().await?;
+    Ok(filled)
+}
+
+/// The last event's position (0 for an empty log), its hash (the chain's
+/// genesis for an empty log) and its recording time.
 async fn chain_end(
     tx: &mut sqlx::SqliteConnection,
-) -> Result<(String, Option<DateTime<Utc>>), StoreError> {
+) -> Result<(Position, String, Option<DateTime<Utc>>), StoreError> {
     let last: Option<(i64, Option<String>, String)> = sqlx::query_as(
         "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1",
     )
     .fetch_optional(tx)
     .await?;
     match last {
-        None => Ok((chain::GENESIS.to_owned(), None)),
+        None => Ok((0, chain::GENESIS.to_owned(), None)),
         Some((position, Some(hash), recorded_at)) => {
             let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
                 .map_err(|e| StoreError::Corrupt {
@@ -347,119 +344,12 @@ async fn chain_end(
                     reason: format!("recorded_at: {e}"),
                 })?
                 .with_timezone(&Utc);
-            Ok((hash, Some(recorded_at)))
+            Ok((position, hash, Some(recorded_at)))
         }
         Some((position, None, _)) => Err(StoreError::Corrupt {
             position,
             reason: "the last event has no hash".into(),
         }),
-    }
-}
-
-/// Gives events written before hashes existed their hash, in position
-/// order, in one write transaction (the only update the table allows).
-async fn backfill_hashes(pool: &SqlitePool) -> Result<u64, StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    // Only events from before the chain: the unhashed prefix of the log. A
-    // missing hash after a hashed event is damage for `verify` to report,
-    // never something to fill in.
-    let hashed: Option<i64> =
-        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE hash IS NOT NULL")
-            .fetch_one(&mut *tx)
-            .await?;
-    let unhashed: Option<i64> =
-        sqlx::query_scalar("SELECT MAX(position) FROM events WHERE hash IS NULL AND position < $1")
-            .bind(hashed.unwrap_or(i64::MAX))
-            .fetch_one(&mut *tx)
-            .await?;
-    let Some(end) = unhashed else {
-        return Ok(0);
-    };
-    let mut verifier_previous = chain::GENESIS.to_owned();
-    let mut after = 0;
-    let mut filled = 0;
-    loop {
-        let rows = sqlx::query(RAW_PAGE)
-            .bind(after)
-            .bind(1_000i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        if rows.is_empty() || after >= end {
-            break;
-        }
-        for row in &rows {
-            let raw = raw_row(row)?;
-            after = raw.position;
-            if after > end {
-                break;
-            }
-            verifier_previous = chain::link(&verifier_previous, &raw.link());
-            sqlx::query("UPDATE events SET hash = $1 WHERE position = $2")
-                .bind(&verifier_previous)
-                .bind(raw.position)
-                .execute(&mut *tx)
-                .await?;
-            filled += 1;
-        }
-    }
-    tx.commit().await?;
-    Ok(filled)
-}
-
-/// A page of stored rows, exactly as stored, with their hashes.
-const RAW_PAGE: &str = "SELECT position, stream_id, version, event_id, event_type, schema_version, \
-     data, metadata, recorded_at, hash FROM events WHERE position > $1 ORDER BY position LIMIT $2";
-
-/// A stored row as text, with its stored hash.
-fn raw_row(row: &sqlx::sqlite::SqliteRow) -> Result<RawEvent, StoreError> {
-    let position: i64 = row.try_get("position")?;
-    let recorded_at: String = row.try_get("recorded_at")?;
-    let recorded_at = DateTime::parse_from_rfc3339(&recorded_at)
-        .map_err(|e| StoreError::Corrupt {
-            position,
-            reason: format!("recorded_at: {e}"),
-        })?
-        .with_timezone(&Utc);
-    let raw = RawEvent {
-        position,
-        stream_id: row.try_get("stream_id")?,
-        version: row.try_get("version")?,
-        event_id: parse_uuid(row.try_get("event_id")?, position)?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        data: row.try_get("data")?,
-        metadata: row.try_get("metadata")?,
-        recorded_at,
-        hash: row.try_get("hash")?,
-    };
-    Ok(raw)
-}
-
-impl SqliteEventStore {
-    /// Walks the whole hash chain over the rows exactly as stored;
-    /// `progress` hears each page's last position.
-    async fn walk_chain(
-        &self,
-        progress: &(dyn Fn(i64) + Send + Sync),
-    ) -> Result<chain::ChainReport, StoreError> {
-        let mut verifier = chain::Verifier::default();
-        let mut after = 0i64;
-        loop {
-            let rows = sqlx::query(RAW_PAGE)
-                .bind(after)
-                .bind(i64::try_from(READ_LIMIT_MAX).expect("BUG: small constant"))
-                .fetch_all(&self.read)
-                .await?;
-            if rows.is_empty() {
-                return Ok(verifier.report());
-            }
-            for row in &rows {
-                let raw = raw_row(row)?;
-                after = raw.position;
-                verifier.check(raw.position, &raw.link(), raw.hash.as_deref());
-            }
-            progress(after);
-        }
     }
 }
 
@@ -508,24 +398,18 @@ impl SqliteEventStore {
     }
 }
 
-fn parse_uuid(text: &str, position: i64) -> Result<Uuid, StoreError> {
-    Uuid::parse_str(text).map_err(|e| StoreError::Corrupt {
-        position,
-        reason: format!("event id: {e}"),
-    })
-}
-
-fn parse_row(row: &sqlx::sqlite::SqliteRow) -> Result<RecordedEvent, StoreError> {
-    raw_row(row)?.parse()
-}
-
 #[async_trait]
 impl EventStore for SqliteEventStore {
     async fn verify_chain(
         &self,
         progress: &(dyn Fn(i64) + Send + Sync),
     ) -> Result<chain::ChainReport, StoreError> {
-        self.walk_chain(progress).await
+        sql::walk_chain(
+            sql::Either::Sqlite(&self.read),
+            i64::try_from(READ_LIMIT_MAX).expect("BUG: small constant"),
+            progress,
+        )
+        .await
     }
 
     fn backend(&self) -> &'static str {
@@ -551,17 +435,13 @@ impl EventStore for SqliteEventStore {
         after_version: i64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
+        sql::read_stream(
+            sql::Either::Sqlite(&self.read),
+            stream_id,
+            after_version,
+            clamp_limit(limit),
         )
-        .bind(stream_id)
-        .bind(after_version)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        .await
     }
 
     async fn read_all(
@@ -569,23 +449,11 @@ impl EventStore for SqliteEventStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, stream_id, version, event_id, event_type, schema_version, data, \
-                    metadata, recorded_at, hash \
-             FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
-        )
-        .bind(after)
-        .bind(clamp_limit(limit))
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(parse_row).collect()
+        sql::read_all(sql::Either::Sqlite(&self.read), after, clamp_limit(limit)).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&self.read)
-            .await?;
-        Ok(head)
+        sql::head(sql::Either::Sqlite(&self.read)).await
     }
 
     fn commits(&self) -> watch::Receiver<Position> {

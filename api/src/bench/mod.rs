@@ -4,6 +4,7 @@
 pub mod append;
 pub mod attack;
 pub mod http;
+pub mod lookups;
 pub mod payouts;
 pub mod purchases;
 pub mod rebuild;

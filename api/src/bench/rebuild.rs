@@ -156,7 +156,8 @@ pub async fn run(options: RebuildBenchOptions) -> anyhow::Result<ExitCode> {
 /// Events per generated append.
 const GENERATE_BATCH: usize = 5_000;
 
-async fn generate(
+/// Appends the generated history the options describe; seconds taken.
+pub(crate) async fn generate(
     store: &std::sync::Arc<dyn store::EventStore>,
     options: &RebuildBenchOptions,
 ) -> anyhow::Result<f64> {

@@ -1,5 +1,5 @@
 //! `ledger fake-gateway`: a payment provider for development, demos and
-//! tests. It speaks the provider contract of API.md and, like the real ones
+//! tests. It speaks the provider contract of docs/http-api.md and, like the real ones
 //! the ledger must survive, does **not** de-duplicate: every call that pays
 //! makes a new payment, whatever its key. It records every payment, lists
 //! them (`GET /payments`), and injects faults drawn from a seeded generator:

@@ -1,4 +1,4 @@
-//! The payment provider over HTTP (the contract in API.md, "Payment
+//! The payment provider over HTTP (the contract in docs/http-api.md, "The payment
 //! provider"), and `ledger fake-gateway`, a real server speaking it.
 
 pub mod fake;

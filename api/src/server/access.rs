@@ -7,6 +7,7 @@ use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use store::Backend;
+use store::sql::{AnyConnection, AnyPool, Cell, ColumnKind, Either, RowBatch};
 
 /// Connections the API's tables may hold (per process).
 pub const ACCESS_CONNECTIONS_MAX: u32 = 8;
@@ -21,16 +22,6 @@ pub enum AccessDb {
     Sqlite(SqlitePool, store::sqlite::WriteGate),
     /// In PostgreSQL.
     Postgres(PgPool),
-}
-
-/// Runs the same statement code against whichever pool the handle holds.
-macro_rules! on_pool {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            AccessDb::Sqlite($pool, _) => $body,
-            AccessDb::Postgres($pool) => $body,
-        }
-    };
 }
 
 /// A stored user.
@@ -88,6 +79,8 @@ const USER_INSERT: &str = "INSERT INTO users \
 const USER_DELETE: &str = "DELETE FROM users WHERE user_id = $1";
 const USER_BY_NAME: &str = "SELECT user_id, username, password_hash, role, account_id \
      FROM users WHERE username = $1";
+const USER_BY_ACCOUNT: &str = "SELECT user_id, username FROM users WHERE account_id = $1 \
+     ORDER BY user_id LIMIT 1";
 const USER_COUNT: &str = "SELECT COUNT(*) FROM users";
 const SESSION_INSERT: &str = "INSERT INTO sessions \
      (token_hash, user_id, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4)";
@@ -128,6 +121,15 @@ pub fn sqlite_path(ledger: &Path) -> PathBuf {
 }
 
 impl AccessDb {
+    /// Its pool, for statement code written once for both backends
+    /// (`store::on_backend!`).
+    fn pool(&self) -> AnyPool<'_> {
+        match self {
+            AccessDb::Sqlite(pool, _) => Either::Sqlite(pool),
+            AccessDb::Postgres(pool) => Either::Postgres(pool),
+        }
+    }
+
     /// Connects to the database a backend names and applies the API
     /// tables' migrations: on SQLite, its own file beside the log's (see
     /// `sqlite_path`); on PostgreSQL, the ledger's database, whose migrations
@@ -189,12 +191,12 @@ impl AccessDb {
 
     /// Closes the pools.
     pub async fn close(&self) {
-        on_pool!(self, |pool| pool.close().await)
+        store::on_backend!(self.pool(), |pool| pool.close().await)
     }
 
     /// Stores a user; false when the username is taken.
     pub async fn insert_user(&self, user: &UserRow, now_ms: i64) -> Result<bool, sqlx::Error> {
-        let inserted = on_pool!(self, |pool| sqlx::query(USER_INSERT)
+        let inserted = store::on_backend!(self.pool(), |pool| sqlx::query(USER_INSERT)
             .bind(&user.user_id)
             .bind(&user.username)
             .bind(&user.password_hash)
@@ -209,7 +211,7 @@ impl AccessDb {
 
     /// Removes a user that was never usable (its account could not be opened).
     pub async fn delete_user(&self, user_id: &str) -> Result<(), sqlx::Error> {
-        let _deleted = on_pool!(self, |pool| sqlx::query(USER_DELETE)
+        let _deleted = store::on_backend!(self.pool(), |pool| sqlx::query(USER_DELETE)
             .bind(user_id)
             .execute(pool)
             .await?
@@ -220,7 +222,7 @@ impl AccessDb {
     /// The user with exactly this name.
     pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, sqlx::Error> {
         let row: Option<(String, String, String, String, Option<String>)> =
-            on_pool!(self, |pool| sqlx::query_as(USER_BY_NAME)
+            store::on_backend!(self.pool(), |pool| sqlx::query_as(USER_BY_NAME)
                 .bind(username)
                 .fetch_optional(pool)
                 .await?);
@@ -235,9 +237,23 @@ impl AccessDb {
         ))
     }
 
+    /// The user (id and username) an account belongs to, by the index
+    /// `users_by_account`.
+    pub async fn user_by_account(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<(String, String)>, sqlx::Error> {
+        Ok(store::on_backend!(self.pool(), |pool| sqlx::query_as(
+            USER_BY_ACCOUNT
+        )
+        .bind(account_id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
     /// How many users exist.
     pub async fn user_count(&self) -> Result<i64, sqlx::Error> {
-        let (count,): (i64,) = on_pool!(self, |pool| sqlx::query_as(USER_COUNT)
+        let (count,): (i64,) = store::on_backend!(self.pool(), |pool| sqlx::query_as(USER_COUNT)
             .fetch_one(pool)
             .await?);
         Ok(count)
@@ -251,7 +267,7 @@ impl AccessDb {
         now_ms: i64,
         expires_at_ms: i64,
     ) -> Result<(), sqlx::Error> {
-        let _inserted = on_pool!(self, |pool| sqlx::query(SESSION_INSERT)
+        let _inserted = store::on_backend!(self.pool(), |pool| sqlx::query(SESSION_INSERT)
             .bind(token_hash)
             .bind(user_id)
             .bind(now_ms)
@@ -269,7 +285,7 @@ impl AccessDb {
         now_ms: i64,
     ) -> Result<Option<SessionRow>, sqlx::Error> {
         let row: Option<(String, String, Option<String>, i64)> =
-            on_pool!(self, |pool| sqlx::query_as(SESSION_SELECT)
+            store::on_backend!(self.pool(), |pool| sqlx::query_as(SESSION_SELECT)
                 .bind(token_hash)
                 .bind(now_ms)
                 .fetch_optional(pool)
@@ -287,7 +303,7 @@ impl AccessDb {
     /// Ends a session now (a logout); false if it had already ended.
     pub async fn end_session(&self, token_hash: &str, now_ms: i64) -> Result<bool, sqlx::Error> {
         let _gate = self.write_gate().await;
-        let ended = on_pool!(self, |pool| sqlx::query(SESSION_END)
+        let ended = store::on_backend!(self.pool(), |pool| sqlx::query(SESSION_END)
             .bind(token_hash)
             .bind(now_ms)
             .execute(pool)
@@ -304,12 +320,13 @@ impl AccessDb {
         until_ms: i64,
         limit: i64,
     ) -> Result<Vec<String>, sqlx::Error> {
-        let rows: Vec<(String,)> = on_pool!(self, |pool| sqlx::query_as(SESSIONS_ENDED)
-            .bind(after_ms)
-            .bind(until_ms)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?);
+        let rows: Vec<(String,)> =
+            store::on_backend!(self.pool(), |pool| sqlx::query_as(SESSIONS_ENDED)
+                .bind(after_ms)
+                .bind(until_ms)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?);
         Ok(rows.into_iter().map(|(hash,)| hash).collect())
     }
 
@@ -327,7 +344,7 @@ impl AccessDb {
             AccessDb::Sqlite(..) => KEY_PURGE,
             AccessDb::Postgres(_) => KEY_PURGE_POSTGRES,
         };
-        Ok(on_pool!(self, |pool| sqlx::query(purge)
+        Ok(store::on_backend!(self.pool(), |pool| sqlx::query(purge)
             .bind(created_before_ms)
             .bind(now_ms)
             .bind(limit)
@@ -348,11 +365,13 @@ impl AccessDb {
     /// Deletes sessions that ended at or before `ended_before_ms`; returns how many.
     pub async fn purge_sessions(&self, ended_before_ms: i64) -> Result<u64, sqlx::Error> {
         let _gate = self.write_gate().await;
-        Ok(on_pool!(self, |pool| sqlx::query(SESSION_PURGE)
-            .bind(ended_before_ms)
-            .execute(pool)
-            .await?
-            .rows_affected()))
+        Ok(store::on_backend!(self.pool(), |pool| sqlx::query(
+            SESSION_PURGE
+        )
+        .bind(ended_before_ms)
+        .execute(pool)
+        .await?
+        .rows_affected()))
     }
 
     /// Claims an idempotency key for a request, or says why not (one
@@ -583,51 +602,21 @@ enum KeyTx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
-/// Runs the same statement code on whichever transaction is open.
-macro_rules! on_tx {
-    ($tx:expr, |$connection:ident| $body:expr) => {
-        match $tx {
-            KeyTx::Sqlite(tx) => {
-                let $connection = &mut **tx;
-                $body
-            }
-            KeyTx::Postgres(tx) => {
-                let $connection = &mut **tx;
-                $body
-            }
-        }
-    };
-}
-
-/// Columns of key operations, one vector per column (PostgreSQL binds
-/// them as arrays; SQLite gets them as one JSON array of rows).
-#[derive(Default)]
-struct Columns {
-    user_ids: Vec<String>,
-    keys: Vec<String>,
-    hashes: Vec<String>,
-    numbers: Vec<i64>,
-    more_numbers: Vec<i64>,
-    bodies: Vec<String>,
-}
-
-impl Columns {
-    fn rows_json(&self) -> String {
-        let rows: Vec<serde_json::Value> = (0..self.user_ids.len())
-            .map(|i| {
-                serde_json::json!([
-                    self.user_ids[i],
-                    self.keys[i],
-                    self.hashes.get(i),
-                    self.numbers.get(i),
-                    self.more_numbers.get(i),
-                    self.bodies.get(i),
-                ])
-            })
-            .collect();
-        serde_json::Value::Array(rows).to_string()
-    }
-}
+/// The columns of a batch of claims (`KEY_INSERT_ALL_*`).
+const CLAIM_COLUMNS: &[ColumnKind] = &[
+    ColumnKind::Text,
+    ColumnKind::Text,
+    ColumnKind::Text,
+    ColumnKind::Integer,
+    ColumnKind::Integer,
+];
+/// The columns of a batch of answers (`KEY_COMPLETE_ALL_*`).
+const ANSWER_COLUMNS: &[ColumnKind] = &[
+    ColumnKind::Text,
+    ColumnKind::Text,
+    ColumnKind::Integer,
+    ColumnKind::Text,
+];
 
 const KEY_INSERT_ALL_SQLITE: &str = "INSERT INTO idempotency_keys \
      (user_id, idempotency_key, request_hash, locked_until_ms, created_at_ms) \
@@ -653,7 +642,7 @@ const KEY_LOCK_ALL_POSTGRES: &str = "SELECT 1 FROM idempotency_keys \
 const KEY_COMPLETE_ALL_SQLITE: &str = "UPDATE idempotency_keys \
      SET status = answer.status, response_body = answer.body \
      FROM (SELECT value ->> 0 AS user_id, value ->> 1 AS idempotency_key, \
-                  value ->> 3 AS status, value ->> 5 AS body FROM json_each($1)) AS answer \
+                  value ->> 2 AS status, value ->> 3 AS body FROM json_each($1)) AS answer \
      WHERE idempotency_keys.user_id = answer.user_id \
        AND idempotency_keys.idempotency_key = answer.idempotency_key \
        AND idempotency_keys.status IS NULL";
@@ -666,6 +655,15 @@ const KEY_COMPLETE_ALL_POSTGRES: &str = "UPDATE idempotency_keys \
        AND idempotency_keys.status IS NULL";
 
 impl KeyTx {
+    /// Its connection, for statement code written once for both backends
+    /// (`store::on_backend!`).
+    fn connection(&mut self) -> AnyConnection<'_> {
+        match self {
+            KeyTx::Sqlite(tx) => Either::Sqlite(&mut **tx),
+            KeyTx::Postgres(tx) => Either::Postgres(&mut **tx),
+        }
+    }
+
     /// On PostgreSQL, locks the existing rows of these keys (sorted,
     /// distinct) in that order; SQLite's write gate already serializes.
     async fn lock_existing(&mut self, keys: &[(&str, &str)]) -> Result<(), sqlx::Error> {
@@ -692,7 +690,7 @@ impl KeyTx {
         if claims.is_empty() {
             return Ok(Default::default());
         }
-        let mut columns = Columns::default();
+        let mut batch = RowBatch::new(CLAIM_COLUMNS);
         for op in claims {
             let KeyOp::Begin {
                 user_id,
@@ -704,26 +702,24 @@ impl KeyTx {
             else {
                 unreachable!("BUG: only claims are inserted");
             };
-            columns.user_ids.push(user_id.clone());
-            columns.keys.push(key.clone());
-            columns.hashes.push(request_hash.clone());
-            columns.numbers.push(now_ms + lock_ms);
-            columns.more_numbers.push(*now_ms);
+            batch.push(&[
+                Cell::Text(Some(user_id)),
+                Cell::Text(Some(key)),
+                Cell::Text(Some(request_hash)),
+                Cell::Integer(Some(now_ms + lock_ms)),
+                Cell::Integer(Some(*now_ms)),
+            ]);
         }
         let rows: Vec<(String, String)> = match self {
             KeyTx::Sqlite(tx) => {
                 sqlx::query_as(KEY_INSERT_ALL_SQLITE)
-                    .bind(columns.rows_json())
+                    .bind(batch.json_rows())
                     .fetch_all(&mut **tx)
                     .await?
             }
             KeyTx::Postgres(tx) => {
-                sqlx::query_as(KEY_INSERT_ALL_POSTGRES)
-                    .bind(&columns.user_ids)
-                    .bind(&columns.keys)
-                    .bind(&columns.hashes)
-                    .bind(&columns.numbers)
-                    .bind(&columns.more_numbers)
+                batch
+                    .bind_arrays(sqlx::query_as(KEY_INSERT_ALL_POSTGRES))
                     .fetch_all(&mut **tx)
                     .await?
             }
@@ -736,7 +732,7 @@ impl KeyTx {
         if completes.is_empty() {
             return Ok(());
         }
-        let mut columns = Columns::default();
+        let mut batch = RowBatch::new(ANSWER_COLUMNS);
         for op in completes {
             let KeyOp::Complete {
                 user_id,
@@ -747,26 +743,23 @@ impl KeyTx {
             else {
                 unreachable!("BUG: only answers are completed");
             };
-            columns.user_ids.push(user_id.clone());
-            columns.keys.push(key.clone());
-            columns.hashes.push(String::new());
-            columns.numbers.push(i64::from(*status));
-            columns.more_numbers.push(0);
-            columns.bodies.push(body.clone());
+            batch.push(&[
+                Cell::Text(Some(user_id)),
+                Cell::Text(Some(key)),
+                Cell::Integer(Some(i64::from(*status))),
+                Cell::Text(Some(body)),
+            ]);
         }
         match self {
             KeyTx::Sqlite(tx) => {
                 sqlx::query(KEY_COMPLETE_ALL_SQLITE)
-                    .bind(columns.rows_json())
+                    .bind(batch.json_rows())
                     .execute(&mut **tx)
                     .await?;
             }
             KeyTx::Postgres(tx) => {
-                sqlx::query(KEY_COMPLETE_ALL_POSTGRES)
-                    .bind(&columns.user_ids)
-                    .bind(&columns.keys)
-                    .bind(&columns.numbers)
-                    .bind(&columns.bodies)
+                batch
+                    .bind_arrays(sqlx::query(KEY_COMPLETE_ALL_POSTGRES))
                     .execute(&mut **tx)
                     .await?;
             }
@@ -780,12 +773,13 @@ impl KeyTx {
             let KeyOp::Abandon { user_id, key } = op else {
                 unreachable!("BUG: only releases are abandoned");
             };
-            let _released = on_tx!(self, |connection| sqlx::query(KEY_ABANDON)
-                .bind(user_id)
-                .bind(key)
-                .execute(connection)
-                .await?
-                .rows_affected());
+            let _released =
+                store::on_backend!(self.connection(), |connection| sqlx::query(KEY_ABANDON)
+                    .bind(user_id)
+                    .bind(key)
+                    .execute(connection)
+                    .await?
+                    .rows_affected());
         }
         Ok(())
     }
@@ -800,22 +794,24 @@ impl KeyTx {
         now_ms: i64,
         lock_ms: i64,
     ) -> Result<Begun, sqlx::Error> {
-        let row: Option<IdempotencyRow> = on_tx!(self, |connection| sqlx::query_as(KEY_SELECT)
-            .bind(user_id)
-            .bind(key)
-            .fetch_optional(connection)
-            .await?);
-        let Some((stored_hash, status, body, stored_lock_ms)) = row else {
-            // Released by an earlier operation of this batch: claim it now.
-            let _inserted = on_tx!(self, |connection| sqlx::query(KEY_INSERT)
+        let row: Option<IdempotencyRow> =
+            store::on_backend!(self.connection(), |connection| sqlx::query_as(KEY_SELECT)
                 .bind(user_id)
                 .bind(key)
-                .bind(request_hash)
-                .bind(now_ms + lock_ms)
-                .bind(now_ms)
-                .execute(connection)
-                .await?
-                .rows_affected());
+                .fetch_optional(connection)
+                .await?);
+        let Some((stored_hash, status, body, stored_lock_ms)) = row else {
+            // Released by an earlier operation of this batch: claim it now.
+            let _inserted =
+                store::on_backend!(self.connection(), |connection| sqlx::query(KEY_INSERT)
+                    .bind(user_id)
+                    .bind(key)
+                    .bind(request_hash)
+                    .bind(now_ms + lock_ms)
+                    .bind(now_ms)
+                    .execute(connection)
+                    .await?
+                    .rows_affected());
             return Ok(Begun::Run);
         };
         if stored_hash != request_hash {
@@ -828,7 +824,7 @@ impl KeyTx {
         if stored_lock_ms > now_ms {
             return Ok(Begun::InFlight);
         }
-        let taken = on_tx!(self, |connection| sqlx::query(KEY_TAKE_OVER)
+        let taken = store::on_backend!(self.connection(), |connection| sqlx::query(KEY_TAKE_OVER)
             .bind(user_id)
             .bind(key)
             .bind(now_ms + lock_ms)
@@ -841,5 +837,41 @@ impl KeyTx {
         } else {
             Begun::InFlight
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The purge's search for old keys goes through the age index, not a
+    /// scan of every key kept.
+    #[tokio::test]
+    async fn the_key_purge_finds_old_keys_by_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = AccessDb::open(&Backend::Sqlite(dir.path().join("ledger.db")))
+            .await
+            .unwrap();
+        let AccessDb::Sqlite(pool, _) = &db else {
+            unreachable!("opened on SQLite")
+        };
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN SELECT user_id, idempotency_key FROM idempotency_keys \
+             WHERE created_at_ms <= $1 AND (status IS NOT NULL OR locked_until_ms <= $2) LIMIT $3",
+        )
+        .bind(0_i64)
+        .bind(0_i64)
+        .bind(100_i64)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("USING INDEX idempotency_keys_created")),
+            "{details:?}"
+        );
+        db.close().await;
     }
 }

@@ -612,15 +612,16 @@ pub async fn forward_purchase(
         .await
 }
 
-/// Runs a product command here, or at the product's owner: `Ok(None)` when
-/// done (here or there), `Ok(Some(answer))` when the owner refused it (its
-/// answer, to relay unchanged).
+/// Runs a product command here, or at the product's owner: `Ok(Ok(append))`
+/// when done (the append when done here; `None` when it was already
+/// satisfied or done there), `Ok(Err(answer))` when the owner refused it
+/// (its answer, to relay unchanged).
 pub async fn product_command(
     state: &AppState,
     product_id: &ProductId,
     command: ProductCommand,
     context: RequestContext,
-) -> Result<Option<Response>, ApiError> {
+) -> Result<Result<Option<store::Appended>, Response>, ApiError> {
     let caller = ForwardedCaller::of(&context);
     let request_id = context.request_id.clone();
     let forwarded = match &command {
@@ -637,7 +638,7 @@ pub async fn product_command(
         .product_command(product_id, command, context)
         .await
     {
-        Ok(_) => Ok(None),
+        Ok(appended) => Ok(Ok(appended)),
         Err(CommandError::NotOwner(owner)) => {
             let path = format!("/internal/v1/products/{product_id}/commands");
             let answer = state
@@ -651,7 +652,14 @@ pub async fn product_command(
                     request_id.as_deref(),
                 )
                 .await?;
-            Ok((!answer.status().is_success()).then_some(answer))
+            // The owner's success is this node's: its position is read
+            // from the log's head here, which is at or after the owner's
+            // append (the owner answered once it committed).
+            if answer.status().is_success() {
+                Ok(Ok(None))
+            } else {
+                Ok(Err(answer))
+            }
         }
         Err(error) => Err(ApiError::from(error)),
     }

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// 503 `unavailable`: the store or database is not answering (the
     /// request may still take effect; retry with the same idempotency key).
     Unavailable(String),
+    /// 503 `stale`, with `Retry-After` seconds: the read model did not
+    /// reach the `min_position` asked for within the wait allowed.
+    Stale(u64),
     /// 503 `timeout`: the request took longer than its limit; it may still
     /// take effect (retry with the same idempotency key).
     Timeout,
@@ -79,6 +82,7 @@ impl ApiError {
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Stale(_) => (StatusCode::SERVICE_UNAVAILABLE, "stale"),
             ApiError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -108,6 +112,9 @@ impl ApiError {
             ApiError::Unavailable(what) => {
                 format!("{what} is unavailable; retry with the same idempotency key")
             }
+            ApiError::Stale(_) => {
+                "the read model has not reached min_position yet; retry shortly".into()
+            }
             ApiError::Timeout => {
                 "the request took too long; retry with the same idempotency key".into()
             }
@@ -117,7 +124,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::RateLimited(seconds) | ApiError::Overloaded(seconds) => Some(*seconds),
+            ApiError::RateLimited(seconds)
+            | ApiError::Overloaded(seconds)
+            | ApiError::Stale(seconds) => Some(*seconds),
             ApiError::InFlight | ApiError::Unavailable(_) | ApiError::Timeout => Some(1),
             _ => None,
         }

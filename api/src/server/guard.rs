@@ -69,6 +69,8 @@ pub struct Rule {
     pub access: Access,
     /// Its idempotency rule.
     pub idempotency: Idempotency,
+    /// The read models it reads (`min_position` waits for them).
+    pub reads: &'static [projections::Projection],
 }
 
 /// The guard's state: the app and the route's rule.
@@ -108,6 +110,57 @@ pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
     response
 }
 
+/// The Content-Security-Policy of every answer: scripts, styles and calls
+/// only from this origin, no inline script or style, no plugins, no
+/// framing, no `<base>` rewriting. (`data:` images: the pages' empty icon.)
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// Puts the security headers on every answer: the CSP, no MIME sniffing,
+/// no framing, and no referrer (a page's address never leaks anywhere).
+pub async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+/// Runs a write to its end even if the caller hangs up. hyper drops a
+/// request's future when its connection closes; a write cut between two
+/// awaits (a user created and its account not yet opened, an idempotency
+/// key taken and its answer not yet stored, a payout run planned and its
+/// payouts not yet created) would be left half done. Writes therefore run
+/// in a task of their own, which the connection cannot cancel; reads
+/// (GET, HEAD, OPTIONS) are cancelled with their connection as usual. A
+/// panic in the task is raised again here, for the panic layer to answer.
+pub async fn run_to_completion(request: Request, next: Next) -> Response {
+    if request.method().is_safe() {
+        return next.run(request).await;
+    }
+    let span = tracing::Span::current();
+    let task = tokio::spawn(tracing::Instrument::instrument(next.run(request), span));
+    match task.await {
+        Ok(response) => response,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => {
+            ApiError::Internal(anyhow::anyhow!("request task ended: {error}")).into_response()
+        }
+    }
+}
+
 /// Runs before every handler.
 pub async fn guard(State(guarded): State<Guarded>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -144,6 +197,7 @@ async fn admit(
     let roles = match rule.access {
         Access::Public => {
             state.limit_rate(&format!("ip:{address}"))?;
+            wait_for_min_position(state, rule, &mut request).await?;
             return Ok(next.run(request).await);
         }
         Access::Node => {
@@ -163,6 +217,17 @@ async fn admit(
         return Err(ApiError::Forbidden);
     }
     request.extensions_mut().insert(caller.clone());
+    wait_for_min_position(state, rule, &mut request).await?;
+    // A write naming a product that is not listed decides nothing: answered
+    // 404 from the engine's memory before its idempotency key is written,
+    // so a flood of made-up products costs no write at all.
+    if request.method() == Method::POST
+        && rule.path.starts_with(PRODUCT_ROUTES)
+        && let Some(product_id) = product_in_path(request.uri().path())
+        && !state.engine.is_listed(&product_id).await?
+    {
+        return Err(ApiError::NotFound);
+    }
     if request.method() != Method::POST || rule.idempotency == Idempotency::None {
         return Ok(next.run(request).await);
     }
@@ -174,6 +239,51 @@ async fn admit(
         )),
         (None, _) => Ok(next.run(request).await),
     }
+}
+
+/// On a route that reads read models: takes `min_position` out of the
+/// query and waits until those read models reach it (`fresh`).
+async fn wait_for_min_position(
+    state: &AppState,
+    rule: Rule,
+    request: &mut Request,
+) -> Result<(), ApiError> {
+    if rule.reads.is_empty() {
+        return Ok(());
+    }
+    let Some(query) = request.uri().query() else {
+        return Ok(());
+    };
+    let (min_position, rest) = super::fresh::take_min_position(query)?;
+    let Some(min_position) = min_position else {
+        return Ok(());
+    };
+    let path_and_query = if rest.is_empty() {
+        request.uri().path().to_owned()
+    } else {
+        format!("{}?{rest}", request.uri().path())
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest("malformed query".into()))?,
+    );
+    *request.uri_mut() = axum::http::Uri::from_parts(parts)
+        .map_err(|_| ApiError::InvalidRequest("malformed query".into()))?;
+    super::fresh::wait_for(state, rule.reads, min_position).await
+}
+
+/// Routes about one listed product.
+const PRODUCT_ROUTES: &str = "/v1/products/{product_id}/";
+
+/// The product a `/v1/products/{product_id}/...` path names, when the
+/// segment is a valid product id as written (anything else is left to the
+/// handler, which answers 400).
+fn product_in_path(path: &str) -> Option<domain::ProductId> {
+    let rest = path.strip_prefix("/v1/products/")?;
+    let segment = rest.split('/').next()?;
+    domain::ProductId::parse(segment).ok()
 }
 
 /// The caller a token stands for. Only a token the caches do not know costs
@@ -409,6 +519,55 @@ impl<S: Send + Sync> FromRequestParts<S> for Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write whose caller hangs up half-way still runs to its end; a
+    /// read is cancelled with its connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_outlive_a_caller_that_hangs_up() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let finished = Arc::new(AtomicUsize::new(0));
+        let slow = {
+            let finished = finished.clone();
+            move || async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                "done"
+            }
+        };
+        let app = axum::Router::new()
+            .route("/slow", axum::routing::post(slow.clone()).get(slow))
+            .layer(axum::middleware::from_fn(run_to_completion));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/slow", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(50))
+            .build()
+            .unwrap();
+        assert!(client.get(&url).send().await.unwrap_err().is_timeout());
+        assert!(client.post(&url).send().await.unwrap_err().is_timeout());
+        // Both calls hung up after 50 ms; only the write reaches its end.
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while finished.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the write never finished");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The read, started first, would have ended by now had it run on.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1, "the read was cancelled");
+        server.abort();
+    }
+
+    #[test]
+    fn product_ids_are_read_from_product_paths_only_when_valid() {
+        assert_eq!(
+            product_in_path("/v1/products/hot-1/purchases").map(|p| p.as_str().to_owned()),
+            Some("hot-1".to_owned())
+        );
+        assert!(product_in_path("/v1/products/%3Cx%3E/purchases").is_none());
+        assert!(product_in_path("/v1/orders/x").is_none());
+    }
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {

@@ -34,6 +34,56 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// The console page (support and audit): plain HTML, no build step.
+const CONSOLE_HTML: &str = include_str!("assets/console.html");
+
+/// The static files the pages load, embedded in the binary: name, content
+/// type, bytes. Nothing else is served under `/assets/`.
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/dashboard.js"),
+    ),
+    (
+        "console.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/console.js"),
+    ),
+    (
+        "ledger.css",
+        "text/css; charset=utf-8",
+        include_str!("assets/ledger.css"),
+    ),
+];
+
+/// `GET /console`: the support and audit console (it holds no data; it
+/// logs in and calls the API like any client).
+#[utoipa::path(get, path = "/console", tag = "operations",
+    responses((status = 200, description = "The console page", content_type = "text/html")))]
+pub async fn console() -> Html<&'static str> {
+    Html(CONSOLE_HTML)
+}
+
+/// `GET /assets/{file}`: the pages' scripts and styles.
+#[utoipa::path(get, path = "/assets/{file}", tag = "operations",
+    params(("file" = String, Path, description = "An asset's name",
+        pattern = r"^[a-z]+\.(js|css)$")),
+    responses((status = 200, description = "The file", content(
+            (String = "text/javascript"), (String = "text/css"))),
+        (status = 404, body = super::error::ErrorBody)))]
+pub async fn asset(PathText(file): PathText) -> Result<Response, ApiError> {
+    let (_, content_type, body) = ASSETS
+        .iter()
+        .find(|(name, _, _)| *name == file)
+        .ok_or(ApiError::NotFound)?;
+    let mut response = (*body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
 /// `GET /`: the live progress dashboard.
 #[utoipa::path(get, path = "/", tag = "operations",
     responses((status = 200, description = "The dashboard page", content_type = "text/html")))]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod feed;
+pub mod fresh;
 pub mod guard;
 pub mod handlers;
 pub mod keys;
@@ -15,6 +16,7 @@ pub mod openapi;
 pub mod orders;
 pub mod products;
 pub mod routes;
+pub mod support;
 pub mod throttle;
 pub mod transport;
 pub mod users;
@@ -265,6 +267,8 @@ pub struct AppState {
     pub throttle: throttle::Throttle,
     /// Sends requests for products other nodes own to their owner.
     pub forwarder: Arc<cluster::Forwarder>,
+    /// Chain verifications walking (or walked) in the background.
+    pub verifications: Arc<auditing::Verifications>,
 }
 
 impl AppState {
@@ -278,9 +282,10 @@ impl AppState {
         self.limiter
             .check_key(&client.to_owned())
             .map_err(|not_until| {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
+                // The limiter's own clock: a new one per refusal would be
+                // set up anew each time (it showed in profiles under floods).
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
                 metrics::counter!("ledger_rate_limited_total").increment(1);
                 ApiError::RateLimited(wait.as_secs().max(1))
             })
@@ -320,12 +325,13 @@ impl Server {
         limits: Limits,
         settings: EngineSettings,
     ) -> anyhow::Result<Server> {
-        Server::start_node(
+        Server::start_full(
             backend,
             log,
             limits,
             settings,
             &cluster::ClusterOptions::default(),
+            RunnerOptions::default(),
         )
         .await
     }
@@ -339,6 +345,46 @@ impl Server {
         settings: EngineSettings,
         cluster: &cluster::ClusterOptions,
     ) -> anyhow::Result<Server> {
+        Server::start_full(
+            backend,
+            log,
+            limits,
+            settings,
+            cluster,
+            RunnerOptions::default(),
+        )
+        .await
+    }
+
+    /// Like `start_with_log`, with these projection runner options (tests
+    /// inject faults before the runner's commits with them).
+    pub async fn start_with_runner(
+        backend: &Backend,
+        log: &LogLocation,
+        limits: Limits,
+        settings: EngineSettings,
+        runner_options: RunnerOptions,
+    ) -> anyhow::Result<Server> {
+        Server::start_full(
+            backend,
+            log,
+            limits,
+            settings,
+            &cluster::ClusterOptions::default(),
+            runner_options,
+        )
+        .await
+    }
+
+    /// Everything `start` does, with every option.
+    pub async fn start_full(
+        backend: &Backend,
+        log: &LogLocation,
+        limits: Limits,
+        settings: EngineSettings,
+        cluster: &cluster::ClusterOptions,
+        runner_options: RunnerOptions,
+    ) -> anyhow::Result<Server> {
         cluster.validate()?;
         handlers::prometheus();
         let store: Arc<dyn EventStore> =
@@ -346,7 +392,7 @@ impl Server {
         let db = ReadDb::open(backend).await?;
         projections::prepare(store.clone(), &db).await?;
         let access = AccessDb::open(backend).await?;
-        let runner = Runner::start(store.clone(), db.clone(), RunnerOptions::default());
+        let runner = Runner::start(store.clone(), db.clone(), runner_options);
         let statuses = runner.statuses();
         let recovery_period = settings.recovery_period;
         let engine = Engine::with_cluster(
@@ -385,6 +431,7 @@ impl Server {
             limiter: Arc::new(RateLimiter::keyed(quota)),
             provider: None,
             forwarder: Arc::new(cluster::Forwarder::new(cluster)?),
+            verifications: Arc::default(),
         };
         auth::warm_up().await;
         let housekeeping = tokio::spawn(housekeeping(state.clone()));
@@ -444,6 +491,7 @@ impl Server {
     /// The HTTP service: the route table plus request ids and panic capture.
     pub fn router(&self) -> axum::Router {
         routes::router(self.state.clone())
+            .layer(axum::middleware::from_fn(guard::run_to_completion))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 handlers::panicked,
@@ -471,6 +519,7 @@ impl Server {
                     }),
             )
             .layer(axum::middleware::from_fn(guard::sanitize_request_id))
+            .layer(axum::middleware::from_fn(guard::security_headers))
             .layer(axum::middleware::from_fn(guard::close_after_unread_body))
     }
 

@@ -148,6 +148,9 @@ pub struct CreateUserResponse {
     pub user_id: String,
     /// A customer's new account; null for staff.
     pub account_id: Option<String>,
+    /// The log position the account's opening reached (pass it as
+    /// `min_position` to a read); null for staff, who get no account.
+    pub position: Option<i64>,
 }
 
 /// The caller, as `GET /v1/me` shows them.
@@ -315,6 +318,9 @@ pub struct CreateProductRequest {
 pub struct CreateProductResponse {
     /// Its id.
     pub product_id: String,
+    /// The log position this write reached: pass it as `min_position` to
+    /// a read to see the write there.
+    pub position: i64,
 }
 
 /// A product after open or close.
@@ -324,6 +330,9 @@ pub struct ProductStateResponse {
     pub product_id: String,
     /// `open` or `closed`.
     pub state: String,
+    /// The log position this write reached: pass it as `min_position` to
+    /// a read to see the write there.
+    pub position: i64,
 }
 
 /// `POST /v1/products/{product_id}/payouts`.
@@ -415,6 +424,9 @@ pub struct PurchaseResponse {
     pub amount: i64,
     /// Always `confirmed`.
     pub status: String,
+    /// The log position this write reached: pass it as `min_position` to
+    /// a read to see the write there.
+    pub position: i64,
 }
 
 /// A product's sale progress: `confirmed + reserved + available = quota`.
@@ -436,6 +448,12 @@ pub struct ProgressResponse {
     pub orders: i64,
     /// Log position the figures reflect.
     pub position: i64,
+    /// The product's display name.
+    pub name: String,
+    /// When the sale first opened (RFC 3339); null until then.
+    pub opened_at: Option<String>,
+    /// When the last of the quota was confirmed; null until sold out.
+    pub sold_out_at: Option<String>,
 }
 
 impl From<projections::query::Progress> for ProgressResponse {
@@ -449,6 +467,9 @@ impl From<projections::query::Progress> for ProgressResponse {
             status: p.status,
             orders: p.orders,
             position: p.position,
+            name: p.name,
+            opened_at: p.opened_at,
+            sold_out_at: p.sold_out_at,
         }
     }
 }

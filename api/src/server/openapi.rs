@@ -6,14 +6,15 @@
 
 use super::auth::Role;
 use super::routes::{self, Access, Idempotency};
-use super::{auditing, handlers, orders, products, users};
+use super::{auditing, handlers, orders, products, support, users};
 use axum::http::Method;
 use std::sync::OnceLock;
+use utoipa::openapi::Required;
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::response::{Response, ResponseBuilder};
-use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{Modify, OpenApi};
@@ -28,6 +29,8 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         handlers::dashboard,
+        handlers::console,
+        handlers::asset,
         handlers::health,
         handlers::ready,
         handlers::metrics,
@@ -55,6 +58,13 @@ use utoipa::{Modify, OpenApi};
         orders::cancel_payout,
         auditing::events,
         auditing::verify,
+        auditing::progress_as_of,
+        auditing::start_verification,
+        auditing::verification,
+        support::search,
+        support::account_orders,
+        support::account_payouts,
+        support::payout_timeline,
         super::cluster::purchases,
         super::cluster::command,
     ),
@@ -107,6 +117,16 @@ impl Modify for GuardResponses {
             if operation.request_body.is_some() {
                 statuses.extend([400, 408, 413]);
             }
+            // A read of read models takes `min_position` (a malformed one,
+            // or one beyond the log's head, is 400; one not reached in time
+            // is 503 `stale`).
+            if !route.reads.is_empty() {
+                operation
+                    .parameters
+                    .get_or_insert_with(Vec::new)
+                    .push(RefOr::T(min_position_parameter()));
+                statuses.push(400);
+            }
             match route.access {
                 Access::Roles(roles) => {
                     statuses.push(401);
@@ -144,6 +164,26 @@ impl Modify for GuardResponses {
             }
         }
     }
+}
+
+/// The `min_position` query parameter (`fresh`).
+fn min_position_parameter() -> Parameter {
+    ParameterBuilder::new()
+        .name(super::fresh::MIN_POSITION_PARAM)
+        .parameter_in(ParameterIn::Query)
+        .required(Required::False)
+        .description(Some(
+            "Answer only once the read model reflects the log up to this position (a \
+             write's `position`); waits at most 2 s, else 503 `stale` with `Retry-After`; \
+             a position beyond the log's head is 400",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0)),
+        ))
+        .build()
 }
 
 /// The operation of a path for a method, if documented.
@@ -236,9 +276,9 @@ fn describe(status: &str) -> &'static str {
              authentications from its address or at its username"
         }
         "503" => {
-            "`overloaded` (load shed), `unavailable` (a database is not answering) or \
-             `timeout`; a POST may still take effect: retry it with the same \
-             `Idempotency-Key`"
+            "`overloaded` (load shed), `unavailable` (a database is not answering), \
+             `timeout`, or `stale` (a read's `min_position` was not reached within 2 s); \
+             a POST may still take effect: retry it with the same `Idempotency-Key`"
         }
         _ => "See the error code",
     }

@@ -58,16 +58,18 @@ pub async fn create(
         product_id: product_id.clone(),
         terms,
     };
-    if let Some(refused) =
-        super::cluster::product_command(&state, &product_id, command, context).await?
-    {
-        return Ok(refused);
-    }
+    let appended =
+        match super::cluster::product_command(&state, &product_id, command, context).await? {
+            Ok(appended) => appended,
+            Err(refused) => return Ok(refused),
+        };
+    let position = position_reached(&state, appended).await?;
     tracing::info!(product_id = product_id.as_str(), "product listed");
     Ok((
         StatusCode::CREATED,
         Json(CreateProductResponse {
             product_id: product_id.as_str().to_owned(),
+            position,
         }),
     )
         .into_response())
@@ -145,11 +147,12 @@ async fn switch(
     result: &str,
 ) -> Result<Response, ApiError> {
     let product_id = parse_product_id(&product_id)?;
-    if let Some(refused) =
-        super::cluster::product_command(&state, &product_id, command, context).await?
-    {
-        return Ok(refused);
-    }
+    let appended =
+        match super::cluster::product_command(&state, &product_id, command, context).await? {
+            Ok(appended) => appended,
+            Err(refused) => return Ok(refused),
+        };
+    let position = position_reached(&state, appended).await?;
     tracing::info!(
         product_id = product_id.as_str(),
         state = result,
@@ -158,8 +161,22 @@ async fn switch(
     Ok(Json(ProductStateResponse {
         product_id: product_id.as_str().to_owned(),
         state: result.to_owned(),
+        position,
     })
     .into_response())
+}
+
+/// The log position a command reached: its append's last event, or, when
+/// the command was already satisfied and appended nothing, the log's head
+/// (which is at or after whatever satisfied it).
+pub async fn position_reached(
+    state: &AppState,
+    appended: Option<store::Appended>,
+) -> Result<i64, ApiError> {
+    match appended {
+        Some(appended) => Ok(appended.last_position),
+        None => Ok(state.store.head().await?),
+    }
 }
 
 /// `POST /v1/products/{product_id}/purchases` (customer; `Idempotency-Key`
@@ -203,7 +220,7 @@ pub async fn purchase(
         idempotency_key,
         context,
     };
-    match state.engine.purchase(request.clone()).await {
+    match state.engine.place(request.clone()).await {
         // Another node runs this product's writer: ask it, relay its answer.
         Err(PurchaseError::NotOwner(owner)) => {
             super::cluster::forward_purchase(&state, &owner, request).await
@@ -219,22 +236,21 @@ pub async fn purchase_here(
     state: &AppState,
     request: engine::PurchaseRequest,
 ) -> Result<Response, ApiError> {
-    match state.engine.purchase(request).await {
+    match state.engine.place(request).await {
         Err(PurchaseError::NotOwner(_)) => Err(ApiError::Unavailable("the product's owner".into())),
         outcome => purchase_answer(outcome),
     }
 }
 
 /// A purchase's outcome as its answer (201 with the order, or the error).
-fn purchase_answer(
-    outcome: Result<engine::PurchaseReceipt, PurchaseError>,
-) -> Result<Response, ApiError> {
+fn purchase_answer(outcome: Result<engine::Placed, PurchaseError>) -> Result<Response, ApiError> {
     let label = match &outcome {
         Ok(_) => "confirmed",
         Err(error) => outcome_label(error),
     };
     metrics::counter!("ledger_purchases_total", "outcome" => label).increment(1);
-    let receipt = outcome.map_err(purchase_error)?;
+    let placed = outcome.map_err(purchase_error)?;
+    let receipt = placed.receipt;
     Ok((
         StatusCode::CREATED,
         Json(PurchaseResponse {
@@ -243,6 +259,7 @@ fn purchase_answer(
             account_id: receipt.account_id.to_string(),
             amount: receipt.amount.minor(),
             status: "confirmed".into(),
+            position: placed.visible_at,
         }),
     )
         .into_response())

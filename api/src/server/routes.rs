@@ -5,11 +5,12 @@
 
 use super::AppState;
 use super::auth::Role::{self, Admin, Auditor, Customer, Operator, Support};
-use super::{auditing, cluster, guard, handlers, orders, products, users};
+use super::{auditing, cluster, guard, handlers, orders, products, support, users};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Method;
 use axum::routing::{MethodRouter, get, post};
+use projections::Projection;
 use std::collections::HashMap;
 
 /// Who may call a route.
@@ -47,6 +48,9 @@ pub struct RouteSpec {
     pub access: Access,
     /// Its idempotency rule.
     pub idempotency: Idempotency,
+    /// The read models a GET reads: it takes `min_position` and waits for
+    /// all of these to reach it (`fresh`). Empty: it reads none.
+    pub reads: &'static [Projection],
     /// The handler.
     pub handler: MethodRouter<AppState>,
 }
@@ -57,6 +61,8 @@ const OPERATORS: &[Role] = &[Operator, Admin];
 const READERS: &[Role] = &[Customer, Support, Operator, Auditor, Admin];
 /// Roles that may read the log itself and check it.
 const AUDITORS: &[Role] = &[Auditor, Admin];
+/// Staff who look customers up (support's console).
+const STAFF: &[Role] = &[Support, Operator, Auditor, Admin];
 /// Roles that may read payouts.
 const PAYOUT_READERS: &[Role] = &[Operator, Support, Auditor, Admin];
 
@@ -76,9 +82,32 @@ fn route(
         path,
         access,
         idempotency,
+        reads: &[],
         handler,
     }
 }
+
+/// A GET of read models: it takes `min_position`.
+fn read(
+    path: &'static str,
+    access: Access,
+    reads: &'static [Projection],
+    handler: MethodRouter<AppState>,
+) -> RouteSpec {
+    RouteSpec {
+        reads,
+        ..route(Method::GET, path, access, handler)
+    }
+}
+
+/// Reads of the sale progress.
+const PROGRESS: &[Projection] = &[Projection::SaleProgress];
+/// Reads of balances and ledgers.
+const ACCOUNTS: &[Projection] = &[Projection::Accounts];
+/// Reads of orders and their timelines.
+const ORDERS: &[Projection] = &[Projection::Orders];
+/// Reads of payouts.
+const PAYOUTS: &[Projection] = &[Projection::Payouts];
 
 /// The route table.
 pub fn table() -> Vec<RouteSpec> {
@@ -87,6 +116,8 @@ pub fn table() -> Vec<RouteSpec> {
     let post_ = Method::POST;
     vec![
         route(get_.clone(), "/", Public, get(handlers::dashboard)),
+        route(get_.clone(), "/console", Public, get(handlers::console)),
+        route(get_.clone(), "/assets/{file}", Public, get(handlers::asset)),
         route(get_.clone(), "/healthz", Public, get(handlers::health)),
         route(get_.clone(), "/readyz", Public, get(handlers::ready)),
         route(get_.clone(), "/metrics", Public, get(handlers::metrics)),
@@ -116,17 +147,41 @@ pub fn table() -> Vec<RouteSpec> {
             Roles(&[Admin]),
             post(users::create),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/accounts/{account_id}",
             Roles(READERS),
+            &[Projection::Accounts, Projection::Orders],
             get(users::account),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/accounts/{account_id}/ledger",
             Roles(READERS),
+            ACCOUNTS,
             get(users::ledger),
+        ),
+        read(
+            "/v1/customers",
+            Roles(STAFF),
+            &[Projection::Accounts, Projection::Orders],
+            get(support::search),
+        ),
+        read(
+            "/v1/accounts/{account_id}/orders",
+            Roles(READERS),
+            &[Projection::Accounts, Projection::Orders],
+            get(support::account_orders),
+        ),
+        read(
+            "/v1/accounts/{account_id}/payouts",
+            Roles(READERS),
+            &[Projection::Accounts, Projection::Payouts],
+            get(support::account_payouts),
+        ),
+        read(
+            "/v1/payouts/{payout_id}/timeline",
+            Roles(PAYOUT_READERS),
+            ORDERS,
+            get(support::payout_timeline),
         ),
         route(
             post_.clone(),
@@ -167,10 +222,10 @@ pub fn table() -> Vec<RouteSpec> {
             Roles(OPERATORS),
             post(products::schedule_payouts),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/products/{product_id}/entitlements",
             Roles(PAYOUT_READERS),
+            PROGRESS,
             get(orders::entitlements),
         ),
         route(
@@ -185,47 +240,65 @@ pub fn table() -> Vec<RouteSpec> {
             Roles(OPERATORS),
             post(orders::cancel_payout),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/progress",
             Public,
+            PROGRESS,
             get(handlers::all_progress),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/progress/stream",
             Public,
+            PROGRESS,
             get(handlers::progress_stream),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/products/{product_id}/progress",
             Public,
+            PROGRESS,
             get(handlers::progress),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/orders/{order_id}",
             Roles(READERS),
+            ORDERS,
             get(orders::order),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/orders/{order_id}/timeline",
             Roles(READERS),
+            ORDERS,
             get(orders::timeline),
         ),
-        route(
-            get_.clone(),
+        read(
             "/v1/payouts",
             Roles(PAYOUT_READERS),
+            PAYOUTS,
             get(orders::payouts),
         ),
         route(
-            get_,
+            get_.clone(),
             "/v1/audit/events",
             Roles(AUDITORS),
             get(auditing::events),
+        ),
+        route(
+            get_.clone(),
+            "/v1/audit/products/{product_id}/progress",
+            Roles(AUDITORS),
+            get(auditing::progress_as_of),
+        ),
+        route(
+            post_.clone(),
+            "/v1/audit/verifications",
+            Roles(AUDITORS),
+            post(auditing::start_verification),
+        ),
+        route(
+            get_.clone(),
+            "/v1/audit/verifications/{verification_id}",
+            Roles(AUDITORS),
+            get(auditing::verification),
         ),
         route(
             post_.clone(),
@@ -274,6 +347,7 @@ pub fn router(state: AppState) -> Router {
             path: spec.path,
             access: spec.access,
             idempotency: spec.idempotency,
+            reads: spec.reads,
         };
         let guarded = spec
             .handler

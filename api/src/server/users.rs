@@ -110,6 +110,7 @@ pub async fn create(
     auth::validate_password(&request.password)
         .map_err(|why| ApiError::InvalidRequest(why.into()))?;
     let account_id = (request.role == Role::Customer).then(|| AccountId(Uuid::now_v7()));
+    let mut position = None;
     let created = state
         .auth
         .create_user(
@@ -127,14 +128,19 @@ pub async fn create(
             account_id,
             currency: Currency::CNY,
         };
-        if let Err(error) = state
+        match state
             .engine
             .account_command(account_id, open, context)
             .await
         {
-            // Without its account the user could not buy: take it back.
-            state.access.delete_user(&created.user_id).await?;
-            return Err(ApiError::from(error));
+            Ok(appended) => {
+                position = Some(super::products::position_reached(&state, appended).await?);
+            }
+            Err(error) => {
+                // Without its account the user could not buy: take it back.
+                state.access.delete_user(&created.user_id).await?;
+                return Err(ApiError::from(error));
+            }
         }
     }
     tracing::info!(user_id = %created.user_id, role = request.role.as_str(), "user created");
@@ -143,13 +149,14 @@ pub async fn create(
         Json(CreateUserResponse {
             user_id: created.user_id,
             account_id: created.account_id,
+            position,
         }),
     ))
 }
 
 /// An account id from a path; a customer may only name their own (another
 /// is answered as if it did not exist).
-fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
+pub fn visible_account(caller: &Caller, text: &str) -> Result<AccountId, ApiError> {
     let account_id = Uuid::parse_str(text)
         .map(AccountId)
         .map_err(|_| ApiError::InvalidRequest("account_id is not a UUID".into()))?;
@@ -180,7 +187,9 @@ pub async fn account(
         .map_err(|e| ApiError::InvalidRequest(format!("invalid query: {}", e.body_text())))?;
     if let Some(as_of) = params.as_of {
         let as_of: AsOf = as_of.parse().map_err(ApiError::InvalidRequest)?;
-        return balance_as_of(&state, account_id, as_of).await.map(Json);
+        return balance_as_of(state.store.as_ref(), &state.db, account_id, as_of)
+            .await
+            .map(Json);
     }
     query::balance(&state.db, &account_id.to_string())
         .await?
@@ -315,12 +324,13 @@ pub struct AsOfParams {
 /// An account's balances as of a point in history, folded from its own
 /// stream; `held` counts purchases debited then whose order was neither
 /// confirmed nor refunded then (from each order's timeline).
-async fn balance_as_of(
-    state: &AppState,
+pub async fn balance_as_of(
+    store: &dyn store::EventStore,
+    db: &projections::ReadDb,
     account_id: AccountId,
     as_of: AsOf,
 ) -> Result<AccountResponse, ApiError> {
-    let events = state.store.read_stream_to_end(&account_id.stream()).await?;
+    let events = store.read_stream_to_end(&account_id.stream()).await?;
     let mut account = domain::account::AccountState::default();
     let mut version = 0;
     for recorded in events.iter().filter(|e| as_of.covers(e)) {
@@ -336,8 +346,7 @@ async fn balance_as_of(
         if purchase.refunded {
             continue;
         }
-        let timeline =
-            query::timeline(&state.db, state.store.as_ref(), &order_id.to_string()).await?;
+        let timeline = query::timeline(db, store, &order_id.to_string()).await?;
         let confirmed = timeline.iter().any(|event| {
             let within = match as_of {
                 AsOf::Position(position) => event.position <= position,

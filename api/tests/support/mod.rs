@@ -83,6 +83,18 @@ impl TestApi {
         limits: Limits,
         settings: engine::EngineSettings,
     ) -> Option<TestApi> {
+        TestApi::start_with_runner(kind, test, limits, settings, Default::default()).await
+    }
+
+    /// A server with these limits, engine settings and projection runner
+    /// options.
+    pub async fn start_with_runner(
+        kind: Kind,
+        test: &str,
+        limits: Limits,
+        settings: engine::EngineSettings,
+        runner: projections::runner::RunnerOptions,
+    ) -> Option<TestApi> {
         let (backend, sqlite, postgres) = match kind {
             Kind::Sqlite => {
                 let folder = tempfile::tempdir().unwrap();
@@ -98,7 +110,15 @@ impl TestApi {
                 )
             }
         };
-        let server = Server::start(&backend, limits, settings).await.unwrap();
+        let server = Server::start_with_runner(
+            &backend,
+            &store::LogLocation::Database,
+            limits,
+            settings,
+            runner,
+        )
+        .await
+        .unwrap();
         bootstrap_admin(&server.state, ADMIN.0, ADMIN.1)
             .await
             .unwrap();

@@ -661,10 +661,27 @@ impl PayoutWorker {
             match outcome {
                 StreamOutcome::Appended(appended) => {
                     let after = events.iter().fold(state_of(entry), Payout::evolve);
+                    let payout = after
+                        .payout
+                        .expect("BUG: a scheduled payout stays scheduled");
+                    // A durable claim is one attempt more, leased to this
+                    // worker, at a version past the one it was decided on:
+                    // only then may the provider be called.
+                    assert!(
+                        payout.attempts == entry.payout.attempts + 1
+                            && payout.lease_until == Some(lease_until)
+                            && appended.last_version > entry.version,
+                        "BUG: payout {} claimed as attempt {} (was {}), lease {:?}, version {} \
+                         after {}",
+                        payout.payout_id,
+                        payout.attempts,
+                        entry.payout.attempts,
+                        payout.lease_until,
+                        appended.last_version,
+                        entry.version
+                    );
                     won.push(Claimed {
-                        payout: after
-                            .payout
-                            .expect("BUG: a scheduled payout stays scheduled"),
+                        payout,
                         version: appended.last_version,
                     });
                 }
@@ -727,6 +744,7 @@ async fn append(
         match shared.store.append_batch(appends.clone()).await {
             Ok(outcomes) => {
                 bump(&shared.counters.appends, 1);
+                check_outcomes(&appends, &outcomes);
                 return Ok(outcomes);
             }
             Err(error) if error.is_transient() && tries < APPEND_TRIES_MAX => {
@@ -735,6 +753,44 @@ async fn append(
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// The store's answer to a batch of payout appends, checked: one outcome
+/// per stream, in order; every payout append is fenced by an exact
+/// version, so what was appended is the dense run of versions right after
+/// it (also when answered as a duplicate of an earlier try), and positions
+/// grow with versions. A claim or an outcome recorded at any other version
+/// would let two workers pay one payout.
+fn check_outcomes(appends: &[StreamAppend], outcomes: &[StreamOutcome]) {
+    assert_eq!(
+        appends.len(),
+        outcomes.len(),
+        "BUG: {} payout appends answered with {} outcomes",
+        appends.len(),
+        outcomes.len()
+    );
+    for (append, outcome) in appends.iter().zip(outcomes) {
+        let StreamOutcome::Appended(appended) = outcome else {
+            continue;
+        };
+        let ExpectedVersion::Exact(expected) = append.expected else {
+            panic!(
+                "BUG: payout stream {} appended without an exact version",
+                append.stream_id
+            );
+        };
+        let count = i64::try_from(append.events.len()).expect("BUG: a batch's size fits i64");
+        assert!(
+            appended.stream_id == append.stream_id
+                && count > 0
+                && appended.first_version == expected + 1
+                && appended.last_version == expected + count
+                && appended.last_position >= appended.first_position + (count - 1),
+            "BUG: payout stream {} appended {count} events at version {expected} and the store \
+             answered {appended:?}",
+            append.stream_id
+        );
     }
 }
 
@@ -927,5 +983,69 @@ async fn credit(shared: &Shared, payouts: &[ScheduledPayout]) {
                 tracing::warn!(%payout_id, %error, "payout credit failed; retried next pass");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::{Appended, Metadata, NewEvent};
+
+    fn payout_append(expected: i64, events: u128) -> StreamAppend {
+        StreamAppend {
+            stream_id: "payout-1".into(),
+            expected: ExpectedVersion::Exact(expected),
+            events: (0..events)
+                .map(|n| NewEvent {
+                    event_id: Uuid::from_u128(n + 1),
+                    event_type: "payout_attempted".into(),
+                    schema_version: 1,
+                    data: serde_json::json!({}),
+                    metadata: Metadata::default(),
+                })
+                .collect(),
+        }
+    }
+
+    fn appended(first_version: i64, last_version: i64, positions: (i64, i64)) -> StreamOutcome {
+        StreamOutcome::Appended(Appended {
+            stream_id: "payout-1".into(),
+            first_version,
+            last_version,
+            first_position: positions.0,
+            last_position: positions.1,
+            duplicate: false,
+        })
+    }
+
+    #[test]
+    fn outcomes_at_the_versions_after_the_expected_one_pass() {
+        let appends = [payout_append(3, 2)];
+        check_outcomes(&appends, &[appended(4, 5, (10, 12))]);
+        // A conflict wrote nothing: nothing to check.
+        let conflict = StreamOutcome::Conflict(store::VersionConflict {
+            stream_id: "payout-1".into(),
+            expected: ExpectedVersion::Exact(3),
+            actual: 4,
+        });
+        check_outcomes(&appends, &[conflict]);
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: payout stream payout-1 appended 2 events at version 3")]
+    fn an_outcome_at_another_version_is_a_bug() {
+        check_outcomes(&[payout_append(3, 2)], &[appended(3, 4, (10, 11))]);
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: payout stream payout-1 appended 2 events at version 3")]
+    fn positions_that_do_not_grow_with_versions_are_a_bug() {
+        check_outcomes(&[payout_append(3, 2)], &[appended(4, 5, (12, 10))]);
+    }
+
+    #[test]
+    #[should_panic(expected = "BUG: 1 payout appends answered with 0 outcomes")]
+    fn a_missing_outcome_is_a_bug() {
+        check_outcomes(&[payout_append(3, 1)], &[]);
     }
 }
