@@ -170,6 +170,10 @@ fn purchase_benchmark_sells_out_and_verifies_its_invariants_in_both_modes() {
     let report: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON object");
     let modes = report["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2, "engine and naive");
+    // CI has no Redis: without --redis-url the baseline is skipped, and says so.
+    assert_eq!(report["redis_baseline"], serde_json::Value::Null);
+    assert_eq!(report["redis_skipped"], "no --redis-url given");
+    assert_eq!(report["engine_over_redis"], serde_json::Value::Null);
     let engine = &modes[0];
     assert_eq!(engine["mode"], "engine");
     assert_eq!(engine["sold_out"], true, "{report}");

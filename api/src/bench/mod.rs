@@ -7,6 +7,7 @@ pub mod http;
 pub mod payouts;
 pub mod purchases;
 pub mod rebuild;
+pub mod redis_seckill;
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
