@@ -162,10 +162,7 @@ impl AccountBook {
             let mut appends = Vec::new();
             // The states decided on, out of the cache until their append
             // commits (see `decide_account`).
-            let mut tentative: BTreeMap<
-                AccountId,
-                (Loaded<AccountState>, Vec<(usize, JobOutcome)>),
-            > = BTreeMap::new();
+            let mut tentative: BTreeMap<AccountId, Tentative> = BTreeMap::new();
             for account_id in undecided {
                 let guard = guards.get_mut(&account_id).expect("BUG: locked above");
                 let indexes = &by_account[&account_id];
@@ -179,7 +176,12 @@ impl AccountBook {
                             outcomes[index] = Some((outcome, None));
                         }
                     }
-                    Ok(Decided::Append(append, loaded, results)) => {
+                    Ok(Decided::Append(decided)) => {
+                        let ToAppend {
+                            append,
+                            loaded,
+                            results,
+                        } = *decided;
                         appends.push(append);
                         tentative.insert(account_id, (loaded, results));
                     }
@@ -310,8 +312,23 @@ impl AccountBook {
             expected: expected_after(version_before),
             events: new_events,
         };
-        Ok(Decided::Append(append, loaded, results))
+        Ok(Decided::Append(Box::new(ToAppend {
+            append,
+            loaded,
+            results,
+        })))
     }
+}
+
+/// A state decided on (out of the cache) and the outcomes that hold if its
+/// append commits.
+type Tentative = (Loaded<AccountState>, Vec<(usize, JobOutcome)>);
+
+/// What `Decided::Append` writes, with the state and outcomes it makes hold.
+struct ToAppend {
+    append: StreamAppend,
+    loaded: Loaded<AccountState>,
+    results: Vec<(usize, JobOutcome)>,
 }
 
 enum Decided {
@@ -320,6 +337,6 @@ enum Decided {
     /// Nothing to write: these outcomes are final.
     Final(Vec<(usize, JobOutcome)>),
     /// Write this; the state (decided on, out of the cache) and the
-    /// outcomes hold if it is appended.
-    Append(StreamAppend, Loaded<AccountState>, Vec<(usize, JobOutcome)>),
+    /// outcomes hold if it is appended (boxed: the other variants are small).
+    Append(Box<ToAppend>),
 }
