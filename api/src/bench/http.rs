@@ -203,7 +203,7 @@ pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
     ));
 
     let sampler = LagSampler::start(LagTarget {
-        store: server.state.store.clone(),
+        store: backend.open().await?,
         statuses: server.state.statuses.clone(),
         progress_url: format!("http://{address}/v1/products/{PRODUCT}/progress"),
         product_stream: ProductId::parse(PRODUCT).expect("BUG: static id").stream(),
@@ -695,6 +695,13 @@ fn print_table(report: &HttpReport) {
         lag.progress_samples_over_bound,
         lag.read_model_lag_events_max
     );
+    if lag.samples_failed > 0 {
+        println!(
+            "    {} samples failed, the last: {}",
+            lag.samples_failed,
+            lag.last_sample_error.as_deref().unwrap_or("")
+        );
+    }
     for (projection, seconds) in &lag.read_model_lag_seconds_max {
         println!("    {projection:<16} at most {seconds:.3} s behind the log");
     }

@@ -45,6 +45,11 @@ pub struct LagReport {
     pub period_ms: u64,
     /// Samples taken during the storm.
     pub samples_during_storm: u64,
+    /// Samples that could not be taken (a read timed out under the load);
+    /// they count in no maximum.
+    pub samples_failed: u64,
+    /// Why the last failed sample failed.
+    pub last_sample_error: Option<String>,
     /// Longest gap between two samples' starts, in milliseconds (over the
     /// period when the sampler itself was starved of CPU).
     pub sample_gap_ms_max: f64,
@@ -75,7 +80,8 @@ pub struct LagReport {
 /// What the sampler needs to look at.
 #[derive(Clone)]
 pub struct LagTarget {
-    /// The log.
+    /// The log, opened apart from the server's (its own connections), so
+    /// that sampling neither waits for nor takes the server's.
     pub store: Arc<dyn EventStore>,
     /// The projections' checkpoints (what `/readyz` reports).
     pub statuses: Arc<Statuses>,
@@ -128,6 +134,8 @@ async fn sample(
     let mut report = LagReport {
         period_ms: u64::try_from(SAMPLE_PERIOD.as_millis())?,
         samples_during_storm: 0,
+        samples_failed: 0,
+        last_sample_error: None,
         sample_gap_ms_max: 0.0,
         progress_lag_seconds_max: 0.0,
         progress_samples_over_bound: 0,
@@ -153,7 +161,14 @@ async fn sample(
         if let Some(ended) = ended {
             return catch_up(&target, ended, report).await;
         }
-        let sample = sample_once(&client, &target).await?;
+        let sample = match sample_once(&client, &target).await {
+            Ok(sample) => sample,
+            Err(error) => {
+                report.samples_failed += 1;
+                report.last_sample_error = Some(format!("{error:#}"));
+                continue;
+            }
+        };
         report.samples_during_storm += 1;
         let lag = sample.progress_lag.as_secs_f64();
         report.progress_lag_seconds_max = report.progress_lag_seconds_max.max(lag);
