@@ -170,6 +170,10 @@ fn purchase_benchmark_sells_out_and_verifies_its_invariants_in_both_modes() {
     let report: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON object");
     let modes = report["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2, "engine and naive");
+    // CI has no Redis: without --redis-url the baseline is skipped, and says so.
+    assert_eq!(report["redis_baseline"], serde_json::Value::Null);
+    assert_eq!(report["redis_skipped"], "no --redis-url given");
+    assert_eq!(report["engine_over_redis"], serde_json::Value::Null);
     let engine = &modes[0];
     assert_eq!(engine["mode"], "engine");
     assert_eq!(engine["sold_out"], true, "{report}");
@@ -439,7 +443,56 @@ fn http_benchmark_sells_out_over_http_and_verifies_on_both_backends() {
             "{report}"
         );
         assert_eq!(report["checks"]["ok"], true, "{report}");
+        assert_eq!(report["checks"]["orders_distinct"], true, "{report}");
+        assert_lag_reported(&report);
     }
+}
+
+/// The lag sampler's report: the read models caught up with the log after
+/// the storm (how fast is this machine's business, not the test's).
+fn assert_lag_reported(report: &serde_json::Value) {
+    let lag = &report["lag"];
+    assert_eq!(lag["period_ms"], 100, "{report}");
+    assert!(lag["head_at_storm_end"].as_i64() > Some(0), "{report}");
+    assert!(lag["catch_up_seconds"].as_f64().is_some(), "{report}");
+    assert!(
+        lag["progress_lag_seconds_max"].as_f64() >= Some(0.0),
+        "{report}"
+    );
+    assert!(lag["read_model_lag_seconds_max"].is_object(), "{report}");
+}
+
+#[test]
+fn http_benchmark_with_wrk_counts_its_answers_and_samples_the_lag() {
+    if std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped bench http --external wrk: wrk is not installed");
+        return;
+    }
+    let printed = run(ledger()
+        .args(["bench", "http", "--external", "wrk", "--clients", "20"])
+        .args([
+            "--quota",
+            "30000",
+            "--amount",
+            "100",
+            "--seconds",
+            "3",
+            "--json",
+        ]));
+    let report = json(&printed);
+    assert_eq!(report["benchmark"], "http");
+    let created = report["answers"]["201"].as_u64().expect("some 201 answers");
+    assert_eq!(report["confirmed_purchases"], created, "{report}");
+    // The log's confirmed units are the 201 answers' (checked by the
+    // benchmark), and wrk keeps no order ids to compare.
+    assert_eq!(report["checks"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["orders_distinct"], serde_json::Value::Null);
+    assert!(report["generator"].as_str().unwrap().starts_with("wrk"));
+    assert_lag_reported(&report);
 }
 
 fn lag(data_dir: &str) -> i64 {

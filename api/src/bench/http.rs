@@ -11,7 +11,15 @@
 //! `overloaded` answer is retried with the same key after a pause.
 //! Afterwards the log is audited and the read models compared with what the
 //! clients were told.
+//!
+//! `--external wrk` drives the same server with `wrk` (an external process,
+//! on the same cores) instead of the in-process clients: a Lua script gives
+//! each request one of the clients' tokens in turn and a fresh idempotency
+//! key, and counts the answers. Either way, `lag` samples every 100 ms how
+//! far the public progress and the other read models trail the log, and
+//! how long they take to catch up after the storm.
 
+use super::lag::{LagReport, LagSampler, LagTarget};
 use super::{BenchBackend, BenchDatabase, Latency, histogram, progress, record};
 use crate::server::auth::{Role, random_hex, sha256_hex};
 use crate::server::{Limits, Server};
@@ -72,10 +80,28 @@ pub struct HttpBenchOptions {
     /// spread evenly over the nodes, as a load balancer would.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub nodes: u64,
+    /// Load generator: the in-process clients, or `wrk` (must be on PATH;
+    /// `scripts/bench-http-storm.sh` installs it), which then runs for
+    /// `--seconds` whether or not the product sells out.
+    #[arg(long, value_enum, default_value = "in-process")]
+    pub external: Generator,
+    /// `wrk`'s threads (`--external wrk`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub wrk_threads: u64,
     /// Print one JSON object with the figures and checks instead of a table
     /// (with `--nodes` above 1: `{"benchmark":"http-nodes","runs":[...]}`).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the purchase storm comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// Tokio tasks in this process, each with its own reqwest connection.
+    InProcess,
+    /// `wrk` with a Lua script, as a child process.
+    Wrk,
 }
 
 /// The figures and checks (`--json` prints exactly this).
@@ -93,6 +119,8 @@ pub struct HttpReport {
     pub nodes: u64,
     /// Answers with a 5xx status (`503 overloaded` included).
     pub server_errors: u64,
+    /// How far the read models trailed the log during and after the storm.
+    pub lag: LagReport,
     /// Concurrent clients.
     pub clients: u64,
     /// Quota.
@@ -107,8 +135,11 @@ pub struct HttpReport {
     pub sold_out: bool,
     /// Confirmed purchases per second during the sale.
     pub confirmed_per_second: f64,
-    /// Latency of a purchase answered 201 (including any retries).
+    /// Latency of a purchase answered 201 (including any retries); with
+    /// `wrk`, of every request whatever its answer.
     pub purchase_latency: Latency,
+    /// What `purchase_latency` measures.
+    pub latency_of: &'static str,
     /// Latency of one HTTP request answered `sold_out` after the sell-out.
     pub rejection_latency: Latency,
     /// Those rejections per second.
@@ -136,11 +167,14 @@ pub struct HttpChecks {
     /// Never more reserved and not released than the quota, at any position
     /// (the independent oracle, `engine::oracle`).
     pub never_oversold: bool,
-    /// The log's confirmed units equal the sum of 201 answers.
+    /// The log's confirmed units equal the sum of 201 answers (with `wrk`,
+    /// which stops with a request in flight per connection: at least that
+    /// sum and at most one purchase per connection more).
     pub confirmed_matches_answers: bool,
     /// Distinct order ids answered 201 equal the 201 answers (no purchase
-    /// answered twice as two orders).
-    pub orders_distinct: bool,
+    /// answered twice as two orders); `None` when the generator does not
+    /// keep the answers' bodies (`wrk`).
+    pub orders_distinct: Option<bool>,
     /// `GET /v1/products/{id}/progress` agrees with the log.
     pub progress_matches_log: bool,
     /// Every answer was a documented one (no 5xx but `overloaded`).
@@ -158,6 +192,11 @@ const PRODUCT: &str = "bench-http-hot";
 pub async fn run(options: HttpBenchOptions) -> anyhow::Result<ExitCode> {
     if options.amount > options.quota {
         anyhow::bail!("--amount must be at most --quota");
+    }
+    if options.nodes > 1 && options.external == Generator::Wrk {
+        anyhow::bail!(
+            "--external wrk drives one address; with --nodes above 1 use the in-process clients"
+        );
     }
     if options.nodes == 1 {
         let report = measure(&options, 1).await?;
@@ -251,8 +290,27 @@ async fn measure(options: &HttpBenchOptions, nodes: u64) -> anyhow::Result<HttpR
     }
     let tokens = set_up(&servers[0], options).await?;
 
-    let outcome = drive(&addresses, tokens, options).await?;
-    let checks = check(&servers[0], addresses[0], &outcome, options).await?;
+    let address = addresses[0];
+    let sampler = LagSampler::start(LagTarget {
+        store: backend.open().await?,
+        statuses: servers[0].state.statuses.clone(),
+        progress_url: format!("http://{address}/v1/products/{PRODUCT}/progress"),
+        product_stream: ProductId::parse(PRODUCT).expect("BUG: static id").stream(),
+        amount: options.amount,
+    });
+    let outcome = match options.external {
+        Generator::InProcess => drive(&addresses, tokens, options).await,
+        Generator::Wrk => super::wrk::drive(address, PRODUCT, tokens, options).await,
+    };
+    let lag = sampler.finish().await?;
+    let mut outcome = outcome?;
+    if let (Some(seen), Generator::Wrk) = (lag.sold_out_seen_after_seconds, options.external) {
+        // wrk runs its whole duration: the sale ended when the progress
+        // first showed it sold out.
+        outcome.sold_out = true;
+        outcome.sale_time = outcome.sale_time.min(Duration::from_secs_f64(seen));
+    }
+    let checks = check(&servers[0], address, &outcome, options).await?;
     for task in serving {
         task.abort();
     }
@@ -271,17 +329,32 @@ async fn measure(options: &HttpBenchOptions, nodes: u64) -> anyhow::Result<HttpR
         benchmark: "http",
         backend: options.backend,
         setup: database.describe(),
-        generator: "in-process reqwest clients, one keep-alive connection each, over loopback",
+        generator: match options.external {
+            Generator::InProcess => {
+                "in-process reqwest clients, one keep-alive connection each, over loopback"
+            }
+            Generator::Wrk => {
+                "wrk (external process), one keep-alive connection per client, tokens taken in turn, over loopback"
+            }
+        },
+        lag,
         nodes,
         server_errors,
         clients: options.clients,
         quota: options.quota,
         amount: options.amount,
-        confirmed_purchases: outcome.confirmed_orders.len() as u64,
+        confirmed_purchases: outcome.confirmed,
         sale_seconds,
         sold_out: outcome.sold_out,
-        confirmed_per_second: outcome.confirmed_orders.len() as f64 / sale_seconds.max(1e-9),
-        purchase_latency: Latency::of(&outcome.purchase_latency),
+        confirmed_per_second: outcome.confirmed as f64 / sale_seconds.max(1e-9),
+        purchase_latency: outcome
+            .request_latency
+            .unwrap_or_else(|| Latency::of(&outcome.purchase_latency)),
+        latency_of: if outcome.request_latency.is_some() {
+            "request latency (wrk: every request, any answer, no retries)"
+        } else {
+            "purchase latency (201, with retries)"
+        },
         rejection_latency: Latency::of(&outcome.rejection_latency),
         rejections_per_second: outcome.rejections as f64
             / outcome.rejection_time.as_secs_f64().max(1e-9),
@@ -377,15 +450,22 @@ async fn set_up(server: &Server, options: &HttpBenchOptions) -> anyhow::Result<V
 }
 
 /// What the clients saw.
-struct Outcome {
-    confirmed_orders: Vec<(String, i64)>,
-    sale_time: Duration,
-    sold_out: bool,
-    rejections: u64,
-    rejection_time: Duration,
-    purchase_latency: Histogram<u64>,
-    rejection_latency: Histogram<u64>,
-    answers: BTreeMap<String, u64>,
+pub(super) struct Outcome {
+    /// Purchases answered 201.
+    pub(super) confirmed: u64,
+    /// Units those answers confirmed.
+    pub(super) confirmed_units: i64,
+    /// The 201 answers' order ids and amounts, when the generator keeps them.
+    pub(super) confirmed_orders: Option<Vec<(String, i64)>>,
+    pub(super) sale_time: Duration,
+    pub(super) sold_out: bool,
+    pub(super) rejections: u64,
+    pub(super) rejection_time: Duration,
+    pub(super) purchase_latency: Histogram<u64>,
+    /// The generator's own latency figures, when it keeps no histogram.
+    pub(super) request_latency: Option<Latency>,
+    pub(super) rejection_latency: Histogram<u64>,
+    pub(super) answers: BTreeMap<String, u64>,
 }
 
 /// What one client saw.
@@ -543,19 +623,23 @@ async fn drive(
             })
         })
         .collect();
+    let mut orders = Vec::new();
     let mut outcome = Outcome {
-        confirmed_orders: Vec::new(),
+        confirmed: 0,
+        confirmed_units: 0,
+        confirmed_orders: None,
         sale_time: Duration::ZERO,
         sold_out: false,
         rejections: 0,
         rejection_time: Duration::ZERO,
         purchase_latency: histogram(),
+        request_latency: None,
         rejection_latency: histogram(),
         answers: BTreeMap::new(),
     };
     for task in tasks {
         let result = task.await.context("a client task panicked")?;
-        outcome.confirmed_orders.extend(result.confirmed_orders);
+        orders.extend(result.confirmed_orders);
         outcome.rejections += result.rejections;
         outcome.purchase_latency.add(&result.purchase_latency)?;
         outcome.rejection_latency.add(&result.rejection_latency)?;
@@ -563,6 +647,9 @@ async fn drive(
             *outcome.answers.entry(label).or_default() += count;
         }
     }
+    outcome.confirmed = orders.len() as u64;
+    outcome.confirmed_units = orders.iter().map(|(_, amount)| amount).sum();
+    outcome.confirmed_orders = Some(orders);
     let finished = Instant::now();
     bar.finish_and_clear();
     let ended = sale_ended
@@ -591,16 +678,11 @@ async fn check(
     let held = oracle.held(&product_id);
     let held_peak = oracle.held_peak(&product_id);
     let (pending, available) = (held - confirmed, quota - held);
-    let answered: i64 = outcome
+    let answered = outcome.confirmed_units;
+    let distinct: Option<std::collections::HashSet<&str>> = outcome
         .confirmed_orders
-        .iter()
-        .map(|(_, amount)| amount)
-        .sum();
-    let distinct: std::collections::HashSet<&str> = outcome
-        .confirmed_orders
-        .iter()
-        .map(|(id, _)| id.as_str())
-        .collect();
+        .as_ref()
+        .map(|orders| orders.iter().map(|(id, _)| id.as_str()).collect());
     // The read models catch up, then must agree with the log.
     let head = store.head().await?;
     let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -622,15 +704,21 @@ async fn check(
     let progress_matches_log = progress["confirmed"].as_i64() == Some(confirmed)
         && progress["reserved"].as_i64() == Some(pending)
         && progress["available"].as_i64() == Some(available)
-        && progress["orders"].as_i64() == Some(distinct.len() as i64);
+        && progress["orders"].as_i64() == Some(confirmed / options.amount);
     let no_server_errors = outcome
         .answers
         .keys()
         .all(|label| !label.starts_with('5') || label == "503 overloaded");
     let violations = audit.settled_violations();
     let never_oversold = held_peak <= quota && quota == options.quota;
-    let confirmed_matches_answers = confirmed == answered;
-    let orders_distinct = distinct.len() == outcome.confirmed_orders.len();
+    let confirmed_matches_answers = match outcome.confirmed_orders {
+        Some(_) => confirmed == answered,
+        // wrk stops at its deadline with up to one request in flight per
+        // connection: the server may confirm those without wrk counting
+        // the answer, never more.
+        None => answered <= confirmed && confirmed <= answered + in_flight_max(options),
+    };
+    let orders_distinct = distinct.map(|distinct| distinct.len() as u64 == outcome.confirmed);
     Ok(HttpChecks {
         events_audited: audit.events,
         confirmed_in_log: confirmed,
@@ -644,7 +732,7 @@ async fn check(
         no_server_errors,
         ok: never_oversold
             && confirmed_matches_answers
-            && orders_distinct
+            && orders_distinct != Some(false)
             && progress_matches_log
             && no_server_errors
             && violations.is_empty(),
@@ -654,6 +742,12 @@ async fn check(
             .map(ToString::to_string)
             .collect(),
     })
+}
+
+/// Units the purchases in flight when an external generator stops may
+/// confirm unseen: one purchase per connection.
+fn in_flight_max(options: &HttpBenchOptions) -> i64 {
+    i64::try_from(options.clients).unwrap_or(i64::MAX) * options.amount
 }
 
 fn print_table(report: &HttpReport) {
@@ -681,8 +775,8 @@ fn print_table(report: &HttpReport) {
     );
     let l = report.purchase_latency;
     println!(
-        "  purchase latency (201, with retries): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        l.p50_ms, l.p99_ms, l.max_ms
+        "  {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        report.latency_of, l.p50_ms, l.p99_ms, l.max_ms
     );
     let r = report.rejection_latency;
     println!(
@@ -693,6 +787,33 @@ fn print_table(report: &HttpReport) {
     for (label, count) in &report.answers {
         println!("    {label:<28} {count}");
     }
+    let lag = &report.lag;
+    println!(
+        "  lag (sampled every {} ms, {} samples, longest gap {:.0} ms): public progress at most {:.3} s behind the log ({} samples with an event >= 1 s old missing); other read models at most {} events behind",
+        lag.period_ms,
+        lag.samples_during_storm,
+        lag.sample_gap_ms_max,
+        lag.progress_lag_seconds_max,
+        lag.progress_samples_over_bound,
+        lag.read_model_lag_events_max
+    );
+    if lag.samples_failed > 0 {
+        println!(
+            "    {} samples failed, the last: {}",
+            lag.samples_failed,
+            lag.last_sample_error.as_deref().unwrap_or("")
+        );
+    }
+    for (projection, seconds) in &lag.read_model_lag_seconds_max {
+        println!("    {projection:<16} at most {seconds:.3} s behind the log");
+    }
+    println!(
+        "  after the storm: head {}, slowest read model {} events behind; caught up in {}",
+        lag.head_at_storm_end,
+        lag.lag_events_at_storm_end,
+        lag.catch_up_seconds
+            .map_or("more than the limit".to_owned(), |s| format!("{s:.2} s"))
+    );
     let c = &report.checks;
     println!(
         "  checks: {} events audited; confirmed {}, pending {}, available {}; peak reserved {}, \
@@ -706,7 +827,8 @@ fn print_table(report: &HttpReport) {
         c.held_peak_in_log,
         c.never_oversold,
         c.confirmed_matches_answers,
-        c.orders_distinct,
+        c.orders_distinct
+            .map_or("not checked (wrk)".to_owned(), |d| d.to_string()),
         c.progress_matches_log,
         c.no_server_errors,
         c.violations.len(),

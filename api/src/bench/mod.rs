@@ -4,10 +4,13 @@
 pub mod append;
 pub mod attack;
 pub mod http;
+pub mod lag;
 pub mod lookups;
 pub mod payouts;
 pub mod purchases;
 pub mod rebuild;
+pub mod redis_seckill;
+pub mod wrk;
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};

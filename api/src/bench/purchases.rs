@@ -6,7 +6,12 @@
 //! runs on its own fresh database. Afterwards the whole log is audited: sold
 //! equals the sum of successful purchases, confirmed + pending + available =
 //! quota, no negative balance, every confirmed order paid exactly once.
+//!
+//! With `--redis-url` the same run ends with the Redis seckill baseline
+//! (`redis_seckill`) at the same concurrency, quota and amount, and prints
+//! the engine's figure over Redis's beside its own.
 
+use super::redis_seckill::{self, SeckillReport, SeckillSetup};
 use super::{BenchBackend, BenchDatabase, Latency, histogram, progress, record};
 use chrono::{Duration as Span, Utc};
 use domain::account::{
@@ -73,6 +78,11 @@ pub struct PurchaseOptions {
     /// Most purchases the engine's writer takes into one batch.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_max: u64,
+    /// Redis to run the seckill baseline on (a Lua check-and-decrement
+    /// script called with EVALSHA over one multiplexed connection), in the
+    /// same run at the same concurrency; without it the baseline is skipped.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// Print one JSON object with the figures and checks instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -157,6 +167,12 @@ pub struct PurchaseReport {
     pub modes: Vec<ModeReport>,
     /// Engine confirmed/s divided by naive confirmed/s, when both ran.
     pub engine_over_naive: Option<f64>,
+    /// The Redis seckill baseline, when `--redis-url` was given.
+    pub redis_baseline: Option<SeckillReport>,
+    /// Why the baseline did not run, when it did not.
+    pub redis_skipped: Option<&'static str>,
+    /// Engine confirmed/s divided by the Redis baseline's, when both ran.
+    pub engine_over_redis: Option<f64>,
 }
 
 /// Runs the benchmark and prints its report; fails if a check fails.
@@ -186,6 +202,22 @@ pub async fn run(options: PurchaseOptions) -> anyhow::Result<ExitCode> {
     let engine_over_naive = rate(Mode::Engine)
         .zip(rate(Mode::Naive))
         .map(|(e, n)| e / n.max(f64::MIN_POSITIVE));
+    let (redis_baseline, redis_skipped) = match &options.redis_url {
+        Some(url) => {
+            let setup = SeckillSetup {
+                clients: options.buyers,
+                quota: options.quota,
+                amount: options.amount,
+                seconds_limit: options.seconds,
+                rejections_per_client: options.rejections_per_buyer,
+            };
+            (Some(redis_seckill::run(url, &setup).await?), None)
+        }
+        None => (None, Some("no --redis-url given")),
+    };
+    let engine_over_redis = rate(Mode::Engine)
+        .zip(redis_baseline.as_ref().map(|r| r.confirmed_per_second))
+        .map(|(e, r)| e / r.max(f64::MIN_POSITIVE));
     let report = PurchaseReport {
         benchmark: "purchases",
         backend: options.backend,
@@ -196,13 +228,17 @@ pub async fn run(options: PurchaseOptions) -> anyhow::Result<ExitCode> {
         seconds_limit: options.seconds,
         modes: reports,
         engine_over_naive,
+        redis_baseline,
+        redis_skipped,
+        engine_over_redis,
     };
     if options.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_table(&report);
     }
-    let ok = report.modes.iter().all(|m| m.checks.ok);
+    let ok = report.modes.iter().all(|m| m.checks.ok)
+        && report.redis_baseline.as_ref().is_none_or(|r| r.checks.ok);
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -706,8 +742,39 @@ fn print_table(report: &PurchaseReport) {
             m.overloaded
         );
     }
+    if let Some(redis) = &report.redis_baseline {
+        println!(
+            "{:<7} {:>10} {:>8} {:>9.2} {:>12.0} {:>8.2} {:>8.2} {:>12.0} {:>8} {:>10} {:>10}",
+            "redis",
+            redis.confirmed_purchases,
+            redis.sold_out,
+            redis.sale_seconds,
+            redis.confirmed_per_second,
+            redis.purchase_latency.p50_ms,
+            redis.purchase_latency.p99_ms,
+            redis.rejections_per_second,
+            "-",
+            "-",
+            "-"
+        );
+    }
     if let Some(ratio) = report.engine_over_naive {
         println!("engine / naive confirmed purchases per second: {ratio:.1}x");
+    }
+    match (&report.redis_baseline, report.engine_over_redis) {
+        (Some(redis), ratio) => {
+            println!(
+                "redis baseline: Lua check-and-decrement with per-buyer dedupe (sha1 {}), {}, {} concurrent callers, a new buyer per purchase; not durable unless the server is",
+                redis.script_sha1, redis.client, redis.clients
+            );
+            if let Some(ratio) = ratio {
+                println!("engine / redis confirmed purchases per second: {ratio:.2}x");
+            }
+        }
+        (None, _) => println!(
+            "redis baseline: skipped ({})",
+            report.redis_skipped.unwrap_or("not run")
+        ),
     }
     for m in &report.modes {
         let c = &m.checks;
@@ -727,5 +794,22 @@ fn print_table(report: &PurchaseReport) {
         for violation in &c.violations {
             println!("  violation: {violation}");
         }
+    }
+    if let Some(redis) = &report.redis_baseline {
+        let c = &redis.checks;
+        println!(
+            "checks (Redis): stock left {}, units sold {}, buyers in the set {} (sold answers {}); stock never negative: {}; exactly the quota sold: {}; sold = buyers: {}; no buyer twice ({} of {} repeats refused): {} => {}",
+            c.stock_left,
+            c.sold_units,
+            c.buyers_in_set,
+            redis.confirmed_purchases,
+            c.stock_not_negative,
+            c.exactly_quota_sold,
+            c.sold_matches_buyers,
+            redis.duplicates_refused,
+            redis.duplicates_sent,
+            c.no_buyer_twice,
+            if c.ok { "ok" } else { "FAILED" }
+        );
     }
 }

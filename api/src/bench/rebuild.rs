@@ -133,7 +133,7 @@ pub async fn run(options: RebuildBenchOptions) -> anyhow::Result<ExitCode> {
         events_per_second: report.events_per_second(),
         target_events_per_second: match options.backend {
             BenchBackend::Sqlite => 100_000.0,
-            BenchBackend::Postgres => 50_000.0,
+            BenchBackend::Postgres => 80_000.0,
         },
         peak_rss_mib,
         rss_before_mib,
