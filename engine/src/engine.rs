@@ -242,6 +242,24 @@ impl Engine {
         true
     }
 
+    /// Has a product's writer refund orders it released whose buyer was
+    /// debited after all (a former owner's late debit): tells the writer
+    /// running here, or starts one (which checks every released order as it
+    /// loads). Returns whether a writer here took the work.
+    pub fn refund_strays(&self, product_id: &ProductId, orders: Vec<(OrderId, AccountId)>) -> bool {
+        let running = {
+            let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
+            writers
+                .get(product_id)
+                .filter(|w| !w.inbox.is_closed())
+                .map(|w| w.inbox.clone())
+        };
+        match running {
+            Some(inbox) => inbox.try_send(WriterMessage::RefundStrays(orders)).is_ok(),
+            None => self.recover(product_id),
+        }
+    }
+
     /// The payouts with work left, followed from the log: one index per
     /// engine, shared by this node's payout workers.
     pub fn payout_index(&self) -> Arc<tokio::sync::Mutex<PayoutIndex>> {

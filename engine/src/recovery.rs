@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use domain::account::AccountEvent;
 use domain::payout::PayoutEvent;
 use domain::product::ProductEvent;
-use domain::{OrderId, ProductId};
+use domain::{AccountId, OrderId, ProductId};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,8 @@ struct InFlight {
     expires_at: Option<DateTime<Utc>>,
     debited: bool,
     released: bool,
+    /// The buyer, once known (from the reservation or the debit).
+    account_id: Option<AccountId>,
 }
 
 impl InFlight {
@@ -169,6 +171,7 @@ impl RecoveryIndex {
             match codec::decode::<ProductEvent>(recorded).map_err(corrupt)? {
                 ProductEvent::QuotaReserved {
                     order_id,
+                    account_id,
                     expires_at,
                     ..
                 } => {
@@ -180,6 +183,7 @@ impl RecoveryIndex {
                             expires_at: Some(expires_at),
                             debited: false,
                             released: false,
+                            account_id: Some(account_id),
                         },
                     );
                 }
@@ -210,9 +214,13 @@ impl RecoveryIndex {
                 AccountEvent::PurchaseDebited {
                     order_id,
                     product_id,
+                    account_id,
                     ..
                 } => match self.orders.get_mut(&order_id) {
-                    Some(order) => order.debited = true,
+                    Some(order) => {
+                        order.debited = true;
+                        order.account_id = Some(account_id);
+                    }
                     // Paid after its reservation ended (or a reservation in
                     // a log this index started after): the writer's first
                     // load checks its released orders for money taken.
@@ -225,6 +233,7 @@ impl RecoveryIndex {
                                 expires_at: None,
                                 debited: true,
                                 released: true,
+                                account_id: Some(account_id),
                             },
                         );
                     }
@@ -245,6 +254,25 @@ impl RecoveryIndex {
             .filter(|order| order.needs_writer(now))
             .map(|order| order.product_id.clone())
             .collect()
+    }
+
+    /// Released orders whose buyer was debited and not refunded a grace
+    /// period ago, by product (the orders and their buyers).
+    fn stray_debits(&self, now: DateTime<Utc>) -> HashMap<ProductId, Vec<(OrderId, AccountId)>> {
+        let mut strays: HashMap<ProductId, Vec<(OrderId, AccountId)>> = HashMap::new();
+        for (order_id, order) in &self.orders {
+            if order.released
+                && order.debited
+                && order.needs_writer(now)
+                && let Some(account_id) = order.account_id
+            {
+                strays
+                    .entry(order.product_id.clone())
+                    .or_default()
+                    .push((*order_id, account_id));
+            }
+        }
+        strays
     }
 
     /// Payout runs planned at least a grace period before `now` whose
@@ -277,10 +305,24 @@ pub async fn sweep(
     index.catch_up(store).await?;
     let mut report = SweepReport::default();
     let now = engine.now();
+    let strays = index.stray_debits(now);
     for product_id in index.products_to_recover(now) {
-        if engine.recover(&product_id) {
-            tracing::info!(product = %product_id, "recovery: started the writer of a product with orders left in flight");
-            report.started.push(product_id);
+        match strays.get(&product_id) {
+            // Refunds owed: a writer running here (which would not know of
+            // a debit another node made after it released the order) is
+            // told; otherwise one is started, which checks as it loads.
+            Some(orders) => {
+                if engine.refund_strays(&product_id, orders.clone()) {
+                    tracing::info!(product = %product_id, orders = orders.len(), "recovery: refunds owed for released orders handed to the product's writer");
+                    report.started.push(product_id);
+                }
+            }
+            None => {
+                if engine.recover(&product_id) {
+                    tracing::info!(product = %product_id, "recovery: started the writer of a product with orders left in flight");
+                    report.started.push(product_id);
+                }
+            }
         }
     }
     for key in index.runs_due(now) {

@@ -102,6 +102,10 @@ pub(crate) enum WriterMessage {
         oneshot::Sender<Result<Option<Appended>, CommandError>>,
     ),
     Snapshot(oneshot::Sender<Result<Option<SaleSnapshot>, CommandError>>),
+    /// Orders this product released whose buyer was debited after all (a
+    /// former owner's debit that landed late), found by the recovery sweep:
+    /// refund those still paid.
+    RefundStrays(Vec<(OrderId, AccountId)>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -368,6 +372,11 @@ impl ProductWriter {
                 }
                 WriterMessage::Snapshot(reply) => {
                     let _ = reply.send(Ok(self.snapshot()));
+                }
+                WriterMessage::RefundStrays(orders) => {
+                    if let Err(error) = self.queue_stray_refunds(orders).await {
+                        tracing::warn!(product = %self.product_id, %error, "stray refunds not checked; the sweep asks again");
+                    }
                 }
             }
         }
@@ -1091,6 +1100,8 @@ fn fail_all(messages: Vec<WriterMessage>, why: &str) {
             WriterMessage::Snapshot(reply) => {
                 let _ = reply.send(Err(CommandError::Unavailable));
             }
+            // The recovery sweep asks again.
+            WriterMessage::RefundStrays(_) => {}
         }
     }
 }
@@ -1108,6 +1119,8 @@ fn refuse_all(messages: Vec<WriterMessage>, owner: &NodeAddress) {
             WriterMessage::Snapshot(reply) => {
                 let _ = reply.send(Err(CommandError::NotOwner(owner.clone())));
             }
+            // The owner's own sweep refunds them.
+            WriterMessage::RefundStrays(_) => {}
         }
     }
 }

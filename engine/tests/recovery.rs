@@ -311,3 +311,64 @@ async fn the_same_key_on_two_products_is_two_orders() {
     crashed.restart().await;
     assert_eq!(crashed.available().await, 800);
 }
+
+/// A former owner's debit that lands after the live writer released the
+/// order (the owner was stopped, its lease taken over, and it woke up with
+/// the debit in flight): the live writer does not know of it, so the
+/// recovery sweep hands it the refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_debit_for_an_order_a_live_writer_released_is_refunded_by_the_sweep() {
+    let crashed = crashed_after(true, false, Some(ReleaseReason::Expired)).await;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let engine = Engine::new(
+        crashed.store.clone(),
+        clock.clone(),
+        EngineSettings::default(),
+    );
+    // The writer is live and has loaded the product: nothing is owed yet.
+    engine.sale(&crashed.product_id).await.unwrap();
+    engine.sale(&crashed.product_id).await.unwrap();
+    append(
+        crashed.store.as_ref(),
+        &crashed.account_id.stream(),
+        &[AccountEvent::PurchaseDebited {
+            account_id: crashed.account_id,
+            order_id: crashed.order_id,
+            product_id: crashed.product_id.clone(),
+            amount: amount(100),
+        }],
+    )
+    .await;
+    let mut index = engine::recovery::RecoveryIndex::new();
+    let report = engine::recovery::sweep(&mut index, crashed.store.as_ref(), &engine)
+        .await
+        .unwrap();
+    assert!(
+        report.started.is_empty(),
+        "within the grace period: untouched"
+    );
+    clock.advance(Duration::seconds(4));
+    let report = engine::recovery::sweep(&mut index, crashed.store.as_ref(), &engine)
+        .await
+        .unwrap();
+    assert_eq!(report.started, vec![crashed.product_id.clone()]);
+    let store = crashed.store.clone();
+    let stream = crashed.account_id.stream();
+    support::wait_until(
+        "the late debit refunded",
+        std::time::Duration::from_secs(20),
+        || {
+            let (store, stream) = (store.clone(), stream.clone());
+            async move {
+                store
+                    .read_stream_to_end(&stream)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.event_type == "purchase_refunded")
+            }
+        },
+    )
+    .await;
+    assert_eq!(crashed.available().await, 1_000, "the payment came back");
+}
