@@ -123,6 +123,23 @@ impl Cluster {
         holder?.0.strip_prefix("node")?.parse().ok()
     }
 
+    /// A product stream's last version in the log (PostgreSQL clusters).
+    pub async fn stream_version(&self, product_id: &str) -> Option<i64> {
+        let Database::Postgres(database) = &self.database else {
+            return None;
+        };
+        let pool = sqlx::PgPool::connect(&database.url).await.ok()?;
+        let version: Option<(i64,)> = sqlx::query_as(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream_id = $1",
+        )
+        .bind(format!("product-{product_id}"))
+        .fetch_optional(&pool)
+        .await
+        .ok()?;
+        pool.close().await;
+        Some(version?.0)
+    }
+
     fn member_args(&mut self, index: usize) -> Vec<String> {
         if self.ports.len() <= index {
             self.ports.resize(index + 1, 0);
