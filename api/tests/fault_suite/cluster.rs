@@ -123,21 +123,42 @@ impl Cluster {
         holder?.0.strip_prefix("node")?.parse().ok()
     }
 
-    /// A product stream's last version in the log (PostgreSQL clusters).
-    pub async fn stream_version(&self, product_id: &str) -> Option<i64> {
+    /// A product stream's last position in the log (PostgreSQL clusters).
+    pub async fn stream_position(&self, product_id: &str) -> Option<i64> {
         let Database::Postgres(database) = &self.database else {
             return None;
         };
         let pool = sqlx::PgPool::connect(&database.url).await.ok()?;
-        let version: Option<(i64,)> = sqlx::query_as(
-            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream_id = $1",
+        let position: Option<(i64,)> = sqlx::query_as(
+            "SELECT COALESCE(MAX(position), 0)::BIGINT FROM events WHERE stream_id = $1",
         )
         .bind(format!("product-{product_id}"))
         .fetch_optional(&pool)
         .await
         .ok()?;
         pool.close().await;
-        Some(version?.0)
+        Some(position?.0)
+    }
+
+    /// How many appends wrote a product stream after `position`: its events
+    /// there, counted once per recording time (an append's events share the
+    /// time taken under the write lock; successive appends never do).
+    pub async fn appends_since(&self, product_id: &str, position: i64) -> Option<i64> {
+        let Database::Postgres(database) = &self.database else {
+            return None;
+        };
+        let pool = sqlx::PgPool::connect(&database.url).await.ok()?;
+        let appends: Option<(i64,)> = sqlx::query_as(
+            "SELECT COUNT(DISTINCT recorded_at)::BIGINT FROM events \
+             WHERE stream_id = $1 AND position > $2",
+        )
+        .bind(format!("product-{product_id}"))
+        .bind(position)
+        .fetch_optional(&pool)
+        .await
+        .ok()?;
+        pool.close().await;
+        Some(appends?.0)
     }
 
     fn member_args(&mut self, index: usize) -> Vec<String> {
