@@ -226,14 +226,8 @@ impl Engine {
     /// refunds owed) without waiting for a request. Returns whether a writer
     /// was started.
     pub fn recover(&self, product_id: &ProductId) -> bool {
-        {
-            let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
-            if writers
-                .get(product_id)
-                .is_some_and(|w| !w.inbox.is_closed())
-            {
-                return false;
-            }
+        if self.running_writer(product_id).is_some() {
+            return false;
         }
         if self.writer(product_id).is_err() {
             return false; // Another node owns it and recovers it.
@@ -242,19 +236,21 @@ impl Engine {
         true
     }
 
+    /// The inbox of the product's writer running in this process, if any.
+    fn running_writer(&self, product_id: &ProductId) -> Option<mpsc::Sender<WriterMessage>> {
+        let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
+        writers
+            .get(product_id)
+            .filter(|w| !w.inbox.is_closed())
+            .map(|w| w.inbox.clone())
+    }
+
     /// Has a product's writer refund orders it released whose buyer was
     /// debited after all (a former owner's late debit): tells the writer
     /// running here, or starts one (which checks every released order as it
     /// loads). Returns whether a writer here took the work.
     pub fn refund_strays(&self, product_id: &ProductId, orders: Vec<(OrderId, AccountId)>) -> bool {
-        let running = {
-            let writers = self.inner.writers.lock().expect("BUG: writers poisoned");
-            writers
-                .get(product_id)
-                .filter(|w| !w.inbox.is_closed())
-                .map(|w| w.inbox.clone())
-        };
-        match running {
+        match self.running_writer(product_id) {
             Some(inbox) => inbox.try_send(WriterMessage::RefundStrays(orders)).is_ok(),
             None => self.recover(product_id),
         }
